@@ -1,0 +1,90 @@
+"""``bcpc.compile``: the user-facing entry point."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from bcpc import pipeline
+from bcpc.certified import CertifiedModule
+from bcpc.errors import ConfigError, InputDomainError, InvalidInputError
+from bcpc.meta import info
+from bcpc.passes.lower import METHODS
+
+
+def parse_norm(norm) -> float:
+    """``"l2"`` -> 2, ``"linf"``/``"inf"`` -> inf, ``"l1"`` -> 1, any number p >= 1 -> p."""
+    if isinstance(norm, str):
+        key = norm.strip().lower()
+        table = {"l2": 2.0, "2": 2.0, "linf": math.inf, "inf": math.inf, "l_inf": math.inf, "l1": 1.0, "1": 1.0}
+        if key in table:
+            return table[key]
+        if key.startswith("l"):
+            key = key[1:]
+        try:
+            value = float(key)
+        except ValueError:
+            raise ConfigError(f"unsupported norm {norm!r}: use 'l2', 'linf', 'l1' or a number p >= 1") from None
+    elif isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        value = float(norm)
+    else:
+        raise ConfigError(f"norm must be a string like 'l2' or a number p >= 1, got {type(norm).__name__}")
+    if not (value >= 1):  # also rejects NaN
+        raise ConfigError(f"unsupported norm p={value}: the perturbation set must be an l_p ball with p >= 1")
+    return value
+
+
+def compile(
+    model: nn.Module,
+    norm="l2",
+    *,
+    example_input: Optional[torch.Tensor] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    input_domain: Optional[tuple] = None,
+    method: str = "bcp",
+    lipschitz_iters: int = 1,
+    debug: bool = False,
+) -> CertifiedModule:
+    """Compile ``model`` into a certifying module (see bcpc.certified.CertifiedModule).
+
+    Args:
+        model: any torch.fx-traceable nn.Module returning logits ``(batch, classes)``.
+        norm: the threat model: ``"l2"`` (default), ``"linf"``, or any p >= 1.
+        example_input: one input batch (only its first sample's shape and dtype are used).
+        input_shape: alternatively, the per-sample input shape, e.g. ``(1, 28, 28)``.
+        input_domain: ``(low, high)`` valid input range (e.g. ``(0.0, 1.0)`` for pixels); either end
+            may be None. Intersecting with it is sound and tightens the bounds.
+        method: ``"bcp"`` (ball + box), ``"ibp"`` (box only), ``"lipschitz"`` (ball only).
+        lipschitz_iters: power-iteration steps per training forward (Lipschitz cache).
+        debug: check graph invariants between passes.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"bcpc.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    p = parse_norm(norm)
+    if example_input is None:
+        if input_shape is None:
+            raise InvalidInputError("bcpc.compile needs example_input=<a batch of inputs> or input_shape=(C, H, W) "
+                                    "to know the input size (convolution Lipschitz bounds depend on it)")
+        param = next(iter(model.parameters()), None)
+        dtype = param.dtype if param is not None else torch.get_default_dtype()
+        device = param.device if param is not None else None
+        example_input = torch.zeros((1,) + tuple(int(s) for s in input_shape), dtype=dtype, device=device)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise InvalidInputError("example_input must be a tensor with a batch dimension, e.g. x[:1]")
+    lo, hi = (None, None) if input_domain is None else tuple(input_domain)
+    if lo is not None and hi is not None and not lo <= hi:
+        raise InputDomainError(f"input_domain={input_domain!r} is empty (low > high)")
+    if lipschitz_iters < 1:
+        raise ConfigError("lipschitz_iters must be >= 1")
+    compiled = pipeline.run(model, example_input, method=method, norm=p, input_domain=(lo, hi),
+                            lipschitz_iters=lipschitz_iters, debug=debug)
+    num_classes = info(compiled.analysis.output).shape[1]
+    return CertifiedModule(
+        compiled.lowered, model=model, norm=p, method=method, input_domain=(lo, hi),
+        input_shape=tuple(example_input.shape[1:]), num_classes=num_classes, analysis=compiled.analysis,
+        canonical=compiled.canonical,
+    )

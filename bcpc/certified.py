@@ -1,0 +1,279 @@
+"""The certifying module returned by :func:`bcpc.compile`.
+
+It wraps the emitted propagation GraphModule (``self.propagation``; its ``.code`` is printed by
+``cert.code``) and shares every parameter with the user's model, so ``cert.loss(...).backward()``
+trains the model.
+
+Two kinds of call:
+
+* **training** (``loss``, and ``margins``/``worst_logits`` with ``sound=False``): runs in the
+  model's own dtype with power-iteration *estimates* of the layer Lipschitz constants (the
+  Lipschitz cache). Fast and differentiable, not a guarantee.
+* **certification** (``certify``, ``certified_radius``, and ``margins``/``worst_logits``/
+  ``node_bounds`` with the default ``sound=True``): runs on a float64 twin of the model (rebuilt
+  when any parameter or buffer changes) with guaranteed Lipschitz upper bounds, and ``certify``
+  only accepts a margin above a safety threshold (:data:`CERTIFY_RTOL`, :data:`CERTIFY_ATOL`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bcpc import margins as margins_mod
+from bcpc.domain import Bound
+from bcpc.errors import (InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
+                         NonFiniteBoundError)
+
+#: A certified margin must exceed ``CERTIFY_ATOL + CERTIFY_RTOL * max|logit|`` (float64 run).
+#: Rounding in a float64 forward pass is many orders of magnitude below this; a certificate that
+#: would depend on the last digits is refused instead.
+CERTIFY_RTOL = 1e-7
+CERTIFY_ATOL = 1e-9
+
+
+class CertifiedOutput(NamedTuple):
+    logits: Tensor  # (B, C) clean logits
+    margins: Tensor  # (B, C) lower bounds on z_ref - z_j over the perturbation set; +inf at j == ref
+    labels: Tensor  # (B,) the reference class: the given label, or the prediction
+    sound: bool  # True: guaranteed Lipschitz bounds, float64
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the emitted graph and keeps the values of the named nodes."""
+
+    def __init__(self, gm, names):
+        super().__init__(gm)
+        self.names, self.values = set(names), {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
+
+
+def _state_key(module: nn.Module) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in
+                 list(module.parameters()) + list(module.buffers()))
+
+
+class CertifiedModule(nn.Module):
+    """Logits and certified margin lower bounds in one forward pass. Built by bcpc.compile."""
+
+    def __init__(self, lowered, *, model: nn.Module, norm: float, method: str, input_domain,
+                 input_shape: tuple, num_classes: int, analysis, canonical: fx.GraphModule):
+        super().__init__()
+        self.propagation = lowered.graph_module
+        self.norm, self.method = norm, method
+        self.input_domain = input_domain
+        self.input_shape = tuple(input_shape)
+        self.num_classes = int(num_classes)
+        self.canonical = canonical  # the canonicalized user graph (for inspect); not a submodule
+        self._lowered = lowered
+        self._analysis = analysis
+        self._twin = None
+        self._twin_key = None
+
+    # The canonical graph shares the user's parameters; keep it out of the module tree.
+    def __setattr__(self, name, value):
+        if name == "canonical":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.propagation.model
+
+    @property
+    def code(self) -> str:
+        """Python source of the emitted propagation module."""
+        return self.propagation.code
+
+    # --- input checks ---------------------------------------------------------------------
+
+    def _check(self, x: Tensor, eps=None, y: Optional[Tensor] = None) -> None:
+        if not isinstance(x, Tensor):
+            raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise InvalidInputError(f"x must be a floating-point tensor, got dtype {x.dtype}; convert with x.float()")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise InvalidInputError(
+                f"x has shape {tuple(x.shape)}; the model was compiled for inputs of shape (batch, "
+                f"{', '.join(map(str, self.input_shape))})")
+        if x.shape[0] == 0:
+            raise InvalidInputError("the batch is empty (x.shape[0] == 0)")
+        if not torch.isfinite(x).all():
+            raise InvalidInputError("x contains NaN or Inf values")
+        lo, hi = self.input_domain
+        if (lo is not None and bool((x < lo).any())) or (hi is not None and bool((x > hi).any())):
+            raise InputDomainError(
+                f"x has values outside the declared input domain [{lo}, {hi}] (min {x.min().item():.4g}, "
+                f"max {x.max().item():.4g}); fix the preprocessing or compile with a domain that contains the data")
+        if eps is not None:
+            self._check_eps(eps, x.shape[0])
+        if y is not None:
+            if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise InvalidInputError("y must be an integer tensor of class indices (torch.long)")
+            if y.shape != (x.shape[0],):
+                raise InvalidInputError(f"y has shape {tuple(y.shape)}; expected ({x.shape[0]},), one label per input")
+            if bool(((y < 0) | (y >= self.num_classes)).any()):
+                raise InvalidInputError(f"labels must lie in [0, {self.num_classes}); got min {int(y.min())}, "
+                                        f"max {int(y.max())}")
+
+    @staticmethod
+    def _check_eps(eps, batch: int) -> None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, Tensor)):
+            raise InvalidEpsilonError(f"eps must be a number or a tensor, got {type(eps).__name__}")
+        t = torch.as_tensor(eps, dtype=torch.float64)
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+            raise InvalidEpsilonError(f"eps must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidEpsilonError(f"eps must be finite, got {eps}")
+        if bool((t < 0).any()):
+            raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
+
+    def _check_eval_mode(self) -> None:
+        bad = [name for name, m in self.model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if bad:
+            raise ModelModeError(
+                f"BatchNorm layers {bad} are in training mode: their output depends on the batch, so a "
+                "certificate computed now would not hold for single inputs. Call model.eval() (or cert.eval()) "
+                "before certifying.")
+
+    # --- running --------------------------------------------------------------------------
+
+    def _sound_graph(self, dtype: torch.dtype) -> fx.GraphModule:
+        """A copy of the propagation module in ``dtype`` (float64 by default), cached per state."""
+        key = (_state_key(self.propagation), dtype)
+        if self._twin is None or self._twin_key != key:
+            twin = copy.deepcopy(self.propagation).to(dtype)
+            twin.eval()
+            object.__setattr__(self, "_twin", twin)
+            self._twin_key = key
+        return self._twin
+
+    def _prepare(self, x, eps, y, sound: bool, dtype):
+        self._check(x, eps, y)
+        if sound:
+            self._check_eval_mode()
+            gm = self._sound_graph(dtype or torch.float64)
+            x = x.to(gm_dtype(gm))
+            if isinstance(eps, Tensor):
+                eps = eps.to(x.dtype)
+            return gm, x, eps
+        return self.propagation, x, eps
+
+    def forward(self, x: Tensor, eps, y: Optional[Tensor] = None, sound: bool = True,
+                dtype: Optional[torch.dtype] = None) -> CertifiedOutput:
+        """Logits and (B, C) certified margin lower bounds w.r.t. ``y`` (or the prediction)."""
+        gm, x, eps = self._prepare(x, eps, y, sound, dtype)
+        if sound:
+            with torch.no_grad():
+                logits, m = gm(x, eps, y, True)
+            if torch.isnan(m).any():
+                raise NonFiniteBoundError("a certified margin came out NaN; refusing to read it as a bound")
+        else:
+            logits, m = gm(x, eps, y, False)
+        ref = logits.argmax(1) if y is None else y
+        return CertifiedOutput(logits, m, ref, sound)
+
+    def margins(self, x: Tensor, y: Tensor, eps, sound: bool = True) -> Tensor:
+        """(B, C) lower bounds on ``z_y - z_j`` for all x' in the perturbation set (+inf at j == y)."""
+        return self.forward(x, eps, y, sound=sound).margins
+
+    def worst_logits(self, x: Tensor, y: Tensor, eps, sound: bool = True) -> Tensor:
+        """Worst-translated logits (paper eq. 2)."""
+        out = self.forward(x, eps, y, sound=sound)
+        return margins_mod.worst_logits(out.logits, out.margins, out.labels)
+
+    def loss(self, x: Tensor, y: Tensor, eps, lam: float = 1.0) -> Tensor:
+        """Certified training loss (paper eq. 13): ``(1 - lam) CE(z, y) + lam CE(zw, y)``.
+
+        Uses the Lipschitz-cache estimates (not a guarantee); differentiable w.r.t. the model.
+        """
+        out = self.forward(x, eps, y, sound=False)
+        zw = margins_mod.worst_logits(out.logits, out.margins, y)
+        clean = F.cross_entropy(out.logits, y)
+        if lam == 0:
+            return clean
+        return (1 - lam) * clean + lam * F.cross_entropy(zw, y)
+
+    def _threshold(self, logits: Tensor) -> Tensor:
+        return CERTIFY_ATOL + CERTIFY_RTOL * logits.abs().amax(dim=1)
+
+    def certify(self, x: Tensor, y: Tensor, eps, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """(B,) bool: True where every x' in the perturbation set is classified as y. SOUND."""
+        out = self.forward(x, eps, y, sound=True, dtype=dtype)
+        others = out.margins.masked_fill(F.one_hot(y, self.num_classes).bool(), float("inf"))
+        return others.amin(dim=1) > self._threshold(out.logits)
+
+    def certified_radius(self, x: Tensor, y: Tensor, eps_max: float = 64.0, steps: int = 30) -> Tensor:
+        """(B,) largest eps (to a bisection tolerance, rounded down) at which ``certify`` accepts.
+
+        0 where even eps = 0 is not certified (misclassified); ``eps_max`` where eps_max is.
+        Margins only shrink as eps grows (every enclosure is monotone in eps), so bisection is valid,
+        and the returned value is one at which ``certify`` itself returned True.
+        """
+        self._check(x, None, y)
+        b = x.shape[0]
+        dev, dt = x.device, torch.float64
+        lo = torch.zeros(b, dtype=dt, device=dev)
+        hi = torch.full((b,), float(eps_max), dtype=dt, device=dev)
+        ok0 = self.certify(x, y, lo)
+        ok_max = self.certify(x, y, hi)
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            ok = self.certify(x, y, mid)
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid)
+        radius = torch.where(ok_max, hi, lo)
+        return torch.where(ok0, radius, torch.zeros_like(radius))
+
+    def node_bounds(self, x: Tensor, eps, sound: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
+        """Per graph node of the user's model: its Bound (center, radius, lower, upper)."""
+        gm, x, eps = self._prepare(x, eps, None, sound, dtype)
+        names = self._lowered.bound_nodes
+        rec = _Recorder(gm, names.values())
+        with torch.set_grad_enabled(not sound and torch.is_grad_enabled()):
+            rec.run(x, eps, None, sound)
+        return {origin: rec.values[name] for origin, name in names.items()}
+
+    def lipschitz_table(self, converge_iters: int = 0) -> list:
+        """Per affine node with a Lipschitz cache: the training estimate and the guaranteed bound.
+
+        ``estimate`` is the current power-iteration value (what training uses); with
+        ``converge_iters > 0`` also ``converged``: power iteration run that many more steps on a
+        copy of the cached vector (the cache itself is left alone).
+        """
+        rows = []
+        with torch.no_grad():
+            for origin, (lip_name, weight_name) in self._lowered.lipschitz.items():
+                lip = self.propagation.lip.get_submodule(lip_name)
+                weight = self.model.get_parameter(weight_name) if weight_name else None
+                if weight is None:
+                    continue
+                est = float(lip.estimate(weight, n_iter=0) if lip._warm else lip.estimate(weight))
+                upper = float(lip.upper(weight))
+                row = {"node": origin, "kind": lip.kind, "in_shape": lip.in_shape, "estimate": est, "upper": upper}
+                if converge_iters:
+                    probe = copy.deepcopy(lip)
+                    row["converged"] = float(probe.estimate(weight.double(), n_iter=converge_iters))
+                rows.append(row)
+        return rows
+
+
+def gm_dtype(gm: nn.Module) -> torch.dtype:
+    for p in gm.parameters():
+        return p.dtype
+    for b in gm.buffers():
+        if b.dtype.is_floating_point:
+            return b.dtype
+    return torch.get_default_dtype()

@@ -1,0 +1,100 @@
+"""Layer Lipschitz constants: fast estimates for training, guaranteed bounds for certificates.
+
+DESIGN.md §4. Every weight-dependent affine node of a compiled model gets one
+:class:`LipschitzConstant` module. Called as ``lip(weight, sound)`` from the emitted graph it
+returns
+
+* ``sound=False`` – a power-iteration *estimate* of the operator norm, differentiable w.r.t. the
+  weight. The iteration vector ``u`` is a buffer, warm-started across calls (the "Lipschitz
+  cache"): ``n_iter`` steps per gradient-enabled call, ``init_iter`` on first use. An estimate is
+  an under-estimate of the norm: fine for a loss, never used for a certificate.
+* ``sound=True`` – a guaranteed *upper* bound (exact float64 SVD for dense layers, Gram iteration
+  on the FFT blocks of the kernel for convolutions; bcpc.lipschitz), cached per weight version
+  (``tensor._version`` and storage pointer), so certifying a data set computes it once and any
+  in-place update (an optimizer step, ``load_state_dict``) invalidates it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bcpc import lipschitz
+
+
+def _weight_key(weight: Tensor) -> tuple:
+    return (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+
+
+class LipschitzConstant(nn.Module):
+    """Spectral norm of one linear map ``v -> op(v, weight)`` (no bias), estimate or bound."""
+
+    def __init__(self, kind: str, in_shape: tuple, params: dict, n_iter: int = 1, init_iter: int = 50):
+        super().__init__()
+        if kind not in ("linear", "conv1d", "conv2d"):
+            raise ValueError(f"unknown linear map kind {kind!r}")
+        self.kind = kind
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.params = dict(params)
+        self.n_iter = int(n_iter)
+        self.init_iter = int(init_iter)
+        u = torch.randn((1,) + self.in_shape, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("u", u / u.norm())
+        self._warm = False
+        self._bound_key: Optional[tuple] = None
+        self._bound: Optional[Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_shape={self.in_shape}, n_iter={self.n_iter}"
+
+    def linear_fn(self, weight: Tensor) -> Callable[[Tensor], Tensor]:
+        p = self.params
+        if self.kind == "linear":
+            return lambda v: F.linear(v, weight)
+        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        return lambda v: conv(v, weight, None, p["stride"], p["padding"], p["dilation"], p["groups"])
+
+    def forward(self, weight: Tensor, sound: bool) -> Tensor:
+        if sound:
+            return self.upper(weight).to(weight.dtype)
+        return self.estimate(weight)
+
+    def estimate(self, weight: Tensor, n_iter: Optional[int] = None) -> Tensor:
+        """Power-iteration estimate (under-estimate) of the norm; advances the cached vector."""
+        fn = self.linear_fn(weight)
+        if self.u.dtype != weight.dtype or self.u.device != weight.device:
+            self.u = self.u.to(dtype=weight.dtype, device=weight.device)
+        steps = n_iter
+        if steps is None:
+            if not self._warm:
+                steps = self.init_iter
+            elif torch.is_grad_enabled() and self.training:
+                steps = self.n_iter
+            else:
+                steps = 0
+        if steps:
+            lipschitz.power_iteration_(fn, self.u, steps)
+        self._warm = True
+        return lipschitz.sigma_estimate(fn, self.u)
+
+    def upper(self, weight: Tensor) -> Tensor:
+        """Guaranteed upper bound on the norm (float64), cached per weight version."""
+        key = _weight_key(weight)
+        if key != self._bound_key:
+            with torch.no_grad():
+                w = weight.detach()
+                if self.kind == "linear":
+                    value = lipschitz.dense_sigma_upper(w)
+                else:
+                    p = self.params
+                    value = lipschitz.conv_sigma_upper(
+                        w, self.in_shape[1:], p["stride"], p["padding"], p["dilation"], p["groups"]
+                    )
+            self._bound_key, self._bound = key, value
+        return self._bound
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._warm = True  # a loaded vector is already converged

@@ -1,0 +1,44 @@
+"""Typed per-node records written by the passes under ``node.meta["bcpc"]``.
+
+torch's own keys (``tensor_meta``, ``stack_trace``) are only read, never written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+
+@dataclass
+class NodeInfo:
+    origin: str  # name of the node in the user's traced graph this one came from
+    spelling: str = ""  # how the user wrote the op (e.g. "torch.nn.Conv2d"), "" if unchanged
+    perturbed: bool = False  # a floating tensor that depends on the perturbed input
+    shape: Optional[tuple] = None  # output shape on the example batch (batch size 2)
+    dtype: Optional[object] = None
+    is_tensor: bool = False
+    residual_merge: bool = False  # add/sub/cat of two perturbed values
+    last_affine: bool = False  # the affine layer whose input the margins are read at
+    extra: dict = field(default_factory=dict)
+
+
+def info(node: fx.Node) -> NodeInfo:
+    """The node's record, created on first access."""
+    rec = node.meta.get("bcpc")
+    if rec is None:
+        rec = NodeInfo(origin=node.name)
+        node.meta["bcpc"] = rec
+    return rec
+
+
+def where(node: fx.Node) -> str:
+    """The user's source line this node came from (from torch.fx's recorded stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    # fx records "File ..., line N, in fn" followed by the code line; keep the innermost pair.
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{lines[i]}: {code}".strip(": ")
+    return "<source unknown>"

@@ -1,0 +1,47 @@
+"""Canonical ops that have no single torch function with the semantics bcpc needs.
+
+Everything else canonicalizes to a torch function (``torch.relu``, ``F.conv2d``, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def batch_norm(x: Tensor, weight, bias, running_mean, running_var, num_batches_tracked,
+               training: bool, momentum, eps: float) -> Tensor:
+    """``nn.BatchNorm*d.forward``, spelled out so the module's state can be read as arguments.
+
+    Follows torch's own module exactly, including ``momentum=None`` (cumulative average through
+    ``num_batches_tracked``) and the running-statistics update in training mode.
+    """
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    return F.batch_norm(x, running_mean, running_var, weight, bias,
+                        training or running_mean is None, factor, eps)
+
+
+def batch_norm_scale_shift(x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float):
+    """Per-channel ``(scale, shift)`` with ``batch_norm(x) == scale * x + shift``.
+
+    Eval mode: from the running statistics. Training mode: from the statistics of the clean batch
+    ``x`` (the centre), held constant for the bound as IBP-style certified training does — the
+    normalisation is then an affine map of the perturbed activation.
+    Returns two tensors of shape ``(C,)``.
+    """
+    if training or running_mean is None:
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+    else:
+        mean, var = running_mean, running_var
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift

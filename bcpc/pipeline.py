@@ -1,0 +1,48 @@
+"""The compiler pipeline: the one place that says which passes run, in which order.
+
+    trace -> canonicalize -> shapes -> analyze -> lower
+
+Each pass is a plain function in ``passes/`` (one per module). With ``debug=True`` the graph
+invariants are checked between passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bcpc.passes.analysis import Analysis, analyze
+from bcpc.passes.canonicalize import canonicalize
+from bcpc.passes.lower import Lowered, lower
+from bcpc.passes.shapes import propagate_shapes
+from bcpc.passes.trace import trace
+import bcpc.rules  # noqa: F401  (fills the rule table)
+
+
+@dataclass
+class Compiled:
+    canonical: torch.fx.GraphModule
+    analysis: Analysis
+    lowered: Lowered
+
+
+def _check(gm: torch.fx.GraphModule, debug: bool) -> None:
+    if debug:
+        gm.graph.lint()
+
+
+def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: float, input_domain,
+        lipschitz_iters: int = 1, debug: bool = False) -> Compiled:
+    gm = trace(model)
+    _check(gm, debug)
+    gm = canonicalize(gm)
+    _check(gm, debug)
+    gm = propagate_shapes(gm, example_input)
+    _check(gm, debug)
+    analysis = analyze(gm)
+    _check(gm, debug)
+    lowered = lower(gm, analysis, method=method, norm=norm, domain_bounds=input_domain, model=model,
+                    lipschitz_iters=lipschitz_iters)
+    _check(lowered.graph_module, debug)
+    return Compiled(canonical=gm, analysis=analysis, lowered=lowered)

@@ -1,0 +1,102 @@
+"""Analysis: graph structure questions answered on a networkx view of the canonical graph.
+
+* drops nodes the output does not depend on (dead code);
+* checks every perturbed node has a rule and passes that rule's compile-time check, raising
+  :class:`~bcpc.errors.UnsupportedOpError` naming the node, the op, the user's source line, the
+  supported ops, and how to add a rule;
+* marks residual merges (sums/concatenations of two perturbed values) and the *last affine
+  layer*: the ``linear`` node producing the logits, whose input is where the exact ball ∩ box
+  margin problem is solved (DESIGN.md §3). Without one the margins are read at the logits.
+
+networkx is a read-only view here; the fx graph stays the source of truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import networkx as nx
+import torch.fx as fx
+import torch.nn.functional as F
+
+from bcpc import registry
+from bcpc.errors import GraphStructureError, UnsupportedOpError
+from bcpc.meta import info, where
+
+
+@dataclass
+class Analysis:
+    output: fx.Node  # the logits node
+    last_affine: Optional[fx.Node]
+    residual_merges: list = field(default_factory=list)
+    dag: Optional[nx.DiGraph] = None
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """DiGraph with one vertex per fx node name and an edge per data dependency."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, op=node.op, target=str(node.target))
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__module__", "") + "." + getattr(node.target, "__name__", str(node.target))
+
+
+def unsupported_node(gm: fx.GraphModule, node: fx.Node) -> UnsupportedOpError:
+    what = _describe(node)
+    if node.op == "call_module":
+        what = f"{type(gm.get_submodule(node.target)).__name__} (module {node.target!r})"
+    ops = ", ".join(registry.supported_ops())
+    return UnsupportedOpError(
+        f"node '{node.name}' calls {what}, which has no bound rule (at {where(node)}). "
+        f"Supported ops: {ops}. To support it, add a rule with bcpc.registry.register(...) in a module "
+        "under rules/ (see docs/adding-a-rule.md), or rewrite this line with supported ops."
+    )
+
+
+def analyze(gm: fx.GraphModule) -> Analysis:
+    graph = gm.graph
+    graph.eliminate_dead_code()
+    gm.recompile()
+    (out_node,) = [n for n in graph.nodes if n.op == "output"]
+    result = out_node.args[0]
+    if not isinstance(result, fx.Node) or not info(result).perturbed:
+        raise GraphStructureError(
+            "the model must return one tensor of logits that depends on its input; it returns "
+            f"{type(result).__name__ if not isinstance(result, fx.Node) else 'a value that does not depend on the input'}. "
+            "Wrap it so that forward(x) returns the logits tensor only.")
+    if len(info(result).shape) != 2:
+        raise GraphStructureError(
+            f"the model's output has shape {info(result).shape} on a batch of 2; bcpc expects logits of shape "
+            "(batch, classes). Flatten or select the logits in the model.")
+
+    dag = to_networkx(gm)
+    if not nx.is_directed_acyclic_graph(dag):  # cannot happen for fx graphs; guard the view
+        raise GraphStructureError("traced graph is not acyclic")
+    merges = []
+    for node in graph.nodes:
+        rec = info(node)
+        if not rec.perturbed or node.op == "placeholder":
+            continue
+        rule = registry.rule_for(node.target) if node.op == "call_function" else None
+        if rule is None:
+            raise unsupported_node(gm, node)
+        if rule.check is not None:
+            rule.check(node)
+        if rule.family == "merge" and sum(info(a).perturbed for a in node.all_input_nodes) >= 2:
+            rec.residual_merge = True
+            merges.append(node)
+
+    last = None
+    if result.target is F.linear and info(result.args[0]).perturbed:
+        last = result
+        info(last).last_affine = True
+    return Analysis(output=result, last_affine=last, residual_merges=merges, dag=dag)

@@ -1,0 +1,75 @@
+"""Canonicalize: every spelling of an op becomes one canonical call (STYLE.md idiom 2).
+
+``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` all become ``torch.relu(x)``;
+``nn.Conv2d`` becomes ``F.conv2d(x, <get_attr weight>, <get_attr bias>, stride, padding, ...)``
+with every static argument normalised; Dropout/Identity disappear. Module parameters become
+``get_attr`` nodes so the compiled module reads the user's live parameters. Nodes no rule spells
+(``x.size(0)``, shape arithmetic, ...) are left as they are; the lowering decides later whether
+they are allowed (they are if they do not carry a perturbed tensor).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from bcpc import registry
+from bcpc.errors import BcpcError, UnsupportedOpError
+from bcpc.meta import info, where
+
+
+def _lookup(gm: fx.GraphModule, node: fx.Node):
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return registry.spelling_for("module", type(module)), module
+    if node.op == "call_function":
+        return registry.spelling_for("function", node.target), None
+    if node.op == "call_method":
+        return registry.spelling_for("method", node.target), None
+    return None, None
+
+
+def _materialize(graph: fx.Graph, node: fx.Node, value):
+    """Replace Attr markers by get_attr nodes on the called module."""
+    if isinstance(value, registry.Attr):
+        return graph.get_attr(f"{node.target}.{value.name}")
+    if isinstance(value, tuple):
+        return tuple(_materialize(graph, node, v) for v in value)
+    if isinstance(value, list):
+        return [_materialize(graph, node, v) for v in value]
+    return value
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        info(node)  # every node gets its record, origin = its traced name
+        hit, module = _lookup(gm, node)
+        if hit is None:
+            continue
+        target, spelling = hit
+        info(node).spelling = registry.describe_spelling(spelling)
+        try:
+            if spelling.adapter is None:
+                args, kwargs = tuple(node.args), dict(node.kwargs)
+            else:
+                args, kwargs = spelling.adapter(module, tuple(node.args), dict(node.kwargs))
+        except BcpcError as exc:
+            raise UnsupportedOpError(f"node '{node.name}' ({info(node).spelling}) at {where(node)}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({info(node).spelling}) at {where(node)}: arguments not supported: {exc}"
+            ) from exc
+        if target is registry.IDENTITY:
+            node.replace_all_uses_with(args[0])
+            graph.erase_node(node)
+            continue
+        with graph.inserting_before(node):
+            args = _materialize(graph, node, args)
+            kwargs = {k: _materialize(graph, node, v) for k, v in kwargs.items()}
+            new = graph.call_function(target, args, kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        new.name = node.name  # keep the user's node names (the old node is gone, so it is free)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,131 @@
+"""Lower: the canonical graph -> one fx graph computing centre, ball and box of every node.
+
+An ``fx``-level rewrite (STYLE.md idiom 3). For each perturbed node ``n`` with rule ``R`` the
+emitted graph holds up to three readable nodes::
+
+    n         = <canonical op>(<centres>)              # the clean value: the model's own arithmetic
+    n_radius  = R.ball(<input bounds>, sigma=...)      # l2 radius (absent for method="ibp")
+    n_bound   = R.box(n, n_radius, <input bounds>)     # Bound(centre, radius, lower, upper)
+
+Nodes that do not depend on the input are copied unchanged (they read centres). Weight-dependent
+Lipschitz constants come from one ``lip.<n>`` module per affine node (bcpc.lipcache), called with
+the live weight and the ``sound`` flag. The graph ends with the margin solve at the last affine
+layer (bcpc.margins) and returns ``(logits, margins)``.
+
+The emitted module's signature is ``forward(x, eps, y=None, sound=False)``; its ``.code`` is the
+documentation of what it computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from bcpc import domain, margins, registry
+from bcpc.meta import info
+
+METHODS = ("bcp", "ibp", "lipschitz")
+
+
+@dataclass
+class Lowered:
+    graph_module: fx.GraphModule
+    #: origin node name -> emitted node name of its Bound (perturbed nodes only)
+    bound_nodes: dict = field(default_factory=dict)
+    #: origin node name -> rule name
+    rules: dict = field(default_factory=dict)
+    #: origin node name -> (lip module name, weight's qualified name in the model or None)
+    lipschitz: dict = field(default_factory=dict)
+
+
+def _call(graph: fx.Graph, target, args, kwargs=None, *, name: str) -> fx.Node:
+    return graph.create_node("call_function", target, tuple(args), dict(kwargs or {}), name=name)
+
+
+def _map(arg, env):
+    return fx.node.map_arg(arg, lambda n: env[n])
+
+
+def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_bounds, model: nn.Module,
+          lipschitz_iters: int = 1) -> Lowered:
+    with_ball = method in ("bcp", "lipschitz")
+    with_box = method in ("bcp", "ibp")
+    graph = fx.Graph()
+    center: dict = {}  # canonical node -> emitted node giving its plain / centre value
+    bnd: dict = {}  # canonical perturbed node -> emitted node giving its Bound
+    lip_modules = nn.Module()
+    lowered = Lowered(graph_module=None)
+    sound = None
+
+    for node in gm.graph.nodes:
+        rec = info(node)
+        if node.op == "placeholder":
+            x = graph.placeholder(node.name)
+            eps = graph.placeholder("eps")
+            y = graph.placeholder("y", default_value=None)
+            sound = graph.placeholder("sound", default_value=False)
+            center[node] = x
+            bnd[node] = _call(graph, domain.input_bound,
+                              (x, eps, norm, domain_bounds[0], domain_bounds[1], with_ball, with_box),
+                              name=f"{node.name}_bound")
+            lowered.bound_nodes[rec.origin] = bnd[node].name
+            lowered.rules[rec.origin] = "input"
+            continue
+        if node.op == "output":
+            logits = analysis.output
+            if analysis.last_affine is not None:
+                p = analysis.last_affine.args[0]
+                w = center[analysis.last_affine.args[1]]
+                b = center[analysis.last_affine.args[2]] if len(analysis.last_affine.args) > 2 else None
+                m = _call(graph, margins.last_layer_margins, (bnd[p], w, b, center[logits], y), name="margins")
+            else:
+                m = _call(graph, margins.logit_margins, (bnd[logits], y), name="margins")
+            graph.output((center[logits], m))
+            continue
+        if node.op == "get_attr":
+            center[node] = graph.get_attr(f"model.{node.target}")
+            continue
+        if not rec.perturbed:
+            new = graph.node_copy(node, lambda n: center[n])
+            if node.op in ("call_module", "get_attr"):
+                new.target = f"model.{node.target}"
+            center[node] = new
+            continue
+
+        rule = registry.rule_for(node.target)
+        c_args, c_kwargs = _map(node.args, center), _map(node.kwargs, center)
+        b_env = {n: (bnd[n] if n in bnd else center[n]) for n in node.all_input_nodes}
+        b_args, b_kwargs = _map(node.args, b_env), _map(node.kwargs, b_env)
+        c = _call(graph, node.target, c_args, c_kwargs, name=node.name)
+        center[node] = c
+        radius = None
+        if with_ball:
+            ball_kwargs = dict(b_kwargs)
+            if rule.lipschitz is not None:
+                module, w_index = rule.lipschitz(node.args, info(node.args[0]).shape[1:])
+                module.n_iter = lipschitz_iters
+                lip_name = node.name
+                lip_modules.add_module(lip_name, module)
+                sigma = graph.create_node("call_module", f"lip.{lip_name}", (center[node.args[w_index]], sound),
+                                          name=f"{node.name}_sigma")
+                ball_kwargs["sigma"] = sigma
+                w_node = node.args[w_index]
+                lowered.lipschitz[rec.origin] = (lip_name, w_node.target if w_node.op == "get_attr" else None)
+            radius = _call(graph, rule.ball, b_args, ball_kwargs, name=f"{node.name}_radius")
+        if with_box:
+            out = _call(graph, rule.box, (c, radius) + tuple(b_args), b_kwargs, name=f"{node.name}_bound")
+        else:
+            out = _call(graph, domain.ball_only, (c, radius), name=f"{node.name}_bound")
+        bnd[node] = out
+        lowered.bound_nodes[rec.origin] = out.name
+        lowered.rules[rec.origin] = rule.name
+
+    root = nn.Module()
+    root.model = model
+    root.lip = lip_modules
+    emitted = fx.GraphModule(root, graph, class_name="CertifiedPropagation")
+    emitted.model = model  # the live user model (GraphModule copies only what the graph names)
+    emitted.graph.lint()
+    lowered.graph_module = emitted
+    return lowered

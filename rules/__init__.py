@@ -1,0 +1,2 @@
+"""Bound rules, one module per op family. Importing this package fills bcpc.registry."""
+from bcpc.rules import activations, affine, pooling, structural  # noqa: F401

@@ -1,0 +1,291 @@
+"""Affine ops: Linear, Conv1d/2d, BatchNorm (eval and training mode), scaling by constants.
+
+For ``y = A a + b`` with input enclosure (ball ``c, r``; box ``[l, u]``), DESIGN.md §2:
+
+* ball:  centre ``A c + b``, radius ``sigma(A) * r``;
+* box:   interval arithmetic ``A m + b ± |A| rad`` (``m, rad`` the box midpoint and half-width),
+  intersected with ``A c + b ± ||A_i||_2 r`` per row (eq. 6: row i moves by at most its row norm
+  times the ball radius, Cauchy–Schwarz), intersected with the output ball's box.
+
+``sigma`` comes from the Lipschitz cache (bcpc.lipcache): an estimate in training, a guaranteed
+bound on the certification path. For convolutions the row norms depend on the output position
+(zero padding cuts the kernel at the borders): ``sqrt(conv(ones, W**2))``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bcpc import lipschitz, ops
+from bcpc.domain import Bound, bound, expand_radius
+from bcpc.errors import UnsupportedOpError
+from bcpc.lipcache import LipschitzConstant
+from bcpc.registry import Attr, register, bind
+from bcpc.rules._util import is_bound, ntuple, perturbed, pick, unsupported, check_same_shape_as_perturbed, shape
+
+
+def _midrad(x: Bound):
+    return (x.upper + x.lower) / 2, (x.upper - x.lower) / 2
+
+
+def _intersect_rows(lower, upper, center, rownorm, radius):
+    """Intersect with ``center ± rownorm * radius`` (eq. 6) when the input has a ball."""
+    if radius is None:
+        return lower, upper
+    dev = rownorm * expand_radius(radius, center)
+    return torch.maximum(lower, center - dev), torch.minimum(upper, center + dev)
+
+
+def _scale_ball(x: Bound, sigma):
+    return None if x.radius is None else sigma * x.radius
+
+
+# --- Linear ---------------------------------------------------------------------------------
+
+def linear_ball(x: Bound, weight: Tensor, bias=None, *, sigma: Tensor):
+    """radius_out = sigma(W) * radius_in."""
+    return _scale_ball(x, sigma)
+
+
+def linear_box(center: Tensor, radius, x: Bound, weight: Tensor, bias=None) -> Bound:
+    """IA box ∩ row-norm box ∩ output ball box."""
+    mid, rad = _midrad(x)
+    out_mid = F.linear(mid, weight, bias)
+    out_rad = F.linear(rad, weight.abs())
+    lower, upper = out_mid - out_rad, out_mid + out_rad
+    rownorm = weight.square().sum(dim=1).sqrt()
+    lower, upper = _intersect_rows(lower, upper, center, rownorm, x.radius)
+    return bound(center, radius, lower, upper)
+
+
+def _linear_adapter(module, args, kwargs):
+    (x,) = args
+    return (x, Attr("weight"), Attr("bias") if module.bias is not None else None), {}
+
+
+def _linear_fn_adapter(module, args, kwargs):
+    x, w, b = pick(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    return (x, w, b), {}
+
+
+def _linear_lipschitz(args, in_shape):
+    return LipschitzConstant("linear", in_shape, {}), 1
+
+
+def _check_weight_not_perturbed(node):
+    for a in node.args[1:]:
+        if perturbed(a):
+            raise unsupported(node, f"the weight/bias argument '{a.name}' depends on the input",
+                              "Only the first argument of an affine op may be perturbed")
+
+
+register(
+    F.linear, ball=linear_ball, box=linear_box, family="affine", name="linear",
+    spellings=((nn.Linear, _linear_adapter), (F.linear, _linear_fn_adapter)), lipschitz=_linear_lipschitz, check=_check_weight_not_perturbed,
+)
+
+
+# --- Convolutions ---------------------------------------------------------------------------
+
+def _conv(nd: int):
+    return F.conv1d if nd == 1 else F.conv2d
+
+
+def conv_ball(x: Bound, weight, bias, stride, padding, dilation, groups, *, sigma):
+    """radius_out = sigma(conv) * radius_in."""
+    return _scale_ball(x, sigma)
+
+
+def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, groups) -> Bound:
+    """IA box ∩ per-output-position row-norm box ∩ output ball box."""
+    conv = _conv(weight.dim() - 2)
+    mid, rad = _midrad(x)
+    out_mid = conv(mid, weight, bias, stride, padding, dilation, groups)
+    out_rad = conv(rad, weight.abs(), None, stride, padding, dilation, groups)
+    lower, upper = out_mid - out_rad, out_mid + out_rad
+    if x.radius is not None:
+        ones = torch.ones((1,) + tuple(x.center.shape[1:]), dtype=weight.dtype, device=weight.device)
+        rownorm = conv(ones, weight.square(), None, stride, padding, dilation, groups).clamp_min(0).sqrt()
+        lower, upper = _intersect_rows(lower, upper, center, rownorm, x.radius)
+    return bound(center, radius, lower, upper)
+
+
+def _conv_params(nd, stride, padding, dilation, kernel, where_node=None):
+    stride, dilation = ntuple(stride, nd), ntuple(dilation, nd)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * nd
+        elif padding == "same":
+            pads = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                if total % 2:
+                    raise UnsupportedOpError(
+                        "padding='same' with an even effective kernel pads asymmetrically; "
+                        "use numeric padding or an odd kernel")
+                pads.append(total // 2)
+            padding = tuple(pads)
+        else:
+            raise UnsupportedOpError(f"unknown padding {padding!r}")
+    return stride, ntuple(padding, nd), dilation
+
+
+def _conv_module_adapter(nd):
+    def adapt(module, args, kwargs):
+        if module.padding_mode != "zeros":
+            raise UnsupportedOpError(
+                f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported; "
+                "only zero padding has a rule (use padding_mode='zeros')")
+        (x,) = args
+        stride, padding, dilation = _conv_params(nd, module.stride, module.padding, module.dilation, module.kernel_size)
+        b = Attr("bias") if module.bias is not None else None
+        return (x, Attr("weight"), b, stride, padding, dilation, int(module.groups)), {}
+    return adapt
+
+
+def _conv_fn_adapter(nd):
+    def adapt(module, args, kwargs):
+        x, w, b, s, p, d, g = pick(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                                   {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        if isinstance(p, str):
+            raise UnsupportedOpError(
+                f"functional conv{nd}d with padding={p!r}: pass numeric padding (or use nn.Conv{nd}d, "
+                "whose kernel size is known at compile time)")
+        s, p, d = _conv_params(nd, s, p, d, None)
+        return (x, w, b, s, p, d, int(g)), {}
+    return adapt
+
+
+def _conv_lipschitz(nd):
+    def make(args, in_shape):
+        _, _, _, stride, padding, dilation, groups = args
+        mod = LipschitzConstant(f"conv{nd}d", in_shape,
+                                dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
+        return mod, 1
+    return make
+
+
+for _nd, _target, _module in ((1, F.conv1d, nn.Conv1d), (2, F.conv2d, nn.Conv2d)):
+    register(
+        _target, ball=conv_ball, box=conv_box, family="affine", name=f"conv{_nd}d",
+        spellings=((_module, _conv_module_adapter(_nd)), (_target, _conv_fn_adapter(_nd))),
+        lipschitz=_conv_lipschitz(_nd), check=_check_weight_not_perturbed,
+    )
+
+
+# --- BatchNorm ------------------------------------------------------------------------------
+
+def batch_norm_ball(x: Bound, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+    """radius_out = max_c |scale_c| * radius_in (a diagonal map's norm is its largest entry)."""
+    if x.radius is None:
+        return None
+    scale, _ = ops.batch_norm_scale_shift(x.center, weight, bias, running_mean, running_var, training, eps)
+    return scale.abs().max() * (1 + lipschitz.SAFETY) * x.radius
+
+
+def batch_norm_box(center, radius, x: Bound, weight, bias, running_mean, running_var, num_batches_tracked,
+                   training, momentum, eps) -> Bound:
+    """Per-channel scale and shift applied to the box (endpoints swap where the scale is negative),
+    ∩ ``centre ± |scale| r`` per coordinate, ∩ output ball box."""
+    scale, shift = ops.batch_norm_scale_shift(x.center, weight, bias, running_mean, running_var, training, eps)
+    view = (1, -1) + (1,) * (x.center.dim() - 2)
+    s, t = scale.reshape(view), shift.reshape(view)
+    a, b = s * x.lower + t, s * x.upper + t
+    lower, upper = torch.minimum(a, b), torch.maximum(a, b)
+    lower, upper = _intersect_rows(lower, upper, center, s.abs(), x.radius)
+    return bound(center, radius, lower, upper)
+
+
+def _bn_module_adapter(module, args, kwargs):
+    (x,) = args
+    tracked = module.running_mean is not None
+    return (
+        x,
+        Attr("weight") if module.affine else None,
+        Attr("bias") if module.affine else None,
+        Attr("running_mean") if tracked else None,
+        Attr("running_var") if tracked else None,
+        Attr("num_batches_tracked") if tracked else None,
+        Attr("training"),
+        module.momentum,
+        float(module.eps),
+    ), {}
+
+
+def _bn_fn_adapter(module, args, kwargs):
+    x, rm, rv, w, b, training, momentum, eps = pick(
+        args, kwargs, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+    return (x, w, b, rm, rv, None, training, momentum, eps), {}
+
+
+register(
+    ops.batch_norm, ball=batch_norm_ball, box=batch_norm_box, family="affine", name="batch_norm",
+    spellings=((nn.BatchNorm1d, _bn_module_adapter), (nn.BatchNorm2d, _bn_module_adapter),
+               (F.batch_norm, _bn_fn_adapter)),
+    check=_check_weight_not_perturbed,
+)
+
+
+# --- Scaling by constants: x * a, a * x, x / a, -x ---------------------------------------------
+
+def _split_const(a, b):
+    return (a, b) if is_bound(a) else (b, a)
+
+
+def _factor_abs_max(k) -> Tensor | float:
+    if isinstance(k, Tensor):
+        return k.abs().max()
+    return abs(float(k))
+
+
+def mul_ball(a, b):
+    """radius_out = max|k| * radius_in for x * k with k constant."""
+    x, k = _split_const(a, b)
+    return None if x.radius is None else _factor_abs_max(k) * x.radius
+
+
+def mul_box(center, radius, a, b) -> Bound:
+    """Endpoints times k (swapped where k < 0) ∩ ``centre ± |k| r`` ∩ ball box."""
+    x, k = _split_const(a, b)
+    p, q = x.lower * k, x.upper * k
+    lower, upper = torch.minimum(p, q), torch.maximum(p, q)
+    kabs = k.abs() if isinstance(k, Tensor) else abs(float(k))
+    lower, upper = _intersect_rows(lower, upper, center, kabs, x.radius)
+    return bound(center, radius, lower, upper)
+
+
+def div_ball(a, b):
+    """x / k == x * (1/k)."""
+    return mul_ball(a, 1.0 / b)
+
+
+def div_box(center, radius, a, b) -> Bound:
+    return mul_box(center, radius, a, 1.0 / b)
+
+
+def _check_one_perturbed(node):
+    if all(perturbed(a) for a in node.args[:2]):
+        raise unsupported(node, "the product/quotient of two perturbed values is not affine and has no rule",
+                          "Only multiplication or division by a constant is supported")
+    check_same_shape_as_perturbed(node)
+
+
+def _check_div(node):
+    _check_one_perturbed(node)
+    if perturbed(node.args[1]):
+        raise unsupported(node, "dividing by a perturbed value has no rule", "Only x / constant is supported")
+
+
+def _binary_adapter(module, args, kwargs):
+    a, b = pick(args, kwargs, ("input", "other"), {})
+    return (a, b), {}
+
+
+register(operator.mul, ball=mul_ball, box=mul_box, family="affine", name="mul",
+         spellings=((torch.mul, _binary_adapter), ("mul", _binary_adapter)), check=_check_one_perturbed)
+register(operator.truediv, ball=div_ball, box=div_box, family="affine", name="div",
+         spellings=((torch.div, _binary_adapter), ("div", _binary_adapter)), check=_check_div)

@@ -1,0 +1,181 @@
+"""Sums, differences, concatenation and reshaping.
+
+* ``a + b`` (residual merge): radius ``r_a + r_b`` (triangle inequality), box ``[l_a + l_b, u_a + u_b]``.
+* ``a - b``: radius ``r_a + r_b``, box ``[l_a - u_b, u_a - l_b]``; ``-a``: box ``[-u, -l]``.
+* adding a constant shifts the box and keeps the radius.
+* ``cat``: radius ``sqrt(sum r_i^2)`` (the parts move independently, squared norms add), box the
+  concatenated boxes (a constant part is its own box).
+* reshape / flatten (batch dimension kept): the same values in another layout, radius unchanged.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from bcpc.domain import Bound, bound
+from bcpc.registry import register, register_identity
+from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, perturbed, pick, shape, unsupported
+
+
+def _radius_sum(*xs):
+    radii = [x.radius for x in xs if is_bound(x)]
+    if any(r is None for r in radii):
+        return None
+    out = radii[0]
+    for r in radii[1:]:
+        out = out + r
+    return out
+
+
+def _lo(a):
+    return a.lower if is_bound(a) else a
+
+
+def _hi(a):
+    return a.upper if is_bound(a) else a
+
+
+def add_ball(a, b):
+    """radius_out = r_a + r_b (a constant operand has radius 0)."""
+    return _radius_sum(a, b)
+
+
+def add_box(center, radius, a, b) -> Bound:
+    """[l_a + l_b, u_a + u_b] ∩ output ball box."""
+    return bound(center, radius, _lo(a) + _lo(b), _hi(a) + _hi(b))
+
+
+def sub_ball(a, b):
+    """radius_out = r_a + r_b."""
+    return _radius_sum(a, b)
+
+
+def sub_box(center, radius, a, b) -> Bound:
+    """[l_a - u_b, u_a - l_b] ∩ output ball box."""
+    return bound(center, radius, _lo(a) - _hi(b), _hi(a) - _lo(b))
+
+
+def neg_ball(a):
+    """radius unchanged."""
+    return a.radius
+
+
+def neg_box(center, radius, a) -> Bound:
+    """[-u, -l]."""
+    return bound(center, radius, -a.upper, -a.lower)
+
+
+def _add_adapter(module, args, kwargs):
+    a, b, alpha = pick(args, kwargs, ("input", "other", "alpha"), {"alpha": 1})
+    if alpha != 1:
+        raise unsupported_alpha(alpha)
+    return (a, b), {}
+
+
+def unsupported_alpha(alpha):
+    from bcpc.errors import UnsupportedOpError
+    return UnsupportedOpError(f"add/sub with alpha={alpha!r} is not supported; write a + alpha * b instead")
+
+
+def _neg_adapter(module, args, kwargs):
+    (a,) = pick(args, kwargs, ("input",), {})
+    return (a,), {}
+
+
+register(operator.add, ball=add_ball, box=add_box, family="merge", name="add",
+         spellings=((torch.add, _add_adapter), ("add", _add_adapter)), check=check_same_shape_as_perturbed)
+register(operator.sub, ball=sub_ball, box=sub_box, family="merge", name="sub",
+         spellings=((torch.sub, _add_adapter), ("sub", _add_adapter)), check=check_same_shape_as_perturbed)
+register(operator.neg, ball=neg_ball, box=neg_box, family="affine", name="neg",
+         spellings=((torch.neg, _neg_adapter), ("neg", _neg_adapter)))
+
+
+# --- concatenation --------------------------------------------------------------------------
+
+def cat_ball(tensors, dim):
+    """radius_out = sqrt(sum_i r_i^2) over the perturbed parts."""
+    radii = [t.radius for t in tensors if is_bound(t)]
+    if any(r is None for r in radii):
+        return None
+    return torch.stack(radii).square().sum(0).sqrt()
+
+
+def cat_box(center, radius, tensors, dim) -> Bound:
+    """The concatenated boxes ∩ output ball box."""
+    return bound(center, radius, torch.cat([_lo(t) for t in tensors], dim), torch.cat([_hi(t) for t in tensors], dim))
+
+
+def _cat_adapter(module, args, kwargs):
+    tensors, dim = pick(args, kwargs, ("tensors", "dim"), {"dim": 0})
+    return (tuple(tensors), int(dim)), {}
+
+
+def _check_cat(node):
+    tensors, dim = node.args
+    out = shape(node)
+    if dim % len(out) == 0:
+        raise unsupported(node, "concatenation along the batch dimension mixes samples",
+                          "Concatenate along a feature dimension (dim >= 1)")
+
+
+register(torch.cat, ball=cat_ball, box=cat_box, family="merge", name="cat",
+         spellings=((torch.cat, _cat_adapter), (torch.concat, _cat_adapter), (torch.concatenate, _cat_adapter)),
+         check=_check_cat)
+
+
+# --- reshaping ------------------------------------------------------------------------------
+
+def reshape_ball(x, *args):
+    """radius unchanged (the same numbers in another layout)."""
+    return x.radius
+
+
+def reshape_box(center, radius, x, shape_arg) -> Bound:
+    """The box reshaped the same way."""
+    return bound(center, radius, torch.reshape(x.lower, shape_arg), torch.reshape(x.upper, shape_arg))
+
+
+def flatten_box(center, radius, x, start_dim, end_dim) -> Bound:
+    """The box flattened the same way."""
+    return bound(center, radius, torch.flatten(x.lower, start_dim, end_dim), torch.flatten(x.upper, start_dim, end_dim))
+
+
+def _reshape_adapter(module, args, kwargs):
+    x, *rest = args
+    if "shape" in kwargs:
+        rest = [kwargs["shape"]]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        shape_arg = tuple(rest[0])
+    else:
+        shape_arg = tuple(rest)
+    return (x, shape_arg), {}
+
+
+def _flatten_adapter(module, args, kwargs):
+    if module is not None:
+        (x,) = args
+        return (x, int(module.start_dim), int(module.end_dim)), {}
+    x, start, end = pick(args, kwargs, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+    return (x, int(start), int(end)), {}
+
+
+def _check_batch_kept(node):
+    x = node.args[0]
+    if shape(x)[0] != shape(node)[0]:
+        raise unsupported(node, f"reshaping {shape(x)} to {shape(node)} mixes samples of the batch",
+                          "Keep the batch dimension first, e.g. x.view(x.size(0), -1) or x.flatten(1)")
+    if node.target is torch.flatten and node.args[1] % len(shape(x)) == 0:
+        raise unsupported(node, "flatten(start_dim=0) merges the batch dimension", "Use flatten(1)")
+
+
+register(torch.reshape, ball=reshape_ball, box=reshape_box, family="reshape", name="reshape",
+         spellings=((torch.reshape, _reshape_adapter), ("view", _reshape_adapter), ("reshape", _reshape_adapter)),
+         check=_check_batch_kept)
+register(torch.flatten, ball=reshape_ball, box=flatten_box, family="reshape", name="flatten",
+         spellings=((torch.flatten, _flatten_adapter), ("flatten", _flatten_adapter), (nn.Flatten, _flatten_adapter)),
+         check=_check_batch_kept)
+
+register_identity(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+                  torch.nn.functional.dropout, "contiguous")
