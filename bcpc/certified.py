@@ -98,7 +98,7 @@ class CertifiedModule(nn.Module):
 
     # --- input checks ---------------------------------------------------------------------
 
-    def _check(self, x: Tensor, eps=None, y: Optional[Tensor] = None) -> None:
+    def _check(self, x: Tensor, y: Optional[Tensor] = None) -> None:
         if not isinstance(x, Tensor):
             raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
@@ -116,8 +116,6 @@ class CertifiedModule(nn.Module):
             raise InputDomainError(
                 f"x has values outside the declared input domain [{lo}, {hi}] (min {x.min().item():.4g}, "
                 f"max {x.max().item():.4g}); fix the preprocessing or compile with a domain that contains the data")
-        if eps is not None:
-            self._check_eps(eps, x.shape[0])
         if y is not None:
             if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise InvalidInputError("y must be an integer tensor of class indices (torch.long)")
@@ -161,7 +159,8 @@ class CertifiedModule(nn.Module):
         return self._twin
 
     def _prepare(self, x, eps, y, sound: bool, dtype):
-        self._check(x, eps, y)
+        self._check(x, y)
+        self._check_eps(eps, x.shape[0])
         if sound:
             self._check_eval_mode()
             gm = self._sound_graph(dtype or torch.float64)
@@ -222,7 +221,7 @@ class CertifiedModule(nn.Module):
         Margins only shrink as eps grows (every enclosure is monotone in eps), so bisection is valid,
         and the returned value is one at which ``certify`` itself returned True.
         """
-        self._check(x, None, y)
+        self._check(x, y)
         b = x.shape[0]
         dev, dt = x.device, torch.float64
         lo = torch.zeros(b, dtype=dt, device=dev)

@@ -51,6 +51,11 @@ def ball_only(center: Tensor, radius: Tensor) -> Bound:
     return Bound(center, radius, None, None)
 
 
+def box_only(b: Bound) -> Bound:
+    """The same Bound without its ball (the ``ibp`` method reads margins from the box alone)."""
+    return Bound(b.center, None, b.lower, b.upper)
+
+
 def circumscribing_radius(norm: float, numel: int) -> float:
     """Factor f such that the l_p ball of radius eps lies in the l2 ball of radius f * eps.
 

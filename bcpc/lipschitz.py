@@ -6,11 +6,13 @@ Two families, kept apart by name (STYLE.md, "sound by name"):
   float64 / complex128 and multiplied by ``1 + SAFETY``. These may feed a certificate.
 
   - dense (``Linear``): exact SVD (:func:`dense_sigma_upper`);
-  - convolution: the zero-padded (and strided, dilated, grouped) convolution is a compression
-    of a stride-1 circular convolution on a grid large enough that no kept output wraps;
-    the circular operator is block-diagonal in the Fourier basis, and each Fourier block is
-    bounded from above by Gram iteration (Delattre et al., ICML 2023)
-    (:func:`conv_sigma_upper`, :func:`gram_sigma_upper`).
+  - convolution (:func:`conv_sigma_upper`): the zero-padded (and strided, dilated, grouped)
+    convolution is a compression of a stride-1 circular convolution on a grid large enough
+    that no kept output wraps; the circular operator is block-diagonal in the Fourier
+    basis, and each Fourier block is bounded from above by Gram iteration (Delattre et al.,
+    ICML 2023; :func:`gram_sigma_upper`). Layers whose matrix has at most ``2**20``
+    entries (small feature maps, where the circular embedding is loosest) are materialised
+    and get the exact SVD instead.
 
 * ``power_iteration_`` / ``sigma_estimate`` -- warm-started power iteration on ``A^T A`` for
   any linear callable. The value ``||A u|| / ||u||`` never exceeds ``sigma(A)``: it is an
@@ -48,6 +50,13 @@ SAFETY: float = 1e-6
 """Relative safety factor: every guaranteed bound is multiplied by ``1 + SAFETY`` exactly once."""
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+_CONV_T = {
+    1: torch.nn.functional.conv_transpose1d,
+    2: torch.nn.functional.conv_transpose2d,
+    3: torch.nn.functional.conv_transpose3d,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,14 +178,24 @@ def conv_sigma_upper(
     groups: int = 1,
     *,
     n_iter: int = 12,
+    explicit_max_entries: int = 2**20,
 ) -> torch.Tensor:
     """Guaranteed upper bound on the l2 operator norm of ``x -> conv_nd(x, weight, None, stride, padding, dilation, groups)``.
 
     Valid for inputs with spatial size ``input_size`` (1-D, 2-D or 3-D), zero padding. The
     result is a 0-dim float64 tensor on ``weight.device`` including ``1 + SAFETY`` (applied
-    once, inside :func:`gram_sigma_upper`); no gradient flows. Cost: one FFT of the kernel
-    plus ``n_iter`` batched ``min(Cout, Cin')``-square matmuls per frequency, where
-    ``Cin' = Cin / groups * prod(stride)``.
+    once, inside :func:`gram_sigma_upper` or :func:`dense_sigma_upper`); no gradient flows.
+
+    Small layers (at most ``explicit_max_entries`` entries in the operator's matrix, e.g. 64
+    channels on a 4x4 map; 0 disables) are materialised in float64 and bounded exactly by
+    :func:`dense_sigma_upper` (each entry of the matrix is a single weight, so the matrix
+    is exact up to rounding far below ``SAFETY``): there the circular embedding below can
+    be 10-15% loose (several-fold on toy inputs no larger than the kernel) and an SVD of at
+    most a 1024-square matrix costs ~0.1 s on a CPU.
+
+    Otherwise the circular bound, at the cost of one FFT of the kernel plus ``n_iter``
+    batched ``min(Cout, Cin')``-square matmuls per frequency, ``Cin' = Cin / groups *
+    prod(stride)``; it is within about 1% of the true norm on 14x14 and 28x28 maps.
 
     Derivation, per spatial dimension (dimensions are independent; ``k, s, p, dl, n`` are the
     kernel size, stride, padding, dilation and input size):
@@ -244,6 +263,20 @@ def conv_sigma_upper(
         geometry = _circular_geometry(n, k, s, p, dl)
         if w.numel() == 0 or geometry is None:
             return w.new_zeros(())
+        out = tuple((ni + 2 * pi - ei) // si + 1 for ni, pi, ei, si in zip(n, p, ext, s))
+        in_numel, out_numel = cin_g * groups * math.prod(n), cout * math.prod(out)
+        if in_numel * out_numel <= explicit_max_entries:
+            # Materialise from the smaller side (memory min(in, out)^2 <= in * out): rows of
+            # T^T are the images of the input basis; rows of T are the adjoint (transposed
+            # conv) images of the output basis, output_padding restoring the input size.
+            if in_numel <= out_numel:
+                basis = torch.eye(in_numel, dtype=w.dtype, device=w.device).reshape(in_numel, -1, *n)
+                matrix = _CONV[d](basis, w, None, s, p, dl, groups).reshape(in_numel, out_numel)
+            else:
+                basis = torch.eye(out_numel, dtype=w.dtype, device=w.device).reshape(out_numel, cout, *out)
+                extra = tuple(ni + 2 * pi - ((oi - 1) * si + ei) for ni, pi, oi, si, ei in zip(n, p, out, s, ext))
+                matrix = _CONV_T[d](basis, w, None, s, p, extra, groups, dl).reshape(out_numel, in_numel)
+            return dense_sigma_upper(matrix)
         m = tuple(grid // si for (_, _, grid), si in zip(geometry, s))
         taps = tuple(-(-(hi - lo + 1) // si) for (lo, hi, _), si in zip(geometry, s))  # ceil(K / s) <= M
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import os
+
+import torch
+
 import torch.fx as fx
 
 
@@ -33,12 +37,23 @@ def info(node: fx.Node) -> NodeInfo:
 
 
 def where(node: fx.Node) -> str:
-    """The user's source line this node came from (from torch.fx's recorded stack trace)."""
+    """The user's source line this node came from (from torch.fx's recorded stack trace).
+
+    fx records frames outermost first, ending inside torch itself; the innermost frame outside
+    the torch and bcpc packages is the user's line.
+    """
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    # fx records "File ..., line N, in fn" followed by the code line; keep the innermost pair.
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{lines[i]}: {code}".strip(": ")
-    return "<source unknown>"
+    found = None
+    for i, line in enumerate(lines):
+        if not line.startswith("File "):
+            continue
+        path = line.split('"')[1] if '"' in line else ""
+        if any(path.startswith(root) for root in _LIBRARY_ROOTS):
+            continue
+        code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+        found = f"{line}: {code}" if code else line
+    return found or "<source unknown>"
+
+
+_LIBRARY_ROOTS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,))

@@ -22,6 +22,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+
 
 @dataclass(frozen=True)
 class Attr:
@@ -168,8 +170,13 @@ def describe_spelling(s: Spelling) -> str:
     if s.kind == "module":
         mod = s.key.__module__
         return f"torch.nn.{s.key.__name__}" if mod.startswith("torch.nn") else f"{mod}.{s.key.__qualname__}"
+    name = getattr(s.key, "__name__", repr(s.key))
+    if getattr(torch.nn.functional, name, None) is s.key:
+        return f"torch.nn.functional.{name}"
+    if getattr(torch, name, None) is s.key:
+        return f"torch.{name}"
     mod = (getattr(s.key, "__module__", None) or "torch").replace("_operator", "operator")
-    return f"{mod}.{getattr(s.key, '__name__', repr(s.key))}"
+    return f"{mod}.{name}"
 
 
 def supported_ops() -> list:

@@ -74,26 +74,29 @@ def _poison(value, per_sample=(), per_pair=(), finite_per_sample=(), finite_per_
 
     Several branches below (corner selection, ``where`` on ``t``) would otherwise turn a NaN input
     into an ordinary number — and a number can certify. This keeps NaN in, NaN out, without a sync.
+    Each input is tested through its sum over the trailing dims (one cheap pass instead of a
+    full-size ``isnan``): a NaN entry, or ``+inf`` next to ``-inf``, makes the sum NaN, and any
+    infinite entry makes it non-finite. A finite input whose sum overflows would be flagged too;
+    that errs towards NaN (no certificate), never towards a number.
     """
     bad = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
 
-    def reduce(x, keep):
-        # collapse every dim after the first `keep` ones
-        return x.reshape(*x.shape[:keep], -1).any(-1) if x.dim() > keep else x
+    def total(x, keep):
+        return x.reshape(*x.shape[:keep], -1).sum(-1) if x.dim() > keep else x
 
     for x in per_sample:
         if x is not None:
-            bad = bad | reduce(torch.isnan(x), 1).unsqueeze(-1)
+            bad = bad | torch.isnan(total(x, 1)).unsqueeze(-1)
     for x in finite_per_sample:
         if x is not None:
-            bad = bad | reduce(~torch.isfinite(x), 1).unsqueeze(-1)
+            bad = bad | ~torch.isfinite(total(x, 1)).unsqueeze(-1)
     for x in per_pair:
         if x is not None:
-            bad = bad | reduce(torch.isnan(x), 2)
+            bad = bad | torch.isnan(total(x, 2))
     for x in finite_per_pair:
         if x is not None:
-            bad = bad | reduce(~torch.isfinite(x), 2)
-    return torch.where(bad, torch.full_like(value, math.nan), value)
+            bad = bad | ~torch.isfinite(total(x, 2))
+    return torch.where(bad, math.nan, value)
 
 
 def _add_offset(value, offset):
@@ -120,52 +123,68 @@ def solve_t(z, rho, lower, upper, c):
     whichever side of the tie it is sorted on, so ``f(t_j)`` is the same.
     ``lower``/``upper`` may be ``None`` (ball only: ``t* = rho/||c||``); ``rho`` may be ``None``
     (box only: ``t* = inf``). Shapes: z (B, n), rho (B,), lower/upper (B, n), c (B, K, n).
+    Computed with ``c`` scaled to ``max|c| = 1`` and distances to ``rho = 1`` (``t*`` is homogeneous
+    in both), so the overall scale of the inputs cannot make squares underflow or overflow. Only a
+    ratio ``|c_i| / max|c|`` below ~1e-154 (float32: ~1e-19) still underflows in ``c_i^2``; ``t``
+    may then come out as a huge finite number instead of ``inf`` (same point, same bound) — any
+    ``t`` is a sound dual point, so this costs nothing but that label.
     """
     with torch.no_grad():
         if rho is None:
             return torch.full(c.shape[:-1], math.inf, dtype=c.dtype, device=c.device)
         lo, hi = _widen_box(z, lower, upper)
-        zz, lo, hi = z.unsqueeze(-2), lo.unsqueeze(-2), hi.unsqueeze(-2)
-        # t* is homogeneous: t*(s c) = t*(c)/s and t*(z, rho, l, u scaled by s) = s t*. Solving
-        # with max|c| = 1 and rho = 1 keeps c_i^2 and rho^2 from underflowing (float32: |c| < 1e-19).
+        n = c.shape[-1]
+        # t* is homogeneous: t*(s c) = t*(c)/s and t*(s (z, rho, l, u)) = s t*. Solving with
+        # max|c| = 1 and rho = 1 keeps c_i^2 and rho^2 clear of underflow (float32: |c| < 1e-19).
+        rho = rho.reshape(-1, 1)
+        r_scale = torch.where((rho > 0) & torch.isfinite(rho), rho, 1.0)
+        rho2 = (rho / r_scale).square().unsqueeze(-1)  # 1, 0, inf or NaN; (B, 1, 1)
+        down = ((z - lo) / r_scale).unsqueeze(-2)  # >= 0 after widening (or NaN)
+        up = ((hi - z) / r_scale).unsqueeze(-2)
         a = c.abs()
-        c_max = a.amax(-1, keepdim=True)
-        c_scale = torch.where(c_max > 0, c_max, torch.ones_like(c_max))
-        a = a / c_scale
-        rho = rho.reshape(-1, 1, 1)
-        r_scale = torch.where((rho > 0) & torch.isfinite(rho), rho, torch.ones_like(rho))
-        rho = rho / r_scale  # 1, 0, inf or NaN
-        active = a > 0  # c_i == 0 never moves: breakpoint at +inf, contributes nothing
-        d = torch.where(c > 0, zz - lo, hi - zz) / r_scale  # >= 0 after widening (or NaN)
-        a_safe = torch.where(active, a, torch.ones_like(a))
-        tb = torch.where(active, d / a_safe, torch.full_like(a, math.inf))
-        tb_sorted, order = tb.sort(dim=-1)
-        a2 = (a * a).gather(-1, order)
-        d2 = torch.where(active, d * d, torch.zeros_like(d)).gather(-1, order)
-        prefix_d2 = d2.cumsum(-1)  # coordinates 0..j saturated at t_j
-        suffix_a2 = a2.flip(-1).cumsum(-1).flip(-1)
-        # exclusive suffix by shifting, not subtracting: no cancellation, no inf - inf
-        free_a2 = torch.cat([suffix_a2[..., 1:], torch.zeros_like(suffix_a2[..., :1])], -1)
-        f_at_break = torch.where(
-            torch.isinf(tb_sorted),
-            torch.full_like(tb_sorted, math.inf),  # never reached at finite t (or c_i == 0)
-            prefix_d2 + tb_sorted * tb_sorted * free_a2,
-        )
-        rho2 = rho * rho
-        saturated = f_at_break < rho2  # a prefix in exact arithmetic; any split stays sound (dual)
-        # `where`, not multiply: an infinite d_i (unbounded box side) must not make 0 * inf = NaN
-        sat_d2 = torch.where(saturated, d2, torch.zeros_like(d2)).sum(-1)
-        remaining = (rho2.squeeze(-1) - sat_d2).clamp_min(0)  # clamp_min keeps NaN
-        # ||c_free|| by scaling with its largest entry: a free |c_i| far below max|c| must not
-        # vanish in c_i^2 and turn a finite t* into inf (the point would leave the ball).
-        free_a = torch.where(saturated, torch.zeros_like(a2), a.gather(-1, order))
-        free_max = free_a.amax(-1)
+        c_scale = a.amax(-1, keepdim=True)
+        c_scale = torch.where(c_scale > 0, c_scale, 1.0)
+        a.div_(c_scale)
+        # breakpoints d_i/|c_i|; c_i == 0 never moves: +inf (inf/0 = inf), contributes nothing
+        tb = torch.where(a > 0, torch.where(c > 0, down, up), math.inf).div_(a)
+        tb, order = tb.sort(dim=-1)
+        a = a.gather(-1, order)
+        finite = tb < math.inf  # tb >= 0 (NaN rows are poisoned by the caller)
+        # d_i = t_i |c_i|; +inf breakpoints (c_i = 0, unbounded side) are never saturated: 0, not
+        # inf, so that no inf - inf or 0 * inf appears below
+        d2 = torch.where(finite, tb * a, 0.0).square_()
+        prefix_d2 = d2.cumsum(-1)
+        suffix_a2 = (a * a).flip(-1).cumsum(-1).flip(-1)
+        # exclusive suffix by shifting, not subtracting (no cancellation)
+        later_a2 = torch.cat([suffix_a2[..., 1:], torch.zeros_like(suffix_a2[..., :1])], -1)
+        # f(t_j) = sum_{i<=j} d_i^2 + t_j^2 sum_{i>j} c_i^2 (a coordinate tied with j contributes
+        # d_i^2 on either side). Formed as (t_j ||c_later||)^2, not t_j^2 * ||c_later||^2: t_j^2
+        # alone overflows when a tiny |c_j| gives a huge breakpoint, and inf * 0 would be NaN.
+        f_at_break = torch.where(finite, prefix_d2 + (tb * later_a2.sqrt()).square(), math.inf)
+        # coordinates with f(t_j) < rho^2 are saturated at t*: the first k in sorted order (f is
+        # nondecreasing; should rounding break that, the first k is still a split, and the dual
+        # value at the resulting t stays a sound bound)
+        k = (f_at_break < rho2).sum(-1, keepdim=True)
+        sat_d2 = torch.where(k > 0, prefix_d2.gather(-1, (k - 1).clamp_min(0)), 0.0).squeeze(-1)
+        remaining = (rho2.reshape(-1, 1) - sat_d2).clamp_min(0)  # clamp_min keeps NaN
+        # ||c_free|| scaled by its largest entry: a free |c_i| far below max|c| must not vanish in
+        # c_i^2 and turn a finite t* into inf (the point would leave the ball)
+        free_a = torch.where(torch.arange(n, device=c.device) >= k, a, 0.0)
+        free_max = free_a.amax(-1, keepdim=True)
         has_free = free_max > 0
-        free_scale = torch.where(has_free, free_max, torch.ones_like(free_max))
-        free_norm = free_scale * torch.linalg.vector_norm(free_a / free_scale.unsqueeze(-1), dim=-1)
-        # undo the scaling on finite t only: inf * (tiny rho / |c|) could be inf * 0 = NaN
-        t = torch.sqrt(remaining) / free_norm * r_scale.squeeze(-1) / c_scale.squeeze(-1)
-        return torch.where(has_free, t, torch.full_like(t, math.inf))
+        free_max = torch.where(has_free, free_max, 1.0)
+        free_norm = torch.linalg.vector_norm(free_a.div_(free_max), dim=-1) * free_max.squeeze(-1)
+        t = torch.sqrt(remaining) / free_norm
+        # In exact arithmetic t lies on its segment [t_(k-1), t_(k)]. Rounding in rho^2 - D (e.g.
+        # the corner a few ulps outside the sphere, the last free |c_i| tiny) can push it off,
+        # even to 0, i.e. mu = inf and a bound near -inf. Clamping to the segment keeps t
+        # consistent with the saturation pattern it was computed for.
+        seg_lo = torch.where(k > 0, tb.gather(-1, (k - 1).clamp_min(0)), 0.0).squeeze(-1)
+        seg_hi = torch.where(k < n, tb.gather(-1, k.clamp_max(n - 1)), math.inf).squeeze(-1)
+        t = torch.minimum(torch.maximum(t, seg_lo), seg_hi)
+        # undo the scaling on finite t only: inf * (tiny rho / |c|) would be inf * 0 = NaN
+        t = t * r_scale / c_scale.squeeze(-1)
+        return torch.where(has_free.squeeze(-1), t, math.inf)
 
 
 def optimal_point(z, rho, lower, upper, c, t=None):
@@ -180,13 +199,12 @@ def optimal_point(z, rho, lower, upper, c, t=None):
 
 
 def _point(z, lo, hi, c, t):
-    zz, lo, hi = z.unsqueeze(-2), lo.unsqueeze(-2), hi.unsqueeze(-2)
-    ball_free = torch.isinf(t).unsqueeze(-1)
-    # t_safe keeps the untaken `where` branch finite, so backward never sees inf * 0
-    t_safe = torch.where(ball_free.squeeze(-1), torch.ones_like(t), t).unsqueeze(-1)
-    moved = torch.minimum(torch.maximum(zz - t_safe * c, lo), hi)
-    corner = torch.where(c > 0, lo, torch.where(c < 0, hi, zz.expand_as(c)))
-    return torch.where(ball_free, corner, moved)
+    # t = inf stands for "far enough": the largest float sends every coordinate with
+    # |c_i| >= d_i / finfo.max to its face (z - t c may overflow to +-inf, which clamp takes to
+    # the face), i.e. exactly the box corner for every c that is not subnormal-small, and keeps
+    # c_i == 0 at z with no inf * 0.
+    t = torch.where(torch.isinf(t), torch.finfo(t.dtype).max, t).unsqueeze(-1)
+    return torch.clamp(z.unsqueeze(-2) - t * c, lo.unsqueeze(-2), hi.unsqueeze(-2))
 
 
 def dual_margin_lower(z, rho, lower, upper, c, offset, t):
@@ -199,25 +217,25 @@ def dual_margin_lower(z, rho, lower, upper, c, offset, t):
     ``t = 0`` (``mu = inf``) is ``c·z`` when ``rho == 0`` (the set is ``{z}``) and ``-inf`` otherwise.
     ``t`` is detached: gradients are those of the dual at fixed ``mu``, which equal those of the
     optimum at ``t = t*`` (Danskin).
+
+    The corner at ``t = inf`` is reached through ``t = finfo.max``: exact for every ``c_i`` with
+    ``|c_i| >= d_i / finfo.max``; a smaller (subnormal-range) ``c_i`` stops short of its face and
+    overstates the bound by at most ``|c_i| d_i < d_i^2 / finfo.max``, far below rounding of ``c·p``.
     """
     if rho is None:
         rho = torch.full(z.shape[:1], math.inf, dtype=z.dtype, device=z.device)
     lo, hi = _widen_box(z, lower, upper)
     t = t.detach()
-    p = _point(z, lo, hi, c, t)
-    at_z = (t == 0).unsqueeze(-1)
-    # t == 0 means mu = inf: the minimiser is z itself (z lies in the widened box)
-    p = torch.where(at_z, z.unsqueeze(-2).expand_as(p), p)
-    finite_pos = torch.isfinite(t) & (t > 0)
-    t_safe = torch.where(finite_pos, t, torch.ones_like(t))
+    p = _point(z, lo, hi, c, t)  # t = 0: p = z
+    value = (c * p).sum(-1)
     rho2 = (rho * rho).unsqueeze(-1)
-    # mu = 0 (t = inf, or t = 0 handled below) drops the penalty, which may be -inf (rho = inf):
-    # select instead of multiplying. Divide by t rather than multiply by 1/t: 1/t overflows for
-    # subnormal t and inf * 0 would be NaN.
-    penalty = ((p - z.unsqueeze(-2)) ** 2).sum(-1) - rho2
-    penalty = torch.where(finite_pos, penalty / (2 * t_safe), torch.zeros_like(penalty))
-    value = (c * p).sum(-1) + penalty
-    value = torch.where((t == 0) & (rho2 > 0), torch.full_like(value, -math.inf), value)
+    # mu = 1/t for 0 < t < inf. mu = 0 (t = inf) drops the penalty, which may be -inf (rho = inf):
+    # select, don't multiply. Divide by t rather than multiply by 1/t: 1/t overflows for
+    # subnormal t.
+    scaled = torch.isfinite(t) & (t > 0)
+    penalty = (((p - z.unsqueeze(-2)) ** 2).sum(-1) - rho2) / (2 * torch.where(scaled, t, 1.0))
+    value = value + torch.where(scaled, penalty, 0.0)
+    value = torch.where((t == 0) & (rho2 > 0), -math.inf, value)
     value = _add_offset(value, offset)
     return _poison(
         value,
@@ -274,8 +292,9 @@ def margin_lower(z, rho, lower, upper, c, offset):
     if lower is None:
         return lipschitz_margin_lower(z, rho, c, offset)
     t = solve_t(z, rho, lower, upper, c)
-    # For rho > 0 the true t* is > 0; t == 0 can then only come from underflow of rho^2 and would
-    # select the rho == 0 answer c·z. Any t > 0 is a sound dual point, so nudge it off zero.
+    # For rho > 0 the true t* is > 0; a computed 0 can only be underflow (rho / max|c| below the
+    # smallest float) and would select the rho == 0 answer c·z, which is not a bound for rho > 0.
+    # Any t > 0 is a sound dual point, so nudge it off zero.
     tiny = torch.finfo(t.dtype).tiny
     t = torch.where(rho.unsqueeze(-1) > 0, t.clamp_min(tiny), t)
     return dual_margin_lower(z, rho, lower, upper, c, offset, t)
@@ -357,9 +376,10 @@ def _iterative_projection_kernel(z, rho, lo, hi, c, out):
                         free += diff * diff
                 # second phase: rescale p[I^c] about z by eta (eq. 12), back onto the sphere
                 if free > 0.0:
-                    eta = math.sqrt(max(r2 - sat, 0.0) / free)
+                    # ratio of norms, not sqrt of a ratio: rho^2 / free overflows for tiny free
+                    eta = math.sqrt(max(r2 - sat, 0.0)) / math.sqrt(free)
                     for i in range(n):
-                        if not on_box[i]:
+                        if not on_box[i] and p[i] != z[b, i]:  # c_i == 0 stays at z (no inf * 0)
                             p[i] = z[b, i] + eta * (p[i] - z[b, i])
             if not converged:
                 out[b, k] = math.nan  # an oracle that did not finish must not pass for a value

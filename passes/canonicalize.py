@@ -9,6 +9,8 @@ they are allowed (they are if they do not carry a perturbed tensor).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch.fx as fx
 
 from bcpc import registry
@@ -30,7 +32,10 @@ def _lookup(gm: fx.GraphModule, node: fx.Node):
 def _materialize(graph: fx.Graph, node: fx.Node, value):
     """Replace Attr markers by get_attr nodes on the called module."""
     if isinstance(value, registry.Attr):
-        return graph.get_attr(f"{node.target}.{value.name}")
+        with warnings.catch_warnings():
+            # flags such as "bn.training" are plain attributes, not parameters or buffers
+            warnings.simplefilter("ignore", UserWarning)
+            return graph.get_attr(f"{node.target}.{value.name}")
     if isinstance(value, tuple):
         return tuple(_materialize(graph, node, v) for v in value)
     if isinstance(value, list):

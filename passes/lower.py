@@ -57,6 +57,7 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
     lip_modules = nn.Module()
     lowered = Lowered(graph_module=None)
     sound = None
+    has_ball: dict = {}  # canonical perturbed node -> whether its Bound carries a radius
 
     for node in gm.graph.nodes:
         rec = info(node)
@@ -66,21 +67,29 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
             y = graph.placeholder("y", default_value=None)
             sound = graph.placeholder("sound", default_value=False)
             center[node] = x
+            has_ball[node] = True
+            # ibp keeps the input ball too: the first affine layer reads its row norms from it
+            # (the dual norm of each row for an l2 input).
             bnd[node] = _call(graph, domain.input_bound,
-                              (x, eps, norm, domain_bounds[0], domain_bounds[1], with_ball, with_box),
+                              (x, eps, norm, domain_bounds[0], domain_bounds[1], True, with_box),
                               name=f"{node.name}_bound")
             lowered.bound_nodes[rec.origin] = bnd[node].name
             lowered.rules[rec.origin] = "input"
             continue
         if node.op == "output":
             logits = analysis.output
+
+            def spec_bound(n):
+                if with_ball or not has_ball.get(n, False):
+                    return bnd[n]
+                return _call(graph, domain.box_only, (bnd[n],), name=f"{n.name}_box")
             if analysis.last_affine is not None:
                 p = analysis.last_affine.args[0]
                 w = center[analysis.last_affine.args[1]]
                 b = center[analysis.last_affine.args[2]] if len(analysis.last_affine.args) > 2 else None
-                m = _call(graph, margins.last_layer_margins, (bnd[p], w, b, center[logits], y), name="margins")
+                m = _call(graph, margins.last_layer_margins, (spec_bound(p), w, b, center[logits], y), name="margins")
             else:
-                m = _call(graph, margins.logit_margins, (bnd[logits], y), name="margins")
+                m = _call(graph, margins.logit_margins, (spec_bound(logits), y), name="margins")
             graph.output((center[logits], m))
             continue
         if node.op == "get_attr":
@@ -100,7 +109,12 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
         c = _call(graph, node.target, c_args, c_kwargs, name=node.name)
         center[node] = c
         radius = None
-        if with_ball:
+        # ibp drops the ball after its first use, except through pure re-layouts (flatten before
+        # the first linear layer), which keep it for free.
+        keep_ball = with_ball or (rule.family == "reshape" and all(has_ball.get(n, False) for n in node.all_input_nodes
+                                                                   if info(n).perturbed))
+        has_ball[node] = keep_ball
+        if keep_ball:
             ball_kwargs = dict(b_kwargs)
             if rule.lipschitz is not None:
                 module, w_index = rule.lipschitz(node.args, info(node.args[0]).shape[1:])

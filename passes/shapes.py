@@ -35,6 +35,11 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
+    except Exception as exc:
+        raise GraphStructureError(
+            f"running the model on the example input (shape {tuple(example_input.shape[1:])} per sample) failed: "
+            f"{type(exc).__name__}: {exc}. Pass an example_input / input_shape the model accepts."
+        ) from exc
     finally:
         with torch.no_grad():
             for k, v in gm.named_buffers():

@@ -129,6 +129,19 @@ def test_optimal_point_is_feasible_and_no_sampled_point_is_lower(prob, seed):
     assert torch.all(p >= lower.unsqueeze(1) - 1e-12) and torch.all(p <= upper.unsqueeze(1) + 1e-12)
     dist = (p - z.unsqueeze(1)).norm(dim=-1)
     assert torch.all(dist <= rho.unsqueeze(-1) * (1 + 1e-9) + 1e-12)
+    # the minimiser is the box corner exactly when the corner lies inside the ball (t* = inf;
+    # solve_t may return a huge finite t instead when |c_i| / max|c| < 1e-154 makes c_i^2
+    # underflow — the point, and the bound, are the same)
+    lo, hi, zz = lower.unsqueeze(1), upper.unsqueeze(1), z.unsqueeze(1)
+    d = torch.where(c > 0, zz - lo, hi - zz)
+    d = torch.where(c != 0, d, 0.0)
+    d_max = d.amax(-1, keepdim=True).clamp_min(1e-300)
+    corner_dist = (d / d_max).norm(dim=-1) * d_max.squeeze(-1)  # scaled: d^2 may underflow
+    corner = torch.where(c > 0, lo, torch.where(c < 0, hi, zz))
+    r = rho.unsqueeze(-1)
+    inside = corner_dist < r * (1 - 1e-9)
+    assert torch.equal(p[inside], corner[inside])
+    assert torch.all(torch.isfinite(t)[corner_dist > r * (1 + 1e-9)])
     bound = margin_lower(*prob, None)
     # primal value at p(t*) equals the dual value returned: the bound is attained
     assert torch.all(((c * p).sum(-1) - bound).abs() <= tol)
@@ -243,6 +256,20 @@ def test_edge_cases_have_exact_answers():
         rtol=1e-13,
         atol=1e-13,
     )
+
+
+def test_runs_without_data_dependent_python():
+    """On the meta device there is no data: any .item(), bool(tensor) or sync would raise here."""
+    meta = dict(device="meta", dtype=F64)
+    b, k, n = 4, 3, 7
+    z, lower, upper = (torch.empty(b, n, **meta) for _ in range(3))
+    rho, c, off = torch.empty(b, **meta), torch.empty(b, k, n, **meta), torch.empty(b, k, **meta)
+    z.requires_grad_()
+    out = margin_lower(z, rho, lower, upper, c, off)
+    out.sum().backward()
+    assert out.shape == (b, k) and z.grad.shape == (b, n)
+    assert margin_lower(z, rho, None, None, c, off).shape == (b, k)
+    assert margin_lower(None, None, lower, upper, c, off).shape == (b, k)
 
 
 def test_float32_matches_float64():

@@ -1,0 +1,214 @@
+"""Soundness checks users can run on their own models and rules (DESIGN.md §6).
+
+* :func:`sample_perturbations` – points uniformly inside the perturbation set, on its boundary,
+  and at its centre (all inside the input domain);
+* :func:`pgd_margin` – adversarial points from projected gradient descent on the margin;
+* :func:`record_activations` – every node's value when the *original* model runs on a point;
+* :func:`check_soundness` – pushes points through the original model and checks, node by node,
+  that each value lies in its certified box and ball, and that no margin falls below its certified
+  lower bound. Returns a report; raises AssertionError naming the first violation.
+
+Run them in float64 so that a failure is a logic error, not rounding.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from bcpc.passes.trace import trace
+
+
+def _project(delta: Tensor, eps: Tensor, norm: float) -> Tensor:
+    """Bring each sample's perturbation inside the l_p ball of radius eps (a scaling for p < inf)."""
+    flat = delta.flatten(1)
+    e = eps.reshape(-1, *([1] * (delta.dim() - 1)))
+    if math.isinf(norm):
+        return torch.maximum(torch.minimum(delta, e), -e)
+    n = flat.norm(p=norm, dim=1).clamp_min(1e-30).reshape(e.shape)
+    return delta * torch.clamp(e / n, max=1.0)
+
+
+def _clip_domain(x: Tensor, domain) -> Tensor:
+    lo, hi = domain if domain is not None else (None, None)
+    if lo is not None or hi is not None:
+        x = torch.clamp(x, min=lo, max=hi)
+    return x
+
+
+def _eps_tensor(eps, x: Tensor) -> Tensor:
+    e = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    return e.expand(x.shape[0]) if e.dim() == 0 else e
+
+
+def sample_perturbations(x: Tensor, eps, norm: float = 2.0, n: int = 32, domain=None,
+                         generator: Optional[torch.Generator] = None) -> Tensor:
+    """(n, B, ...) points of the perturbation set ``||x' - x||_p <= eps`` ∩ domain.
+
+    A third are uniform inside the ball, a third on its sphere (radius exactly eps before the
+    domain clip), the rest at box corners scaled onto the sphere (for linf: the cube's vertices);
+    the first point is x itself. Clipping to a domain that contains x moves every coordinate
+    towards x, so clipped points stay in the ball.
+    """
+    e = _eps_tensor(eps, x)
+    d = x[0].numel()
+    pts = [x.clone()]
+    g = generator
+    for i in range(1, n):
+        kind = i % 3
+        if kind == 2:  # sign corners
+            u = torch.randint(0, 2, x.shape, generator=g, device="cpu").to(x) * 2 - 1
+        else:
+            u = torch.randn(x.shape, generator=g, device="cpu").to(x)
+        if math.isinf(norm):
+            if kind == 0:
+                u = torch.rand(x.shape, generator=g, device="cpu").to(x) * 2 - 1
+            elif kind == 1:
+                u = u.sign()
+            delta = u * e.reshape(-1, *([1] * (x.dim() - 1)))
+        else:
+            nrm = u.flatten(1).norm(p=norm, dim=1).reshape(-1, *([1] * (x.dim() - 1)))
+            scale = e.reshape(nrm.shape)
+            if kind == 0:
+                scale = scale * torch.rand(nrm.shape, generator=g, device="cpu").to(x) ** (1.0 / d)
+            delta = u / nrm * scale
+        pts.append(_clip_domain(x + delta, domain))
+    return torch.stack(pts)
+
+
+def margin_of(logits: Tensor, y: Tensor) -> Tensor:
+    """(B,) ``z_y - max_{j != y} z_j``."""
+    own = logits.gather(1, y[:, None])
+    others = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return (own - others.amax(1, keepdim=True)).squeeze(1)
+
+
+def pgd_margin(model: nn.Module, x: Tensor, y: Tensor, eps, norm: float = 2.0, steps: int = 50,
+               step_size: Optional[float] = None, restarts: int = 1, domain=None, random_start: bool = True,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+    """Adversarial points: PGD minimising the margin ``z_y - max_{j != y} z_j``.
+
+    l2: normalised-gradient steps; linf: sign steps; other p: l2 steps scaled back into the l_p
+    ball. Step size defaults to ``2.5 * eps / steps``. Keeps the lowest-margin point over all steps
+    and restarts (the first restart starts at x unless ``random_start``). Returns (B, ...).
+    """
+    e = _eps_tensor(eps, x)
+    alpha = e * 2.5 / steps if step_size is None else torch.full_like(e, float(step_size))
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    best = x.clone()
+    with torch.no_grad():
+        best_m = margin_of(model(x), y)
+    for r in range(restarts):
+        if random_start and (r > 0 or restarts == 1):
+            start = sample_perturbations(x, e * 0.5, norm, n=2, domain=domain, generator=generator)[1]
+        else:
+            start = x.clone()
+        adv = start.detach()
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            m = margin_of(model(adv), y)
+            (grad,) = torch.autograd.grad(m.sum(), adv)
+            with torch.no_grad():
+                better = m < best_m
+                best = torch.where(better.reshape(shape), adv.detach(), best)
+                best_m = torch.where(better, m.detach(), best_m)
+                if math.isinf(norm):
+                    step = grad.sign()
+                else:
+                    step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(shape)
+                adv = adv.detach() - alpha.reshape(shape) * step
+                adv = _clip_domain(x + _project(adv - x, e, norm), domain)
+        with torch.no_grad():
+            m = margin_of(model(adv), y)
+            better = m < best_m
+            best = torch.where(better.reshape(shape), adv, best)
+            best_m = torch.where(better, m, best_m)
+    return best.detach()
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, Tensor):
+            self.values[n.name] = out
+        return out
+
+
+def record_activations(model: nn.Module, x: Tensor, graph_module: Optional[fx.GraphModule] = None) -> dict:
+    """Every tensor value of the model's traced graph on input ``x``, by node name."""
+    rec = _Recorder(graph_module if graph_module is not None else trace(model))
+    with torch.no_grad():
+        rec.run(x)
+    return rec.values
+
+
+@dataclass
+class SoundnessReport:
+    points: int = 0
+    nodes_checked: int = 0
+    worst_box_excess: float = -math.inf  # max over points/nodes of (value - upper) or (lower - value)
+    worst_ball_excess: float = -math.inf  # max of ||value - center|| - radius
+    min_margin_gap: float = math.inf  # min over points of (sampled margin - certified margin)
+    violations: list = field(default_factory=list)
+
+
+def _tile(t: Tensor, n: int) -> Tensor:
+    return t.unsqueeze(0).expand((n,) + tuple(t.shape)).reshape((n * t.shape[0],) + tuple(t.shape[1:]))
+
+
+def check_soundness(cert, model: nn.Module, x: Tensor, y: Tensor, eps, points: Tensor, atol: float = 1e-9,
+                    raise_on_violation: bool = True) -> SoundnessReport:
+    """Check sampled/adversarial ``points`` (n, B, ...) against ``cert``'s sound bounds.
+
+    At every node of the user's graph: ``lower - atol <= value <= upper + atol`` and
+    ``||value - center||_2 <= radius + atol``; at the output: ``z_y - z_j >= margin_lower_j - atol``
+    (tolerances relative to the magnitudes involved). The model must be in eval mode (its output on
+    one sample must not depend on the rest of the batch): all points run as one batch.
+    """
+    bounds = cert.node_bounds(x, eps, sound=True)
+    cert_m = cert.margins(x, y, eps, sound=True)
+    model = copy.deepcopy(model).to(torch.float64).eval()
+    n = points.shape[0]
+    flat = points.reshape((-1,) + tuple(points.shape[2:])).to(torch.float64)
+    acts = record_activations(model, flat)
+    rep = SoundnessReport(points=int(flat.shape[0]))
+    for name, b in bounds.items():
+        if name not in acts:
+            continue
+        a = acts[name].to(torch.float64)
+        rep.nodes_checked += 1
+        if b.lower is not None:
+            lo, hi = _tile(b.lower, n), _tile(b.upper, n)
+            tol = atol * (1 + a.abs())
+            ex = torch.maximum(lo - a - tol, a - hi - tol).max().item()
+            rep.worst_box_excess = max(rep.worst_box_excess, ex)
+            if ex > 0:
+                rep.violations.append(f"node {name}: a value lies outside its box by {ex:.3e}")
+        if b.radius is not None:
+            dist = (a - _tile(b.center, n)).flatten(1).norm(dim=1)
+            r = _tile(b.radius, n)
+            ex = (dist - r - atol * (1 + r)).max().item()
+            rep.worst_ball_excess = max(rep.worst_ball_excess, ex)
+            if ex > 0:
+                rep.violations.append(f"node {name}: a value lies outside its ball by {ex:.3e}")
+    with torch.no_grad():
+        logits = model(flat)
+    yy = _tile(y, n)
+    sampled = logits.gather(1, yy[:, None]) - logits
+    own = torch.nn.functional.one_hot(yy, logits.shape[1]).bool()
+    gap = (sampled - _tile(cert_m, n)).masked_fill(own, math.inf).min().item()
+    rep.min_margin_gap = gap
+    if gap < -atol * (1 + logits.abs().max().item()):
+        rep.violations.append(f"a sampled margin lies below its certified lower bound by {-gap:.3e}")
+    if rep.violations and raise_on_violation:
+        raise AssertionError("unsound bound: " + "; ".join(rep.violations[:5]))
+    return rep

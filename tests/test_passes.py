@@ -1,0 +1,140 @@
+"""Each pass on its own, on 3-6 node graphs."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bcpc
+import bcpc.rules  # noqa: F401
+from bcpc import ops
+from bcpc.meta import info
+from bcpc.passes.analysis import analyze, to_networkx
+from bcpc.passes.canonicalize import canonicalize
+from bcpc.passes.lower import lower
+from bcpc.passes.shapes import propagate_shapes
+from bcpc.passes.trace import trace
+
+
+class Spellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.act(x)) + F.relu(x) + torch.relu(x) + x.relu()
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_canonicalize_merges_every_relu_spelling_and_drops_dropout():
+    gm = canonicalize(trace(Spellings()))
+    t = targets(gm)
+    assert t.count(torch.relu) == 4
+    assert not any(n.op in ("call_module", "call_method") for n in gm.graph.nodes)
+    assert t.count(operator.add) == 3
+    spellings = {info(n).spelling for n in gm.graph.nodes if n.target is torch.relu}
+    assert spellings == {"torch.nn.ReLU", "torch.nn.functional.relu", "torch.relu", "Tensor.relu"}
+
+
+def test_canonicalize_keeps_user_node_names():
+    gm = canonicalize(trace(Spellings()))
+    names = [n.name for n in gm.graph.nodes if n.target is torch.relu]
+    assert names == ["act", "relu", "relu_1", "relu_2"]
+
+
+def test_canonicalize_conv_module_reads_live_parameters():
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding="valid")
+    model = nn.Sequential(conv)
+    gm = canonicalize(trace(model))
+    (node,) = [n for n in gm.graph.nodes if n.target is F.conv2d]
+    x, w, b, stride, padding, dilation, groups = node.args
+    assert (w.op, w.target, b.target) == ("get_attr", "0.weight", "0.bias")
+    assert (stride, padding, dilation, groups) == ((2, 2), (0, 0), (1, 1), 1)
+    assert gm.get_parameter("0.weight") is conv.weight
+
+
+def test_canonicalize_batchnorm_module_to_op_with_live_training_flag():
+    gm = canonicalize(trace(nn.Sequential(nn.BatchNorm2d(3))))
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.batch_norm]
+    assert node.args[6].op == "get_attr" and node.args[6].target == "0.training"
+
+
+def test_shapes_marks_perturbed_nodes_only():
+    class M(nn.Module):
+        def forward(self, x):
+            return (x * 2).view(x.size(0), -1)
+
+    gm = propagate_shapes(canonicalize(trace(M())), torch.zeros(1, 3, 2))
+    rec = {n.name: info(n) for n in gm.graph.nodes}
+    assert rec["x"].perturbed and rec["mul"].perturbed and rec["view"].perturbed
+    assert not rec["size"].perturbed
+    assert rec["view"].shape == (2, 6)  # example batch of two
+
+
+def test_shapes_restores_batchnorm_running_statistics():
+    model = nn.Sequential(nn.BatchNorm1d(4)).train()
+    before = model[0].running_mean.clone()
+    propagate_shapes(canonicalize(trace(model)), torch.randn(1, 4) + 5)
+    assert torch.equal(model[0].running_mean, before)
+
+
+def test_analysis_finds_last_affine_layer_and_residual_merges():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)) + x
+            return self.b(h)
+
+    gm = propagate_shapes(canonicalize(trace(M())), torch.zeros(1, 4))
+    an = analyze(gm)
+    assert an.last_affine.name == "b"
+    assert [n.name for n in an.residual_merges] == ["add"]
+    dag = to_networkx(gm)
+    assert dag.has_edge("add", "b") and dag.has_edge("x", "add")
+
+
+def test_analysis_drops_dead_code():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 2)
+
+        def forward(self, x):
+            unused = torch.sin(x)  # no rule, but the output does not depend on it  # noqa: F841
+            return self.a(x)
+
+    gm = propagate_shapes(canonicalize(trace(M())), torch.zeros(1, 4))
+    analyze(gm)
+    assert torch.sin not in targets(gm)
+
+
+@pytest.mark.parametrize("method,has_radius,has_box", [("bcp", True, True), ("ibp", False, True),
+                                                        ("lipschitz", True, False)])
+def test_lower_emits_paired_nodes_per_method(method, has_radius, has_box):
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    gm = propagate_shapes(canonicalize(trace(model)), torch.zeros(1, 4))
+    low = lower(gm, analyze(gm), method=method, norm=2.0, domain_bounds=(None, None), model=model)
+    names = [n.name for n in low.graph_module.graph.nodes]
+    assert ("_0_radius" in names) == has_radius
+    assert "_0_bound" in names and "margins" in names
+    box_targets = [n.target.__name__ for n in low.graph_module.graph.nodes if n.name == "_1_bound"]
+    assert box_targets == (["relu_box"] if has_box else ["ball_only"])
+    assert ("_0_sigma" in names) == has_radius  # the Lipschitz cache is only needed for a ball
+    code = low.graph_module.code
+    assert "def forward(self, input_1, eps, y = None, sound = False)" in code
+
+
+def test_compiled_module_shares_parameters_with_model():
+    model = nn.Sequential(nn.Linear(4, 3))
+    cert = bcpc.compile(model, example_input=torch.zeros(1, 4))
+    assert cert.model is model
+    ids = {id(p) for p in cert.parameters()}
+    assert all(id(p) in ids for p in model.parameters())
