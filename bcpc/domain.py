@@ -33,6 +33,23 @@ def expand_radius(radius: Tensor, like: Tensor) -> Tensor:
     return radius.reshape(radius.shape + (1,) * (like.dim() - 1))
 
 
+def maximum(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise max. With autograd on (training) it is computed as ``b + relu(a - b)``, whose
+    backward is about 4x cheaper than ``torch.maximum``'s on CPU; that form can differ from the
+    exact max by one rounding, harmless in a loss. Without autograd (the certification path) it is
+    the exact ``torch.maximum``."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return b + torch.relu(a - b)
+    return torch.maximum(a, b)
+
+
+def minimum(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise min; see :func:`maximum`."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return b - torch.relu(b - a)
+    return torch.minimum(a, b)
+
+
 def bound(center: Tensor, radius: Optional[Tensor], lower: Optional[Tensor], upper: Optional[Tensor]) -> Bound:
     """Return the Bound with its box intersected with the ball's box ``center ± radius``.
 
@@ -41,8 +58,8 @@ def bound(center: Tensor, radius: Optional[Tensor], lower: Optional[Tensor], upp
     """
     if lower is not None and radius is not None:
         r = expand_radius(radius, center)
-        lower = torch.maximum(lower, center - r)
-        upper = torch.minimum(upper, center + r)
+        lower = maximum(lower, center - r)
+        upper = minimum(upper, center + r)
     return Bound(center, radius, lower, upper)
 
 

@@ -45,3 +45,11 @@ class NonFiniteBoundError(BcpcError, ArithmeticError):
 
 class ConfigError(BcpcError, ValueError):
     """A configuration value or file is invalid."""
+
+
+class DatasetError(BcpcError, FileNotFoundError):
+    """A dataset is missing, corrupted, or its hash does not match."""
+
+
+class CheckpointError(BcpcError, ValueError):
+    """A checkpoint is corrupted, truncated, unsafe, or belongs to another model/config."""

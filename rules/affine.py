@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcpc import lipschitz, ops
-from bcpc.domain import Bound, bound, expand_radius
+from bcpc.domain import Bound, bound, expand_radius, maximum, minimum
 from bcpc.errors import UnsupportedOpError
 from bcpc.lipcache import LipschitzConstant
 from bcpc.registry import Attr, register, bind
@@ -36,7 +36,7 @@ def _intersect_rows(lower, upper, center, rownorm, radius):
     if radius is None:
         return lower, upper
     dev = rownorm * expand_radius(radius, center)
-    return torch.maximum(lower, center - dev), torch.minimum(upper, center + dev)
+    return maximum(lower, center - dev), minimum(upper, center + dev)
 
 
 def _scale_ball(x: Bound, sigma):

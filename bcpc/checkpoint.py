@@ -1,0 +1,69 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True``, checked against the run.
+
+A checkpoint is a plain dict of tensors and Python scalars/lists/dicts (no pickled code), written
+to a temporary file in the same folder, flushed and fsync'ed, then renamed over the target: a run
+killed at any moment leaves either the old or the new file, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from bcpc.errors import CheckpointError
+
+
+def save(obj: dict, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} contains pickled objects that are not plain data ({str(exc).splitlines()[0]}); "
+            "bcpc refuses to load code from a checkpoint. Re-save it as a state_dict") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); use an earlier checkpoint") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} is not a bcpc checkpoint (top level is {type(obj).__name__})")
+    return obj
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with a message naming the mismatch instead of torch's long dump."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}")
+        raise CheckpointError(f"checkpoint {source} does not match the model: {'; '.join(parts)}")
+    model.load_state_dict(state)

@@ -1,0 +1,129 @@
+"""Training configuration: a typed dataclass loaded from YAML (safe load, unknown keys rejected)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from bcpc.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a certified training run (paper Algorithm 1)."""
+
+    name: str = "run"
+    model: str = "mnist_4c3f"  # a key of bcpc.models.ARCHITECTURES
+    dataset: str = "mnist"  # mnist | cifar10
+    data_root: str = "data"
+    out_dir: str = "runs"  # the run writes to <out_dir>/<name>/
+    norm: str = "l2"
+    method: str = "bcp"  # bcp | ibp | lipschitz
+    eps: float = 1.58  # target training radius
+    eps_eval: Optional[float] = None  # radius for validation/evaluation (default: eps)
+    input_domain: Optional[list] = field(default_factory=lambda: [0.0, 1.0])
+    epochs: int = 60
+    warmup_epochs: float = 1.0  # plain training (eps = 0, lam = 0)
+    ramp_epochs: float = 20.0  # eps 0 -> eps and lam 0 -> 1, linearly
+    batch_size: int = 50
+    lr: float = 3e-4
+    lr_decay_epochs: list = field(default_factory=list)
+    lr_decay_factor: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None
+    lipschitz_iters: int = 1  # power-iteration steps per training step (Lipschitz cache)
+    seed: int = 0
+    train_subset: Optional[int] = None  # use the first N training images (demo / tests)
+    val_subset: Optional[int] = 1000  # validation images certified after each epoch
+    checkpoint_every: int = 500  # steps between checkpoints (plus one at every epoch end)
+    threads: Optional[int] = None  # torch.set_num_threads
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def target_eps_eval(self) -> float:
+        return self.eps if self.eps_eval is None else self.eps_eval
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that define the trained function (not paths or logging)."""
+        keys = ("model", "dataset", "norm", "method", "eps", "input_domain", "epochs", "warmup_epochs",
+                "ramp_epochs", "batch_size", "lr", "lr_decay_epochs", "lr_decay_factor", "weight_decay",
+                "grad_clip", "lipschitz_iters", "seed", "train_subset")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_type(name: str, value, hint) -> object:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = [a for a in args if a is not type(None)][0]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (float, int, str, bool):
+        if isinstance(value, bool) and hint is not bool:
+            raise ConfigError(f"config key {name!r} must be {hint.__name__}, got a boolean")
+        if not isinstance(value, hint):
+            raise ConfigError(f"config key {name!r} must be {hint.__name__}, got {type(value).__name__} ({value!r})")
+        return value
+    if hint is list or typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {name!r} must be a list, got {type(value).__name__}")
+        return value
+    return value
+
+
+def from_dict(data: dict, source: str = "config") -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values at the top level")
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
+    cfg = TrainConfig(**values)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    from bcpc.models import ARCHITECTURES
+    from bcpc.passes.lower import METHODS
+
+    if cfg.model not in ARCHITECTURES:
+        raise ConfigError(f"{source}: unknown model {cfg.model!r}; available: {', '.join(ARCHITECTURES)}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"{source}: unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    for key in ("epochs", "batch_size", "checkpoint_every", "lipschitz_iters"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: {key} must be >= 1")
+    for key in ("eps", "lr", "warmup_epochs", "ramp_epochs", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{source}: {key} must be >= 0")
+    if cfg.input_domain is not None and len(cfg.input_domain) != 2:
+        raise ConfigError(f"{source}: input_domain must be [low, high] or null")
+
+
+def load(path) -> TrainConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return from_dict(data, str(path))

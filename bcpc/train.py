@@ -1,0 +1,240 @@
+"""Certified training (paper Algorithm 1) with resumable, atomic checkpoints.
+
+``fit(cfg)`` trains ``cfg.model`` on ``cfg.dataset`` with the certified loss (eq. 13): one or more
+warm-up epochs of plain training, then ``eps`` ramped linearly from 0 to the target and ``lam``
+from 0 to 1 over ``ramp_epochs``, Adam. After every epoch it certifies a validation subset (sound
+path) and keeps the best model by verified validation accuracy in ``best.pt``; ``last.pt`` is
+written every ``checkpoint_every`` steps and at every epoch end. A killed run resumes with
+``resume=True`` from ``last.pt`` and produces the same parameters as an uninterrupted run (data
+order is a function of (seed, epoch) only). Ctrl-C writes ``last.pt`` and returns.
+
+Users who want their own loop only need ``cert.loss(x, y, eps, lam)`` and :func:`schedule`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import bcpc
+from bcpc import checkpoint, data
+from bcpc.config import TrainConfig
+from bcpc.errors import CheckpointError
+from bcpc.models import ARCHITECTURES
+
+FORMAT = "bcpc-checkpoint-v1"
+
+
+def schedule(cfg: TrainConfig, step: int, steps_per_epoch: int) -> tuple:
+    """``(eps, lam)`` at a global step: 0 during warm-up, then a linear ramp to ``(cfg.eps, 1)``."""
+    epoch = step / steps_per_epoch
+    if epoch < cfg.warmup_epochs:
+        return 0.0, 0.0
+    if cfg.ramp_epochs == 0:
+        return cfg.eps, 1.0
+    frac = min(1.0, (epoch - cfg.warmup_epochs) / cfg.ramp_epochs)
+    return cfg.eps * frac, frac
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    return cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if epoch >= e)
+
+
+def epoch_order(cfg: TrainConfig, epoch: int, n: int) -> torch.Tensor:
+    """The data order of an epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+
+
+def build(cfg: TrainConfig, example: torch.Tensor):
+    """Model (seeded init) and its certifying module."""
+    torch.manual_seed(cfg.seed)
+    model = ARCHITECTURES[cfg.model]()
+    cert = bcpc.compile(model, cfg.norm, example_input=example[:1],
+                        input_domain=tuple(cfg.input_domain) if cfg.input_domain else None,
+                        method=cfg.method, lipschitz_iters=cfg.lipschitz_iters)
+    return model, cert
+
+
+@torch.no_grad()
+def accuracy(cert, x: torch.Tensor, y: torch.Tensor, eps: Optional[float], batch: int = 500) -> dict:
+    """Clean accuracy and (if eps is given) sound verified accuracy."""
+    model = cert.model
+    was_training = model.training
+    model.eval()
+    clean = verified = 0
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        clean += (model(xb).argmax(1) == yb).sum().item()
+        if eps is not None:
+            verified += cert.certify(xb, yb, eps).sum().item()
+    model.train(was_training)
+    n = max(1, len(x))
+    out = {"clean_acc": clean / n}
+    if eps is not None:
+        out["verified_acc"] = verified / n
+    return out
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    step: int
+    epochs_done: int
+    best: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def _state(cfg, model, cert, opt, step, epoch, best, history) -> dict:
+    return {
+        "format": FORMAT,
+        "model_state": model.state_dict(),
+        "lip_state": cert.propagation.lip.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "fingerprint": cfg.fingerprint(),
+        "best": best,
+        "history": history,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{source} is not a bcpc training checkpoint (format {ckpt.get('format')!r})")
+    if ckpt.get("fingerprint") != cfg.fingerprint():
+        old = ckpt.get("config", {})
+        diff = [f"{k}: checkpoint {old.get(k)!r} vs config {v!r}" for k, v in cfg.to_dict().items()
+                if k in old and old.get(k) != v and k not in ("name", "out_dir", "data_root", "val_subset",
+                                                                "checkpoint_every", "threads", "eps_eval")]
+        raise CheckpointError(f"{source} was written by a different run configuration: {'; '.join(diff) or 'unknown'}."
+                              " Resume with the config it was trained with, or start a new run (another name)")
+
+
+def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps: Optional[int] = None,
+        log=print) -> FitResult:
+    """Train per ``cfg``; ``max_steps`` stops early (after checkpointing) — for tests and time slicing."""
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = data.load(cfg.dataset, cfg.data_root, "train")
+    if cfg.train_subset:
+        x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]
+    x_val, y_val = data.load(cfg.dataset, cfg.data_root, "val")
+    if cfg.val_subset:
+        x_val, y_val = x_val[:cfg.val_subset], y_val[:cfg.val_subset]
+    model, cert = build(cfg, x_train)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    spe = len(x_train) // cfg.batch_size
+    if spe == 0:
+        raise CheckpointError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
+    step, best, history = 0, {}, []
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        ckpt = checkpoint.load(last)
+        check_compatible(ckpt, cfg, str(last))
+        checkpoint.load_model_state(model, ckpt["model_state"], str(last))
+        cert.propagation.lip.load_state_dict(ckpt["lip_state"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, best, history = int(ckpt["step"]), dict(ckpt["best"]), list(ckpt["history"])
+        torch.set_rng_state(ckpt["rng"])
+        log(f"resumed {last} at step {step} (epoch {step / spe:.2f})")
+    elif not resume and last.exists():
+        raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another run name")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    total = cfg.epochs * spe
+    stop_at = total if max_steps is None else min(total, max_steps)
+    log_path = run_dir / "log.jsonl"
+    interrupted = False
+
+    def save_last(epoch):
+        checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
+
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
+    model.train()
+    cert.train()
+    try:
+        while step < stop_at:
+            epoch = step // spe
+            order = epoch_order(cfg, epoch, len(x_train))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, epoch)
+            run_loss, run_n = 0.0, 0
+            while step < stop_at and step // spe == epoch:
+                b = step % spe
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                xb, yb = x_train[idx], y_train[idx]
+                eps, lam = schedule(cfg, step, spe)
+                if lam == 0.0:
+                    loss = F.cross_entropy(model(xb), yb)
+                else:
+                    loss = cert.loss(xb, yb, eps, lam)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                step += 1
+                run_loss += loss.item()
+                run_n += 1
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{run_loss / run_n:.3f}", eps=f"{eps:.3f}", lam=f"{lam:.2f}")
+                if step % cfg.checkpoint_every == 0:
+                    save_last(epoch)
+            if step // spe > epoch or step == total:  # finished an epoch: validate, checkpoint
+                metrics = accuracy(cert, x_val, y_val, cfg.target_eps_eval)
+                eps, lam = schedule(cfg, step - 1, spe)
+                row = {"epoch": epoch + 1, "step": step, "loss": run_loss / max(1, run_n), "eps": eps, "lam": lam,
+                       "val_clean_acc": metrics["clean_acc"], "val_verified_acc": metrics["verified_acc"],
+                       "elapsed_s": round(time.time() - t0, 1)}
+                history.append(row)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                key = (row["val_verified_acc"], row["val_clean_acc"])
+                if not best or key > (best["val_verified_acc"], best["val_clean_acc"]):
+                    best = dict(row)
+                    checkpoint.save({"format": FORMAT, "model_state": model.state_dict(),
+                                     "lip_state": cert.propagation.lip.state_dict(), "config": cfg.to_dict(),
+                                     "fingerprint": cfg.fingerprint(), "metrics": row}, run_dir / "best.pt")
+                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} eps {eps:.3f} lam {lam:.2f} | "
+                    f"val clean {row['val_clean_acc']:.4f} verified@{cfg.target_eps_eval} {row['val_verified_acc']:.4f}")
+                save_last(epoch + 1)
+            else:
+                save_last(epoch)
+    except KeyboardInterrupt:
+        interrupted = True
+        save_last(step // spe)
+        log(f"interrupted: checkpoint written to {last} at step {step}; resume with --resume")
+    finally:
+        bar.close()
+    return FitResult(run_dir=run_dir, step=step, epochs_done=step // spe, best=best, history=history,
+                     interrupted=interrupted, seconds=time.time() - t0)
+
+
+def load_trained(path, map_location="cpu"):
+    """``(model, cert, cfg, ckpt)`` from a ``best.pt`` / ``last.pt`` checkpoint."""
+    from bcpc.config import from_dict
+
+    ckpt = checkpoint.load(path, map_location)
+    if ckpt.get("format") != FORMAT or "model_state" not in ckpt:
+        raise CheckpointError(f"{path} is not a bcpc checkpoint")
+    cfg = from_dict(ckpt["config"], f"{path} (embedded config)")
+    shape = {"mnist": (1, 1, 28, 28), "cifar10": (1, 3, 32, 32)}[cfg.dataset]
+    model, cert = build(cfg, torch.zeros(shape))
+    checkpoint.load_model_state(model, ckpt["model_state"], str(path))
+    cert.propagation.lip.load_state_dict(ckpt["lip_state"])
+    model.eval()
+    return model, cert, cfg, ckpt
