@@ -40,6 +40,18 @@ def conv_6c2f(in_channels: int = 3, image_size: int = 32, num_classes: int = 10)
     )
 
 
+def conv_small(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Sequential:
+    """conv 16-4/2, conv 32-4/2, fc 100, fc classes: the fast model of ``bcpc demo``."""
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * side * side, 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
 def mlp(in_features: int = 784, hidden=(256, 256), num_classes: int = 10) -> nn.Sequential:
     """Flatten, then Linear + ReLU per hidden width, then a Linear classifier."""
     layers: list = [nn.Flatten()]
@@ -106,5 +118,6 @@ ARCHITECTURES = {
     "cifar_4c3f": lambda: conv_4c3f(3, 32, 10),
     "cifar_6c2f": lambda: conv_6c2f(3, 32, 10),
     "mnist_mlp": lambda: mlp(784, (256, 256), 10),
+    "mnist_small": lambda: conv_small(1, 28, 10),
     "resnet_small": lambda: resnet_small(3, 10),
 }

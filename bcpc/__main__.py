@@ -1,0 +1,5 @@
+import sys
+
+from bcpc.cli import main
+
+sys.exit(main())
