@@ -36,6 +36,9 @@ def load(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index sits at the end
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (not a complete torch.save archive); "
+                              "use an earlier checkpoint")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

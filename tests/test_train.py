@@ -1,0 +1,154 @@
+"""Training: schedule, config validation, data loading, checkpoints, resume equivalence, PGD."""
+import argparse
+import gzip
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bcpc import checkpoint, config, data
+from bcpc.errors import CheckpointError, ConfigError, DatasetError
+from bcpc.testing import margin_of, pgd_margin
+from bcpc.train import fit, load_trained, schedule
+from tests.fixtures import tiny_mnist
+
+
+def test_schedule_warmup_then_linear_ramp_then_constant():
+    cfg = config.TrainConfig(eps=2.0, warmup_epochs=1, ramp_epochs=2)
+    spe = 10
+    assert schedule(cfg, 0, spe) == (0.0, 0.0)
+    assert schedule(cfg, 9, spe) == (0.0, 0.0)
+    assert schedule(cfg, 10, spe) == (0.0, 0.0)
+    assert schedule(cfg, 20, spe) == pytest.approx((1.0, 0.5))
+    assert schedule(cfg, 30, spe) == pytest.approx((2.0, 1.0))
+    assert schedule(cfg, 500, spe) == pytest.approx((2.0, 1.0))
+    eps = [schedule(cfg, s, spe)[0] for s in range(40)]
+    assert eps == sorted(eps)  # nondecreasing
+
+
+def test_config_rejects_unknown_and_ill_typed_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: mnist_small\nepocs: 3\n")
+    with pytest.raises(ConfigError, match="unknown key.*epocs"):
+        config.load(p)
+    p.write_text("model: mnist_small\nepochs: three\n")
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        config.load(p)
+    p.write_text("model: nope\n")
+    with pytest.raises(ConfigError, match="unknown model"):
+        config.load(p)
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(p)
+    p.write_text("model: mnist_small\nlr: 1\n")
+    assert config.load(p).lr == 1.0  # ints are accepted where floats are expected
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        config.load(path)
+
+
+def test_idx_loader_and_val_split(tmp_path):
+    root = tiny_mnist(tmp_path / "d")
+    x, y = data.mnist(root, "train")
+    xv, yv = data.mnist(root, "val")
+    xt, yt = data.mnist(root, "test")
+    assert x.shape == (500, 1, 28, 28) and xv.shape == (100, 1, 28, 28) and xt.shape == (100, 1, 28, 28)
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
+    assert (root / "mnist.npz").exists()  # cached
+
+
+def test_missing_dataset_and_bad_hash_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="cifar-10-batches-py"):
+        data.cifar10(tmp_path, "train")
+    fake = gzip.compress(pickle.dumps(((np.zeros((1, 784)), np.zeros(1)),) * 3))
+    with pytest.raises(DatasetError, match="SHA-256"):
+        data.mnist_from_pickle_bytes(fake)
+
+
+def test_array_unpickler_refuses_code():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.load_array_pickle(pickle.dumps(Evil()))
+
+
+def small_cfg(tmp_path, **kw):
+    base = dict(name="t", model="mnist_small", out_dir=str(tmp_path / "runs"), data_root=str(tmp_path / "d"),
+                epochs=2, warmup_epochs=0.5, ramp_epochs=1, batch_size=50, lr=1e-3, val_subset=50,
+                checkpoint_every=3, eps=0.5)
+    base.update(kw)
+    return config.from_dict(base)
+
+
+def test_resume_equivalence(tmp_path):
+    """An interrupted and resumed run ends with exactly the parameters of an uninterrupted one."""
+    tiny_mnist(tmp_path / "d")
+    full = fit(small_cfg(tmp_path, name="full"), progress=False, log=lambda *_: None)
+    part = small_cfg(tmp_path, name="part")
+    first = fit(part, progress=False, max_steps=7, log=lambda *_: None)  # stops mid-epoch
+    assert first.step == 7
+    with pytest.raises(CheckpointError, match="--resume"):
+        fit(part, progress=False, log=lambda *_: None)
+    second = fit(part, resume=True, progress=False, log=lambda *_: None)
+    assert second.step == full.step == 20
+    a = checkpoint.load(full.run_dir / "last.pt")["model_state"]
+    b = checkpoint.load(second.run_dir / "last.pt")["model_state"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    again = fit(part, resume=True, progress=False, log=lambda *_: None)  # resuming a finished run is harmless
+    assert again.step == 20
+    assert len(again.history) == 2
+
+
+def test_resume_refuses_another_config(tmp_path):
+    tiny_mnist(tmp_path / "d")
+    fit(small_cfg(tmp_path), progress=False, max_steps=3, log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.001 vs config 0.01"):
+        fit(small_cfg(tmp_path, lr=1e-2), resume=True, progress=False, log=lambda *_: None)
+
+
+def test_checkpoint_errors(tmp_path):
+    tiny_mnist(tmp_path / "d")
+    res = fit(small_cfg(tmp_path), progress=False, log=lambda *_: None)
+    best = res.run_dir / "best.pt"
+    model, cert, cfg, ckpt = load_trained(best)
+    assert cfg.model == "mnist_small" and not model.training
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        checkpoint.load(truncated)
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "bcpc-checkpoint-v1", "x": argparse.Namespace(code="anything")}, evil)
+    with pytest.raises(CheckpointError, match="refuses to load code"):
+        checkpoint.load(evil)
+    wrong = nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        checkpoint.load_model_state(wrong, ckpt["model_state"], "best.pt")
+
+
+def test_atomic_save_never_leaves_partial_files(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save({"a": torch.zeros(3)}, path)
+    checkpoint.save({"a": torch.ones(3)}, path)
+    assert torch.equal(checkpoint.load(path)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_pgd_finds_adversarial_examples_on_an_undefended_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)).double()
+    x = torch.rand(64, 10, dtype=torch.float64)
+    y = model(x).argmax(1)
+    adv = pgd_margin(model, x, y, 1.0, 2.0, steps=50)
+    assert ((adv - x).flatten(1).norm(dim=1) <= 1.0 + 1e-9).all()
+    flipped = (margin_of(model(adv), y) < 0).float().mean().item()
+    assert flipped > 0.5
