@@ -32,8 +32,10 @@ from bcpc.errors import (InputDomainError, InvalidEpsilonError, InvalidInputErro
 
 #: A certified margin must exceed ``CERTIFY_ATOL + CERTIFY_RTOL * max|logit|`` (float64 run).
 #: Rounding in a float64 forward pass is many orders of magnitude below this; a certificate that
-#: would depend on the last digits is refused instead.
+#: would depend on the last digits is refused instead. A float32 certification run
+#: (``certify(..., dtype=torch.float32)``) uses the wider :data:`CERTIFY_RTOL_FLOAT32`.
 CERTIFY_RTOL = 1e-7
+CERTIFY_RTOL_FLOAT32 = 1e-4
 CERTIFY_ATOL = 1e-9
 
 
@@ -205,14 +207,17 @@ class CertifiedModule(nn.Module):
             return clean
         return (1 - lam) * clean + lam * F.cross_entropy(zw, y)
 
-    def _threshold(self, logits: Tensor) -> Tensor:
-        return CERTIFY_ATOL + CERTIFY_RTOL * logits.abs().amax(dim=1)
+    @staticmethod
+    def threshold(logits: Tensor) -> Tensor:
+        """(B,) the margin a certificate needs in this dtype (see CERTIFY_RTOL)."""
+        rtol = CERTIFY_RTOL if logits.dtype == torch.float64 else CERTIFY_RTOL_FLOAT32
+        return CERTIFY_ATOL + rtol * logits.abs().amax(dim=1)
 
     def certify(self, x: Tensor, y: Tensor, eps, dtype: Optional[torch.dtype] = None) -> Tensor:
         """(B,) bool: True where every x' in the perturbation set is classified as y. SOUND."""
         out = self.forward(x, eps, y, sound=True, dtype=dtype)
         others = out.margins.masked_fill(F.one_hot(y, self.num_classes).bool(), float("inf"))
-        return others.amin(dim=1) > self._threshold(out.logits)
+        return others.amin(dim=1) > self.threshold(out.logits)
 
     def certified_radius(self, x: Tensor, y: Tensor, eps_max: float = 64.0, steps: int = 30) -> Tensor:
         """(B,) largest eps (to a bisection tolerance, rounded down) at which ``certify`` accepts.

@@ -1,0 +1,110 @@
+"""No false certificate (audit, float32 vs float64), no lost work (SIGKILL, Ctrl-C)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import bcpc
+from bcpc import checkpoint, models
+from bcpc.certified import CERTIFY_RTOL_FLOAT32
+from bcpc.testing import audit
+from tests.fixtures import tiny_mnist
+
+
+def fragile_model():
+    """Random MLP; inputs chosen near its decision boundary (many tiny margins)."""
+    torch.manual_seed(3)
+    m = models.mlp(12, (24, 24), 3).eval()
+    x = torch.rand(400, 12)
+    with torch.no_grad():
+        z = m(x).sort(1).values
+    near = (z[:, -1] - z[:, -2]).argsort()[:150]  # the 150 inputs with the smallest margins
+    return m, x[near]
+
+
+@pytest.mark.parametrize("eps", [0.002, 0.01, 0.05])
+def test_audit_finds_no_violation_on_fragile_inputs(eps):
+    m, x = fragile_model()
+    y = m(x).argmax(1)
+    cert = bcpc.compile(m, example_input=x[:1], input_domain=(0, 1))
+    rep = audit(cert, x, y, eps, pgd_steps=40, restarts=2, sphere_samples=32)
+    assert rep.inputs == 150 and rep.attacked == rep.certified
+    assert rep.violations == 0
+    if rep.certified:
+        assert rep.min_gap >= 0
+
+
+def test_float32_and_float64_certificates_agree_outside_the_safety_margin():
+    m, x = fragile_model()
+    y = m(x).argmax(1)
+    cert = bcpc.compile(m, example_input=x[:1], input_domain=(0, 1))
+    for eps in (0.0, 0.002, 0.02):
+        c64, c32 = cert.certify(x, y, eps), cert.certify(x, y, eps, dtype=torch.float32)
+        out = cert(x, eps, y)
+        margin = out.margins.masked_fill(torch.nn.functional.one_hot(y, 3).bool(), float("inf")).amin(1)
+        scale = out.logits.abs().amax(1)
+        clear = margin.abs() > 2 * CERTIFY_RTOL_FLOAT32 * scale + 1e-6
+        assert clear.float().mean() > 0.5
+        assert torch.equal(c64[clear], c32[clear])
+        assert not (c32 & ~c64).any()  # float32 never certifies what float64 refuses here
+
+
+def _config(tmp_path, epochs=4):
+    cfg = dict(name="k", model="mnist_small", out_dir=str(tmp_path / "runs"), data_root=str(tmp_path / "d"),
+               epochs=epochs, warmup_epochs=0.5, ramp_epochs=1, batch_size=20, lr=1e-3, val_subset=20,
+               checkpoint_every=2, eps=0.5, threads=1)
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(path, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "bcpc", "train", "--config", str(path), "--no-progress", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_checkpoint(proc, last, timeout=120):
+    t0 = time.time()
+    while not last.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_finishes_the_run(tmp_path):
+    tiny_mnist(tmp_path / "d")
+    path = _config(tmp_path)
+    last = tmp_path / "runs" / "k" / "last.pt"
+    proc = _start(path)
+    _wait_for_checkpoint(proc, last)
+    time.sleep(0.3 + torch.rand(1).item())  # a random moment after the first checkpoint
+    proc.kill()
+    proc.wait()
+    ckpt = checkpoint.load(last)  # never half-written
+    killed_at = ckpt["step"]
+    done = subprocess.run([sys.executable, "-m", "bcpc", "train", "--config", str(path), "--resume", "--no-progress"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = checkpoint.load(last)
+    assert final["step"] == 4 * (500 // 20) and final["step"] >= killed_at
+    assert [p.name for p in last.parent.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    tiny_mnist(tmp_path / "d")
+    path = _config(tmp_path, epochs=50)
+    last = tmp_path / "runs" / "k" / "last.pt"
+    proc = _start(path)
+    _wait_for_checkpoint(proc, last)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: checkpoint written" in out + err
+    assert "Traceback" not in err
+    assert checkpoint.load(last)["step"] > 0
