@@ -13,6 +13,7 @@ from bcpc import errors
 from bcpc.api import compile, parse_norm
 from bcpc.certified import CertifiedModule, CertifiedOutput
 from bcpc.domain import Bound
+from bcpc.inspect import inspect
 
-__all__ = ["compile", "parse_norm", "CertifiedModule", "CertifiedOutput", "Bound", "errors"]
+__all__ = ["compile", "parse_norm", "CertifiedModule", "CertifiedOutput", "Bound", "errors", "inspect"]
 __version__ = "0.1.0"

@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   bcpc evaluate --checkpoint models/mnist_4c3f.pt --eps 1.58   # clean / PGD / verified accuracy
   bcpc certify --checkpoint models/mnist_4c3f.pt --eps 1.58 --n 100
   bcpc demo                                              # a few minutes: train a small model, certify it
+  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28                 # per node: op, rule, shape, Lipschitz
+  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28 --eps 1.58 --format yaml   # + bounds, margins, tau
 """
 
 
@@ -131,6 +133,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import bcpc
+    from bcpc.errors import BcpcError
+    from bcpc.inspect import (build_report, check_input_shape, example_batch, load_factory, load_weights,
+                              parse_domain, parse_shape, render, render_dot)
+
+    shape = parse_shape(args.input_shape)
+    model = load_factory(args.model, seed=args.seed)
+    cfg, lip_state = load_weights(model, args.checkpoint) if args.checkpoint else (None, None)
+    cfg = cfg or {}
+    model.eval()
+    check_input_shape(model, shape, args.model)
+    norm = args.norm or cfg.get("norm") or "l2"
+    if args.input_domain is not None:
+        domain = parse_domain(args.input_domain)
+    else:
+        domain = tuple(cfg["input_domain"]) if cfg.get("input_domain") else (0.0, 1.0)
+    try:
+        cert = bcpc.compile(model, norm, input_shape=shape, input_domain=domain)
+    except BcpcError as exc:  # keep the CLI's error to one line (fx/ShapeProp messages span many)
+        text = str(exc).strip()
+        raise type(exc)(text.splitlines()[0] if text else type(exc).__name__) from None
+    if lip_state:
+        try:
+            cert.propagation.lip.load_state_dict(lip_state)
+        except RuntimeError as exc:
+            from bcpc.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint {args.checkpoint}: its Lipschitz cache does not match the compiled model "
+                                  f"(another input shape?): {str(exc).strip().splitlines()[-1].strip()}") from None
+    x = y = None
+    if args.eps is not None:
+        data = args.data if args.data != "auto" else ("mnist" if cfg.get("dataset") == "mnist" else "random")
+        x, y = example_batch(shape, args.n, domain, seed=args.seed, data=data, data_root=args.data_root)
+    report = build_report(cert, x, y, eps=args.eps)
+    print(render(report, args.format, cert), end="")
+    if args.render:
+        print(f"wrote {render_dot(report, args.render)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bcpc", description="Certified robustness for PyTorch models (BCP).",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--batch-size", type=int, default=500)
             e.add_argument("--out", default=None, help="folder for report.json and plots")
             e.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("inspect", help="per-node view of a compiled model: ops, rules, Lipschitz, bound sizes, tau",
+                       epilog="examples:\n"
+                              "  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28\n"
+                              "  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28 --eps 1.58 --n 4 --data mnist\n"
+                              "  bcpc inspect mypkg.models:make_4c3f --input-shape 1,28,28 --checkpoint ckpt.pt "
+                              "--eps 1.58 --format yaml\n"
+                              "  bcpc inspect bcpc.models:conv_small --input-shape 1,28,28 --eps 1.58 --render net.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("model", metavar="MODULE:FACTORY", help="a function or class building the model with no arguments")
+    i.add_argument("--input-shape", required=True, help="per-sample input shape, e.g. 1,28,28")
+    i.add_argument("--checkpoint", default=None, help="a bcpc training checkpoint or a plain state_dict")
+    i.add_argument("--eps", type=float, default=None, help="also bound inputs at this radius (per-node sizes, tau)")
+    i.add_argument("--n", type=int, default=4, help="how many inputs with --eps (default 4)")
+    i.add_argument("--data", default="auto", choices=("auto", "random", "mnist"),
+                   help="inputs for --eps: MNIST test images, or seeded random inputs in the domain (auto: MNIST "
+                        "when the checkpoint was trained on it)")
+    i.add_argument("--data-root", default="data")
+    i.add_argument("--norm", default=None, help="threat model (default: the checkpoint's, else l2)")
+    i.add_argument("--input-domain", default=None, help="LOW,HIGH or none (default: the checkpoint's, else 0,1)")
+    i.add_argument("--format", default="table", choices=("table", "yaml", "json", "dot", "code"))
+    i.add_argument("--render", default=None, metavar="PATH", help="also draw the graph with graphviz (.png/.svg/.pdf)")
+    i.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the random inputs")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="train a small model on MNIST and certify it (minutes on a CPU)")
     d.add_argument("--quick", action="store_true", help="a reduced run (seconds), as CI runs it")

@@ -63,6 +63,19 @@ def bound(center: Tensor, radius: Optional[Tensor], lower: Optional[Tensor], upp
     return Bound(center, radius, lower, upper)
 
 
+def enclose(center: Tensor, radius: Optional[Tensor], lower: Optional[Tensor], upper: Optional[Tensor]) -> Bound:
+    """A Bound whose box already lies inside the ball's box, so :func:`bound`'s intersection would
+    change nothing (and costs four passes over the activation).
+
+    Holds for the rules that use it, by induction over the graph from the input (whose box is
+    inside ``x ± eps·f``): a nondecreasing L-Lipschitz f maps ``[l, u] ⊆ c ± r`` into
+    ``f(c) ± L r``; sums, reshapes and max pools likewise; an affine map intersects with
+    ``A c ± ||A_i|| r`` and ``||A_i|| <= sigma(A)``. (With training-time power-iteration
+    *estimates* of sigma the last step can fail; that only concerns the loss, never a certificate.)
+    """
+    return Bound(center, radius, lower, upper)
+
+
 def ball_only(center: Tensor, radius: Tensor) -> Bound:
     """A Bound with a ball and no box (the ``lipschitz`` method)."""
     return Bound(center, radius, None, None)

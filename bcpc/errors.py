@@ -53,3 +53,11 @@ class DatasetError(BcpcError, FileNotFoundError):
 
 class CheckpointError(BcpcError, ValueError):
     """A checkpoint is corrupted, truncated, unsafe, or belongs to another model/config."""
+
+
+class ModelSpecError(BcpcError, ValueError):
+    """A ``MODULE:FACTORY`` model path cannot be imported, is not callable, or does not build a model."""
+
+
+class MissingToolError(BcpcError, RuntimeError):
+    """An optional external tool (e.g. graphviz's ``dot``) is needed and not installed."""

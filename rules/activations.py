@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcpc.domain import Bound, bound
+from bcpc.domain import Bound, enclose
 from bcpc.registry import register
 from bcpc.rules._util import pick, unsupported
 
@@ -30,12 +30,12 @@ def monotone(target, *, lipschitz, name, spellings, params=(), defaults=None, ch
         return None if x.radius is None else lip(*p) * x.radius
 
     def box(center, radius, x: Bound, *p) -> Bound:
-        return bound(center, radius, target(x.lower, *p), target(x.upper, *p))
+        return enclose(center, radius, target(x.lower, *p), target(x.upper, *p))
 
     ball.__name__, box.__name__ = f"{name}_ball", f"{name}_box"
     ball.__qualname__, box.__qualname__ = ball.__name__, box.__name__
     ball.__doc__ = f"radius_out = L * radius_in, L = Lipschitz constant of {name}."
-    box.__doc__ = f"[{name}(lower), {name}(upper)] ∩ output ball box ({name} is nondecreasing)."
+    box.__doc__ = f"[{name}(lower), {name}(upper)] ({name} is nondecreasing; inside the output ball box)."
     globals()[ball.__name__], globals()[box.__name__] = ball, box  # importable: emitted code names them
 
     def fn_adapter(module, args, kwargs):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcpc import lipschitz, ops
-from bcpc.domain import Bound, bound, expand_radius, maximum, minimum
+from bcpc.domain import Bound, enclose, expand_radius, maximum, minimum
 from bcpc.errors import UnsupportedOpError
 from bcpc.lipcache import LipschitzConstant
 from bcpc.registry import Attr, register, bind
@@ -51,14 +51,14 @@ def linear_ball(x: Bound, weight: Tensor, bias=None, *, sigma: Tensor):
 
 
 def linear_box(center: Tensor, radius, x: Bound, weight: Tensor, bias=None) -> Bound:
-    """IA box ∩ row-norm box ∩ output ball box."""
+    """IA box ∩ row-norm box (which lies inside the output ball box: ||W_i|| <= sigma(W))."""
     mid, rad = _midrad(x)
     out_mid = F.linear(mid, weight, bias)
     out_rad = F.linear(rad, weight.abs())
     lower, upper = out_mid - out_rad, out_mid + out_rad
     rownorm = weight.square().sum(dim=1).sqrt()
     lower, upper = _intersect_rows(lower, upper, center, rownorm, x.radius)
-    return bound(center, radius, lower, upper)
+    return enclose(center, radius, lower, upper)
 
 
 def _linear_adapter(module, args, kwargs):
@@ -100,7 +100,7 @@ def conv_ball(x: Bound, weight, bias, stride, padding, dilation, groups, *, sigm
 
 
 def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, groups) -> Bound:
-    """IA box ∩ per-output-position row-norm box ∩ output ball box."""
+    """IA box ∩ per-output-position row-norm box (inside the output ball box)."""
     conv = _conv(weight.dim() - 2)
     mid, rad = _midrad(x)
     out_mid = conv(mid, weight, bias, stride, padding, dilation, groups)
@@ -110,7 +110,7 @@ def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, 
         ones = torch.ones((1,) + tuple(x.center.shape[1:]), dtype=weight.dtype, device=weight.device)
         rownorm = conv(ones, weight.square(), None, stride, padding, dilation, groups).clamp_min(0).sqrt()
         lower, upper = _intersect_rows(lower, upper, center, rownorm, x.radius)
-    return bound(center, radius, lower, upper)
+    return enclose(center, radius, lower, upper)
 
 
 def _conv_params(nd, stride, padding, dilation, kernel, where_node=None):
@@ -189,14 +189,14 @@ def batch_norm_ball(x: Bound, weight, bias, running_mean, running_var, num_batch
 def batch_norm_box(center, radius, x: Bound, weight, bias, running_mean, running_var, num_batches_tracked,
                    training, momentum, eps) -> Bound:
     """Per-channel scale and shift applied to the box (endpoints swap where the scale is negative),
-    ∩ ``centre ± |scale| r`` per coordinate, ∩ output ball box."""
+    ∩ ``centre ± |scale| r`` per coordinate (inside the output ball box)."""
     scale, shift = ops.batch_norm_scale_shift(x.center, weight, bias, running_mean, running_var, training, eps)
     view = (1, -1) + (1,) * (x.center.dim() - 2)
     s, t = scale.reshape(view), shift.reshape(view)
     a, b = s * x.lower + t, s * x.upper + t
     lower, upper = torch.minimum(a, b), torch.maximum(a, b)
     lower, upper = _intersect_rows(lower, upper, center, s.abs(), x.radius)
-    return bound(center, radius, lower, upper)
+    return enclose(center, radius, lower, upper)
 
 
 def _bn_module_adapter(module, args, kwargs):
@@ -249,13 +249,13 @@ def mul_ball(a, b):
 
 
 def mul_box(center, radius, a, b) -> Bound:
-    """Endpoints times k (swapped where k < 0) ∩ ``centre ± |k| r`` ∩ ball box."""
+    """Endpoints times k (swapped where k < 0) ∩ ``centre ± |k| r`` (inside the output ball box)."""
     x, k = _split_const(a, b)
     p, q = x.lower * k, x.upper * k
     lower, upper = torch.minimum(p, q), torch.maximum(p, q)
     kabs = k.abs() if isinstance(k, Tensor) else abs(float(k))
     lower, upper = _intersect_rows(lower, upper, center, kabs, x.radius)
-    return bound(center, radius, lower, upper)
+    return enclose(center, radius, lower, upper)
 
 
 def div_ball(a, b):

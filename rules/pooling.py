@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcpc import lipschitz
-from bcpc.domain import Bound, bound
+from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
 from bcpc.rules._util import ntuple, pick, unsupported
 
@@ -41,9 +41,9 @@ def max_pool2d_ball(x: Bound, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def max_pool2d_box(center, radius, x: Bound, kernel_size, stride, padding, dilation, ceil_mode) -> Bound:
-    """[pool(lower), pool(upper)] ∩ output ball box."""
+    """[pool(lower), pool(upper)] (max pooling is nondecreasing; inside the output ball box)."""
     pool = lambda t: F.max_pool2d(t, kernel_size, stride, padding, dilation, ceil_mode)  # noqa: E731
-    return bound(center, radius, pool(x.lower), pool(x.upper))
+    return enclose(center, radius, pool(x.lower), pool(x.upper))
 
 
 def _max_pool_args(kernel, stride, padding, dilation, ceil_mode, return_indices):

@@ -14,7 +14,7 @@ import operator
 import torch
 from torch import nn
 
-from bcpc.domain import Bound, bound
+from bcpc.domain import Bound, enclose
 from bcpc.registry import register, register_identity
 from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, perturbed, pick, shape, unsupported
 
@@ -43,8 +43,8 @@ def add_ball(a, b):
 
 
 def add_box(center, radius, a, b) -> Bound:
-    """[l_a + l_b, u_a + u_b] ∩ output ball box."""
-    return bound(center, radius, _lo(a) + _lo(b), _hi(a) + _hi(b))
+    """[l_a + l_b, u_a + u_b] (inside the output ball box)."""
+    return enclose(center, radius, _lo(a) + _lo(b), _hi(a) + _hi(b))
 
 
 def sub_ball(a, b):
@@ -53,8 +53,8 @@ def sub_ball(a, b):
 
 
 def sub_box(center, radius, a, b) -> Bound:
-    """[l_a - u_b, u_a - l_b] ∩ output ball box."""
-    return bound(center, radius, _lo(a) - _hi(b), _hi(a) - _lo(b))
+    """[l_a - u_b, u_a - l_b] (inside the output ball box)."""
+    return enclose(center, radius, _lo(a) - _hi(b), _hi(a) - _lo(b))
 
 
 def neg_ball(a):
@@ -64,7 +64,7 @@ def neg_ball(a):
 
 def neg_box(center, radius, a) -> Bound:
     """[-u, -l]."""
-    return bound(center, radius, -a.upper, -a.lower)
+    return enclose(center, radius, -a.upper, -a.lower)
 
 
 def _add_adapter(module, args, kwargs):
@@ -103,8 +103,8 @@ def cat_ball(tensors, dim):
 
 
 def cat_box(center, radius, tensors, dim) -> Bound:
-    """The concatenated boxes ∩ output ball box."""
-    return bound(center, radius, torch.cat([_lo(t) for t in tensors], dim), torch.cat([_hi(t) for t in tensors], dim))
+    """The concatenated boxes (inside the output ball box)."""
+    return enclose(center, radius, torch.cat([_lo(t) for t in tensors], dim), torch.cat([_hi(t) for t in tensors], dim))
 
 
 def _cat_adapter(module, args, kwargs):
@@ -134,12 +134,12 @@ def reshape_ball(x, *args):
 
 def reshape_box(center, radius, x, shape_arg) -> Bound:
     """The box reshaped the same way."""
-    return bound(center, radius, torch.reshape(x.lower, shape_arg), torch.reshape(x.upper, shape_arg))
+    return enclose(center, radius, torch.reshape(x.lower, shape_arg), torch.reshape(x.upper, shape_arg))
 
 
 def flatten_box(center, radius, x, start_dim, end_dim) -> Bound:
     """The box flattened the same way."""
-    return bound(center, radius, torch.flatten(x.lower, start_dim, end_dim), torch.flatten(x.upper, start_dim, end_dim))
+    return enclose(center, radius, torch.flatten(x.lower, start_dim, end_dim), torch.flatten(x.upper, start_dim, end_dim))
 
 
 def _reshape_adapter(module, args, kwargs):
