@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
     cfg = config.load(args.config)
     if args.set:
         cfg = config.from_dict({**cfg.to_dict(), **_parse_set(args.set)}, args.config)
-    res = fit(cfg, resume=args.resume, progress=not args.no_progress)
+    res = fit(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
     if res.interrupted:
         return 130
     print(json.dumps({"run_dir": str(res.run_dir), "step": res.step, "best": res.best,
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True)
     t.add_argument("--resume", action="store_true", help="continue from <out_dir>/<name>/last.pt")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this global step (checkpointed; resumable)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 

@@ -66,8 +66,8 @@ class NodeRecord:
     last_affine: bool
     #: weight-dependent affine nodes: {"estimate", "upper", "gap"} (gap = upper / estimate - 1)
     lipschitz: Optional[dict] = None
-    #: with an input: {"radius", "radius_growth", "width_mean", "width_max", "ibp_width_mean",
-    #: "box_tightening", "width_growth"}
+    #: with an input (means over the inputs): {"radius", "radius_growth", "width_mean", "width_max",
+    #: "ibp_width_mean", "ibp_ratio", "width_growth"}; see docs/inspect.md
     bounds: Optional[dict] = None
 
 
@@ -198,16 +198,13 @@ def _node_bounds(records, bounds, ibp) -> None:
                     if by_name[i].bounds is not None and by_name[i].bounds["radius"] is not None]
         in_widths = [by_name[i].bounds["width_mean"] for i in rec.inputs
                      if by_name[i].bounds is not None and by_name[i].bounds["width_mean"] is not None]
-        tightening = None
-        if width_mean is not None and ibp_width:
-            tightening = 1 - width_mean / ibp_width
         rec.bounds = {
             "radius": radius,
             "radius_growth": _ratio(radius, max(in_radii)) if in_radii else None,
             "width_mean": width_mean,
             "width_max": width_max,
             "ibp_width_mean": ibp_width,
-            "box_tightening": tightening,
+            "ibp_ratio": _ratio(ibp_width, width_mean),
             "width_growth": _ratio(width_mean, max(in_widths)) if in_widths else None,
         }
 
@@ -356,7 +353,7 @@ def render_table(report: Report) -> str:
     lines.append("")
     header = ["node", "op", "rule", "shape", "lip est", "lip upper", "gap"]
     if r.run:
-        header += ["radius", "width", "width max", "ibp width", "tightened", "growth"]
+        header += ["radius", "width", "width max", "ibp width", "ibp/width", "growth"]
     header.append("source")
     rows = []
     for n in r.nodes:
@@ -366,7 +363,7 @@ def render_table(report: Report) -> str:
         if r.run:
             b = n.bounds or {}
             row += [_g(b.get("radius")), _g(b.get("width_mean")), _g(b.get("width_max")),
-                    _g(b.get("ibp_width_mean")), _pct(b.get("box_tightening")), _g(b.get("width_growth"), 3)]
+                    _g(b.get("ibp_width_mean")), _g(b.get("ibp_ratio")), _g(b.get("width_growth"), 3)]
         row.append(_short_source(n.source))
         rows.append(row)
     lines += _columns(rows, header, left=3, text_last=True)
@@ -375,7 +372,7 @@ def render_table(report: Report) -> str:
                  "gap = upper / est - 1")
     if r.run:
         lines.append("width = upper - lower (mean, max over inputs and elements); ibp width: same model compiled "
-                     "with method='ibp'; tightened = 1 - width / ibp width; growth = width / widest input's width")
+                     "with method='ibp'; growth = width / widest input's width")
     if r.output:
         o = r.output
         lines.append("")
@@ -475,7 +472,7 @@ def _dot_text(report: Report) -> str:
              "  node [shape=box, style=\"rounded,filled\", fontname=Helvetica, fontsize=10];",
              "  edge [color=\"#555555\"];"]
     for n in r.nodes:
-        label = [n.name, f"{n.op}" + (f" [{n.rule}]" if n.rule and n.rule != n.op.rsplit('.', 1)[-1] else ""),
+        label = [n.name, _short_op(n.op) + (f" [{n.rule}]" if n.rule and n.rule != n.op.rsplit('.', 1)[-1] else ""),
                  _shape_text(n.shape)]
         if n.lipschitz:
             label.append(f"lip est {_g(n.lipschitz['estimate'])} / upper {_g(n.lipschitz['upper'])}")
@@ -483,7 +480,7 @@ def _dot_text(report: Report) -> str:
             b = n.bounds
             label.append(f"radius {_g(b['radius'])}, width {_g(b['width_mean'])}")
             if b["ibp_width_mean"] is not None:
-                label.append(f"ibp width {_g(b['ibp_width_mean'])} ({_pct(b['box_tightening'])} tighter)")
+                label.append(f"ibp width {_g(b['ibp_width_mean'])} = {_g(b['ibp_ratio'])}x")
             if b["width_growth"] is not None:
                 label.append(f"growth x{_g(b['width_growth'], 3)}")
         factor = loosening(n)

@@ -13,20 +13,24 @@ Users who want their own loop only need ``cert.loss(x, y, eps, lam)`` and :func:
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 import bcpc
 from bcpc import checkpoint, data
 from bcpc.config import TrainConfig
-from bcpc.errors import CheckpointError
+from bcpc.errors import CheckpointError, ConfigError
 from bcpc.models import ARCHITECTURES
 
 FORMAT = "bcpc-checkpoint-v1"
@@ -47,9 +51,68 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if epoch >= e)
 
 
-def epoch_order(cfg: TrainConfig, epoch: int, n: int) -> torch.Tensor:
-    """The data order of an epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+def epoch_order(cfg: TrainConfig, epoch: int, n: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's data order for an epoch: ``DistributedSampler`` (shuffled with ``cfg.seed``,
+    ``set_epoch(epoch)``), a function of (seed, epoch) only, so a resumed run repeats it. With
+    ``world`` ranks each takes every ``world``-th index of the same permutation, so the union of
+    the ranks' k-th local batches is the k-th global batch of a single-process run."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(iter(sampler)), dtype=torch.long)
+
+
+class CertifiedLoss(nn.Module):
+    """The training objective as a module, so DistributedDataParallel can wrap it: eq. 13 through
+    the certifying module, or plain cross-entropy while ``lam == 0`` (warm-up)."""
+
+    def __init__(self, cert):
+        super().__init__()
+        self.cert = cert
+
+    def forward(self, x, y, eps: float, lam: float):
+        if lam == 0.0:
+            return F.cross_entropy(self.cert.model(x), y)
+        return self.cert.loss(x, y, eps, lam)
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list) -> list:
+        """All-reduce a list of numbers (sum over ranks)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): nccl on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+        owns = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
 
 
 def build(cfg: TrainConfig, example: torch.Tensor):
@@ -63,18 +126,23 @@ def build(cfg: TrainConfig, example: torch.Tensor):
 
 
 @torch.no_grad()
-def accuracy(cert, x: torch.Tensor, y: torch.Tensor, eps: Optional[float], batch: int = 500) -> dict:
-    """Clean accuracy and (if eps is given) sound verified accuracy."""
+def accuracy(cert, x: torch.Tensor, y: torch.Tensor, eps: Optional[float], batch: int = 500,
+             ctx: Optional[Dist] = None) -> dict:
+    """Clean accuracy and (if eps is given) sound verified accuracy; sharded over ranks and summed."""
+    ctx = ctx or Dist()
     model = cert.model
     was_training = model.training
     model.eval()
     clean = verified = 0
-    for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
+    shard = range(ctx.rank * batch, len(x), batch * ctx.world)
+    device = next(model.parameters()).device
+    for i in shard:
+        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
         clean += (model(xb).argmax(1) == yb).sum().item()
         if eps is not None:
             verified += cert.certify(xb, yb, eps).sum().item()
     model.train(was_training)
+    clean, verified = ctx.sum([clean, verified])
     n = max(1, len(x))
     out = {"clean_acc": clean / n}
     if eps is not None:
@@ -123,10 +191,23 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
 
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps: Optional[int] = None,
         log=print) -> FitResult:
-    """Train per ``cfg``; ``max_steps`` stops early (after checkpointing) — for tests and time slicing."""
+    """Train per ``cfg``; ``max_steps`` stops early (after checkpointing) — for tests and time slicing.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) this is data-parallel: DistributedDataParallel all-reduces
+    the gradients and broadcasts buffers (the Lipschitz cache's power-iteration vectors, BatchNorm
+    statistics) from rank 0 before every forward, each rank takes ``batch_size / world`` samples of
+    every global batch, the eps/lam schedule follows the global step, validation is sharded and
+    summed, and only rank 0 writes checkpoints (which any number of processes can resume).
+    """
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ctx = init_distributed()
+    if cfg.batch_size % ctx.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {ctx.world} processes")
+    local_bs = cfg.batch_size // ctx.world
+    if not ctx.main:
+        progress, log = False, (lambda *a, **k: None)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     x_train, y_train = data.load(cfg.dataset, cfg.data_root, "train")
@@ -136,31 +217,38 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     if cfg.val_subset:
         x_val, y_val = x_val[:cfg.val_subset], y_val[:cfg.val_subset]
     model, cert = build(cfg, x_train)
+    cert.to(ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     spe = len(x_train) // cfg.batch_size
     if spe == 0:
-        raise CheckpointError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
     step, best, history = 0, {}, []
     last = run_dir / "last.pt"
     if resume and last.exists():
-        ckpt = checkpoint.load(last)
+        ckpt = checkpoint.load(last, map_location=ctx.device)
         check_compatible(ckpt, cfg, str(last))
         checkpoint.load_model_state(model, ckpt["model_state"], str(last))
         cert.propagation.lip.load_state_dict(ckpt["lip_state"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best, history = int(ckpt["step"]), dict(ckpt["best"]), list(ckpt["history"])
-        torch.set_rng_state(ckpt["rng"])
-        log(f"resumed {last} at step {step} (epoch {step / spe:.2f})")
+        torch.set_rng_state(ckpt["rng"].cpu())
+        log(f"resumed {last} at step {step} (epoch {step / spe:.2f}) with {ctx.world} process(es)")
     elif not resume and last.exists():
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another run name")
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    if ctx.main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    objective = CertifiedLoss(cert)
+    if ctx.world > 1:
+        objective = DistributedDataParallel(objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                            else None, broadcast_buffers=True)
     total = cfg.epochs * spe
     stop_at = total if max_steps is None else min(total, max_steps)
     log_path = run_dir / "log.jsonl"
     interrupted = False
 
     def save_last(epoch):
-        checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
+        if ctx.main:
+            checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()
@@ -168,19 +256,16 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     try:
         while step < stop_at:
             epoch = step // spe
-            order = epoch_order(cfg, epoch, len(x_train))
+            order = epoch_order(cfg, epoch, len(x_train), ctx.rank, ctx.world)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch)
             run_loss, run_n = 0.0, 0
             while step < stop_at and step // spe == epoch:
                 b = step % spe
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                xb, yb = x_train[idx], y_train[idx]
+                idx = order[b * local_bs:(b + 1) * local_bs]
+                xb, yb = x_train[idx].to(ctx.device), y_train[idx].to(ctx.device)
                 eps, lam = schedule(cfg, step, spe)
-                if lam == 0.0:
-                    loss = F.cross_entropy(model(xb), yb)
-                else:
-                    loss = cert.loss(xb, yb, eps, lam)
+                loss = objective(xb, yb, eps, lam)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -195,20 +280,24 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 if step % cfg.checkpoint_every == 0:
                     save_last(epoch)
             if step // spe > epoch or step == total:  # finished an epoch: validate, checkpoint
-                metrics = accuracy(cert, x_val, y_val, cfg.target_eps_eval)
+                metrics = accuracy(cert, x_val, y_val, cfg.target_eps_eval, ctx=ctx)
+                (mean_loss,) = ctx.sum([run_loss / max(1, run_n) / ctx.world])
                 eps, lam = schedule(cfg, step - 1, spe)
-                row = {"epoch": epoch + 1, "step": step, "loss": run_loss / max(1, run_n), "eps": eps, "lam": lam,
+                row = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "eps": eps, "lam": lam,
                        "val_clean_acc": metrics["clean_acc"], "val_verified_acc": metrics["verified_acc"],
                        "elapsed_s": round(time.time() - t0, 1)}
                 history.append(row)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 key = (row["val_verified_acc"], row["val_clean_acc"])
-                if not best or key > (best["val_verified_acc"], best["val_clean_acc"]):
+                improved = not best or key > (best["val_verified_acc"], best["val_clean_acc"])
+                if improved:
                     best = dict(row)
-                    checkpoint.save({"format": FORMAT, "model_state": model.state_dict(),
-                                     "lip_state": cert.propagation.lip.state_dict(), "config": cfg.to_dict(),
-                                     "fingerprint": cfg.fingerprint(), "metrics": row}, run_dir / "best.pt")
+                if ctx.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if improved:
+                        checkpoint.save({"format": FORMAT, "model_state": model.state_dict(),
+                                         "lip_state": cert.propagation.lip.state_dict(), "config": cfg.to_dict(),
+                                         "fingerprint": cfg.fingerprint(), "metrics": row}, run_dir / "best.pt")
                 log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} eps {eps:.3f} lam {lam:.2f} | "
                     f"val clean {row['val_clean_acc']:.4f} verified@{cfg.target_eps_eval} {row['val_verified_acc']:.4f}")
                 save_last(epoch + 1)
@@ -220,6 +309,9 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         log(f"interrupted: checkpoint written to {last} at step {step}; resume with --resume")
     finally:
         bar.close()
+        if ctx.owns_group:
+            dist.barrier()
+            dist.destroy_process_group()
     return FitResult(run_dir=run_dir, step=step, epochs_done=step // spe, best=best, history=history,
                      interrupted=interrupted, seconds=time.time() - t0)
 
