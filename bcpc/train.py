@@ -6,7 +6,7 @@ from 0 to 1 over ``ramp_epochs``, Adam. After every epoch it certifies a validat
 path) and keeps the best model by verified validation accuracy in ``best.pt``; ``last.pt`` is
 written every ``checkpoint_every`` steps and at every epoch end. A killed run resumes with
 ``resume=True`` from ``last.pt`` and produces the same parameters as an uninterrupted run (data
-order is a function of (seed, epoch) only). Ctrl-C writes ``last.pt`` and returns.
+order is a function of (seed, epoch) only). Ctrl-C or SIGTERM writes ``last.pt`` and returns.
 
 Users who want their own loop only need ``cert.loss(x, y, eps, lam)`` and :func:`schedule`.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +191,17 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
                               " Resume with the config it was trained with, or start a new run (another name)")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C: checkpoint and return. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps: Optional[int] = None,
         log=print) -> FitResult:
     """Train per ``cfg``; ``max_steps`` stops early (after checkpointing) — for tests and time slicing.
@@ -253,6 +266,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()
     cert.train()
+    previous_term = _stop_on_sigterm()
     try:
         while step < stop_at:
             epoch = step // spe
@@ -309,6 +323,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         log(f"interrupted: checkpoint written to {last} at step {step}; resume with --resume")
     finally:
         bar.close()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if ctx.owns_group:
             dist.barrier()
             dist.destroy_process_group()

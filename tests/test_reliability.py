@@ -96,13 +96,14 @@ def test_sigkill_then_resume_finishes_the_run(tmp_path):
     assert [p.name for p in last.parent.iterdir() if p.suffix == ".tmp"] == []
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     tiny_mnist(tmp_path / "d")
     path = _config(tmp_path, epochs=50)
     last = tmp_path / "runs" / "k" / "last.pt"
     proc = _start(path)
     _wait_for_checkpoint(proc, last)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: checkpoint written" in out + err
