@@ -109,6 +109,10 @@ class CertifiedModule(nn.Module):
             raise InvalidInputError(
                 f"x has shape {tuple(x.shape)}; the model was compiled for inputs of shape (batch, "
                 f"{', '.join(map(str, self.input_shape))})")
+        p = next(self.model.parameters(), None)
+        if p is not None and x.device != p.device:
+            raise InvalidInputError(f"x is on device {x.device} but the model is on {p.device}; move one of them "
+                                    f"(e.g. x.to('{p.device}'))")
         if x.shape[0] == 0:
             raise InvalidInputError("the batch is empty (x.shape[0] == 0)")
         if not torch.isfinite(x).all():

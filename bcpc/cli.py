@@ -136,10 +136,12 @@ def cmd_demo(args) -> int:
 def cmd_inspect(args) -> int:
     import bcpc
     from bcpc.errors import BcpcError
-    from bcpc.inspect import (build_report, check_input_shape, example_batch, load_factory, load_weights,
-                              parse_domain, parse_shape, render, render_dot)
+    from bcpc.inspect import (build_report, check_input_shape, check_render_path, example_batch, load_factory,
+                              load_weights, parse_domain, parse_shape, render, render_dot)
 
     shape = parse_shape(args.input_shape)
+    if args.render:
+        check_render_path(args.render)
     model = load_factory(args.model, seed=args.seed)
     cfg, lip_state = load_weights(model, args.checkpoint) if args.checkpoint else (None, None)
     cfg = cfg or {}

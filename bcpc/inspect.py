@@ -310,7 +310,7 @@ def _shape_text(shape) -> str:
 _FILE_LINE = re.compile(r'^File "(?P<path>[^"]*)", line (?P<line>\d+), in (?P<fn>[^:]+)(?:: (?P<code>.*))?$')
 
 
-def _short_source(source: str, limit: int = 44) -> str:
+def _short_source(source: str, limit: int = 56) -> str:
     m = _FILE_LINE.match(source)
     if m:
         source = f"{Path(m['path']).name}:{m['line']} {m['code'] or m['fn']}"
@@ -435,6 +435,19 @@ def _dot_label(parts: list) -> str:
     return '"' + "\\n".join(_dot_str(p)[1:-1] for p in parts) + '"'
 
 
+def check_render_path(path, fmt: Optional[str] = None) -> str:
+    """The image format for ``path`` (png, svg, pdf); raises before any work is done if it is not
+    supported or graphviz's ``dot`` is not installed."""
+    fmt = (fmt or Path(path).suffix.lstrip(".") or "png").lower()
+    if fmt not in RENDER_FORMATS:
+        raise ConfigError(f"cannot render DOT to {fmt!r}; choose one of {', '.join(RENDER_FORMATS)}")
+    if shutil.which("dot") is None:
+        raise MissingToolError("rendering needs graphviz's `dot` program, which is not installed (apt-get install "
+                               "graphviz, brew install graphviz or conda install graphviz); --format dot prints the "
+                               "DOT text instead")
+    return fmt
+
+
 def render_dot(report_or_text, path=None, fmt: Optional[str] = None):
     """Graphviz: ``render_dot(report)`` returns DOT text; ``render_dot(text_or_report, "g.png")``
     writes an image with graphviz's ``dot`` (format from ``fmt`` or the suffix: png, svg, pdf) and
@@ -443,14 +456,8 @@ def render_dot(report_or_text, path=None, fmt: Optional[str] = None):
     if path is None:
         return text
     path = Path(path)
-    fmt = (fmt or path.suffix.lstrip(".") or "png").lower()
-    if fmt not in RENDER_FORMATS:
-        raise ConfigError(f"cannot render DOT to {fmt!r}; choose one of {', '.join(RENDER_FORMATS)}")
+    fmt = check_render_path(path, fmt)
     exe = shutil.which("dot")
-    if exe is None:
-        raise MissingToolError("rendering needs graphviz's `dot` program, which is not installed (apt-get install "
-                               "graphviz, brew install graphviz or conda install graphviz); --format dot prints the "
-                               "DOT text instead")
     path.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([exe, f"-T{fmt}", "-o", str(path)], input=text, text=True, capture_output=True)
     if done.returncode != 0:
@@ -556,7 +563,7 @@ def _first_line(exc: BaseException) -> str:
 def parse_shape(text: str) -> tuple:
     """``"1,28,28"`` -> ``(1, 28, 28)``: the per-sample input shape (no batch dimension)."""
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in text.split(","))
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
