@@ -1,0 +1,157 @@
+"""Cost of certification relative to plain training, measured in one process and one run.
+
+    python benchmarks/bench.py [--models mnist_4c3f,cifar_6c2f,resnet_small] [--batches 50,128]
+                               [--threads 1] [--reps 10] [--memory]
+
+For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
+training mode, estimates), certified training step (bcp), certification throughput (sound path:
+float64, guaranteed Lipschitz bounds, computed once per weight version), compile time; with
+--memory also the peak memory of a plain and a certified training step (each in a fresh
+subprocess, max RSS above the model's baseline). Every time is the median of --reps repetitions
+after warm-up, and is printed as a ratio to the plain training step of the same model and batch.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bcpc
+from bcpc import models
+
+SHAPES = {"mnist": (1, 28, 28), "cifar": (3, 32, 32), "resnet": (3, 32, 32)}
+
+
+def shape_of(name):
+    return SHAPES[name.split("_")[0]]
+
+
+def median_time(fn, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def setup(name, batch, method="bcp"):
+    torch.manual_seed(0)
+    model = models.ARCHITECTURES[name]()
+    x = torch.rand((batch,) + shape_of(name))
+    y = torch.randint(0, 10, (batch,))
+    t = time.perf_counter()
+    cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), method=method)
+    return model, cert, x, y, time.perf_counter() - t
+
+
+def measure(name, batch, reps):
+    model, cert, x, y, compile_s = setup(name, batch)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: weights change, bounds stay finite
+    model.train()
+
+    def plain_step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def cert_step():
+        loss = cert.loss(x, y, 36 / 255, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out = {"model": name, "batch": batch, "compile_s": compile_s}
+    out["plain_step"] = median_time(plain_step, reps)
+    with torch.no_grad():
+        out["plain_forward"] = median_time(lambda: model(x), reps)
+    certs = {"bcp": cert}
+    for m in ("ibp", "lipschitz"):
+        certs[m] = setup(name, batch, m)[1]
+    with torch.no_grad():
+        for m, c in certs.items():
+            c.train()
+            out[f"bcpc_forward_{m}"] = median_time(lambda c=c: c(x, 36 / 255, y, sound=False), reps)
+    out["certified_step"] = median_time(cert_step, reps)
+    model.eval()
+    n_cert = max(batch, 200)
+    xc = torch.rand((n_cert,) + shape_of(name))
+    yc = torch.randint(0, 10, (n_cert,))
+    cert.certify(xc[:2], yc[:2], 36 / 255)  # bounds + float64 twin for this weight version
+    t = time.perf_counter()
+    cert.certify(xc, yc, 36 / 255)
+    out["certify_images_per_s"] = n_cert / (time.perf_counter() - t)
+    return out
+
+
+def peak_memory(name, batch, certified):
+    """Max RSS (MiB) above the baseline of model + data, in a fresh process."""
+    code = f"""
+import resource, torch, torch.nn.functional as F, bcpc
+from bcpc import models
+torch.manual_seed(0)
+m = models.ARCHITECTURES[{name!r}]()
+x = torch.rand(({batch},) + {shape_of(name)!r}); y = torch.randint(0, 10, ({batch},))
+cert = bcpc.compile(m, 'l2', example_input=x[:1], input_domain=(0.0, 1.0))
+with torch.no_grad():
+    m(x[:1])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(3):
+    loss = cert.loss(x, y, 36 / 255, 1.0) if {certified!r} else F.cross_entropy(m(x), y)
+    loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mnist_4c3f,cifar_6c2f,resnet_small")
+    ap.add_argument("--batches", default="50,128")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the raw figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    rows = []
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}; ratios are to the plain "
+          "training step of the same model and batch")
+    head = (f"{'model':>13} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
+            f"{'CERT STEP':>9} | {'certify img/s':>13} {'compile s':>9}")
+    print(head)
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            r = measure(name, batch, args.reps)
+            if args.memory:
+                r["peak_mib_plain"] = peak_memory(name, batch, False)
+                r["peak_mib_certified"] = peak_memory(name, batch, True)
+            rows.append(r)
+            p = r["plain_step"]
+            line = (f"{name:>13} {batch:>5} {1000 * p:8.1f}ms | {r['plain_forward'] / p:5.2f} "
+                    f"{r['bcpc_forward_bcp'] / p:7.2f} {r['bcpc_forward_ibp'] / p:7.2f} "
+                    f"{r['bcpc_forward_lipschitz'] / p:7.2f} {r['certified_step'] / p:8.2f}x | "
+                    f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f}")
+            if args.memory:
+                line += f" | mem {r['peak_mib_certified'] / max(1e-9, r['peak_mib_plain']):.2f}x " \
+                        f"({r['peak_mib_certified']:.0f}/{r['peak_mib_plain']:.0f} MiB)"
+            print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
