@@ -1,4 +1,4 @@
-"""The ``bcpc`` command line: train, evaluate, certify, demo.
+"""The ``bcpc`` command line: train, evaluate, certify, audit, inspect, demo.
 
 Errors caused by the user (a missing file, a bad config, a checkpoint that does not match) print
 one line ``bcpc: error: ...`` and exit with status 2; ``--debug`` shows the traceback.
@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   bcpc train --config configs/mnist_4c3f.yaml --resume   # continue a run from its last checkpoint
   bcpc evaluate --checkpoint models/mnist_4c3f.pt --eps 1.58   # clean / PGD / verified accuracy
   bcpc certify --checkpoint models/mnist_4c3f.pt --eps 1.58 --n 100
+  bcpc audit --checkpoint models/mnist_4c3f.pt --eps 1.58 --n 500   # attack every certified input
   bcpc demo                                              # a few minutes: train a small model, certify it
   bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28                 # per node: op, rule, shape, Lipschitz
   bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28 --eps 1.58 --format yaml   # + bounds, margins, tau
@@ -98,6 +99,21 @@ def cmd_certify(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from bcpc.testing import audit
+    from bcpc.train import load_trained
+
+    model, cert, cfg, _ = load_trained(args.checkpoint)
+    if args.data_root:
+        cfg.data_root = args.data_root
+    x, y = _data_for(cfg, args.split, args.n)
+    eps = cfg.target_eps_eval if args.eps is None else args.eps
+    rep = audit(cert, x, y, eps, pgd_steps=args.pgd_steps, restarts=args.restarts, sphere_samples=args.samples,
+                progress=not args.no_progress)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "eps": eps, **rep.to_dict()}, indent=2))
+    return 1 if rep.violations else 0
+
+
 def demo_config(out_dir: str = "runs", quick: bool = False):
     """The demo run: a small conv net on 20,000 MNIST images, l2 eps 1.58, a few minutes on 2 cores."""
     from bcpc.config import TrainConfig
@@ -134,10 +150,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import bcpc
-    from bcpc.errors import BcpcError
-    from bcpc.inspect import (build_report, check_input_shape, check_render_path, example_batch, load_factory,
-                              load_weights, parse_domain, parse_shape, render, render_dot)
+    from bcpc.inspect import (build_report, check_input_shape, check_render_path, compile_checked, example_batch,
+                              load_factory, load_weights, parse_domain, parse_shape, render, render_dot)
 
     shape = parse_shape(args.input_shape)
     if args.render:
@@ -152,19 +166,7 @@ def cmd_inspect(args) -> int:
         domain = parse_domain(args.input_domain)
     else:
         domain = tuple(cfg["input_domain"]) if cfg.get("input_domain") else (0.0, 1.0)
-    try:
-        cert = bcpc.compile(model, norm, input_shape=shape, input_domain=domain)
-    except BcpcError as exc:  # keep the CLI's error to one line (fx/ShapeProp messages span many)
-        text = str(exc).strip()
-        raise type(exc)(text.splitlines()[0] if text else type(exc).__name__) from None
-    if lip_state:
-        try:
-            cert.propagation.lip.load_state_dict(lip_state)
-        except RuntimeError as exc:
-            from bcpc.errors import CheckpointError
-
-            raise CheckpointError(f"checkpoint {args.checkpoint}: its Lipschitz cache does not match the compiled model "
-                                  f"(another input shape?): {str(exc).strip().splitlines()[-1].strip()}") from None
+    cert = compile_checked(model, norm, shape, domain, lip_state, args.checkpoint, debug=args.debug)
     x = y = None
     if args.eps is not None:
         data = args.data if args.data != "auto" else ("mnist" if cfg.get("dataset") == "mnist" else "random")
@@ -193,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     for name, func, helptext in (("evaluate", cmd_evaluate, "clean / PGD / verified accuracy of a checkpoint"),
-                                 ("certify", cmd_certify, "sound certification of a data split")):
+                                 ("certify", cmd_certify, "sound certification of a data split"),
+                                 ("audit", cmd_audit, "attack every certified input; violations must be 0")):
         e = sub.add_parser(name, help=helptext,
                            epilog=f"example: bcpc {name} --checkpoint models/mnist_4c3f.pt --eps 1.58",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--n", type=int, default=None, help="first N images only")
         e.add_argument("--data-root", default=None)
         e.set_defaults(func=func)
+        if name == "audit":
+            e.add_argument("--pgd-steps", type=int, default=100)
+            e.add_argument("--restarts", type=int, default=3)
+            e.add_argument("--samples", type=int, default=64, help="sphere / corner samples per input")
+            e.add_argument("--no-progress", action="store_true")
         if name == "evaluate":
             e.add_argument("--pgd-steps", type=int, default=100)
             e.add_argument("--pgd-restarts", type=int, default=1)
@@ -215,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-node view of a compiled model: ops, rules, Lipschitz, bound sizes, tau",
                        epilog="examples:\n"
                               "  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28\n"
-                              "  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28 --eps 1.58 --n 4 --data mnist\n"
+                              "  bcpc inspect bcpc.models:conv_4c3f --input-shape 1,28,28 --eps 1.58 --n 4 "
+                              "--data mnist\n"
                               "  bcpc inspect mypkg.models:make_4c3f --input-shape 1,28,28 --checkpoint ckpt.pt "
                               "--eps 1.58 --format yaml\n"
-                              "  bcpc inspect bcpc.models:conv_small --input-shape 1,28,28 --eps 1.58 --render net.png",
+                              "  bcpc inspect bcpc.models:conv_small --input-shape 1,28,28 --eps 1.58 "
+                              "--render net.png\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("model", metavar="MODULE:FACTORY", help="a function or class building the model with no arguments")
     i.add_argument("--input-shape", required=True, help="per-sample input shape, e.g. 1,28,28")

@@ -137,7 +137,8 @@ def _source(node: fx.Node) -> str:
         return line
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
-        path, cls = list(stack.values())[-1]
+        entry = list(stack.values())[-1]  # (qualified path, class) in torch 2.x
+        path, cls = entry if isinstance(entry, tuple) and len(entry) == 2 else (list(stack)[-1], entry)
         name = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].rstrip("'>"))
         return f"module {path} ({name})"
     return line
@@ -229,23 +230,24 @@ def _output_section(cert, x, y, eps, sound) -> dict:
             "margin_min": min(others) if others else None,
             "margins": [None if j == int(labels[i]) else float(v) for j, v in enumerate(m.tolist())],
         })
+    section = {"inputs": inputs, "tau_mean": None, "tau_per_input": None, "tau_lipschitz": None,
+               "tighter_than_lipschitz": None}
+    if cert.method == "ibp":  # tau's Lipschitz side needs the ball at the last layer, which ibp drops
+        return section
     tau = tightness(cert, x, float(eps))
     tau_mean = sum(tau["tau_bcp"]) / len(tau["tau_bcp"])
     lip = tau["tau_lipschitz"]
-    return {
-        "inputs": inputs,
-        "tau_mean": tau_mean,
-        "tau_per_input": list(tau["tau_bcp"]),
-        "tau_lipschitz": lip,
-        "tighter_than_lipschitz": (1 - tau_mean / lip) if lip else None,
-    }
+    section.update(tau_mean=tau_mean, tau_per_input=list(tau["tau_bcp"]), tau_lipschitz=lip,
+                   tighter_than_lipschitz=(1 - tau_mean / lip) if lip else None)
+    return section
 
 
 def build_report(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, eps=None,
                  sound: bool = True) -> Report:
     """Collect everything :func:`inspect` renders (see the module docstring)."""
     if x is None and (y is not None or eps is not None):
-        raise InvalidInputError("inspect: eps and y describe an input; pass the input too: inspect(cert, x, y, eps=...)")
+        raise InvalidInputError("inspect: eps and y describe an input; pass the input too: "
+                                "inspect(cert, x, y, eps=...)")
     if x is not None:
         if eps is None:
             raise InvalidEpsilonError("inspect: with an input, give the radius too: inspect(cert, x, y, eps=1.58)")
@@ -345,7 +347,7 @@ def render_table(report: Report) -> str:
     lines = [f"bcpc.inspect: {r.model}, norm {r.norm}, method {r.method}, input "
              f"({', '.join(map(str, r.input_shape))}) in {_domain_text(r.input_domain)}, {r.num_classes} classes"]
     if r.margins_at:
-        lines.append(f"margins are solved at the input of {r.margins_at} (exact ball ∩ box, DESIGN.md §3)")
+        lines.append(f"margins are solved exactly at the input of {r.margins_at} (DESIGN.md §3)")
     if r.run:
         kind = "sound: float64, guaranteed Lipschitz bounds" if r.run["sound"] else "training path: estimates"
         lines.append(f"bounds for {r.run['n_inputs']} input(s) at eps {_g(r.run['eps'])} ({kind}); "
@@ -358,8 +360,8 @@ def render_table(report: Report) -> str:
     rows = []
     for n in r.nodes:
         lip = n.lipschitz or {}
-        row = [n.name, _short_op(n.op), n.rule or "-", _shape_text(n.shape), _g(lip.get("estimate")), _g(lip.get("upper")),
-               _pct(lip.get("gap")) if lip else "-"]
+        row = [n.name, _short_op(n.op), n.rule or "-", _shape_text(n.shape), _g(lip.get("estimate")),
+               _g(lip.get("upper")), _pct(lip.get("gap")) if lip else "-"]
         if r.run:
             b = n.bounds or {}
             row += [_g(b.get("radius")), _g(b.get("width_mean")), _g(b.get("width_max")),
@@ -382,11 +384,14 @@ def render_table(report: Report) -> str:
                  {True: "yes", False: "no", None: "-"}[i["certified"]], _g(i["margin_min"])] for i in o["inputs"]]
         lines += _columns(rows, head)
         lines.append("")
-        tau = f"tau (mean l1 translation, lower is tighter): {r.method} {_g(o['tau_mean'])}"
-        if o["tau_lipschitz"] is not None:
-            tau += (f", global Lipschitz {_g(o['tau_lipschitz'])}: {r.method} is "
-                    f"{_pct(o['tighter_than_lipschitz'])} tighter")
-        lines.append(tau)
+        if o["tau_mean"] is None:
+            lines.append("tau: not computed (method ibp keeps no ball at the last layer)")
+        else:
+            tau = f"tau (mean l1 translation, lower is tighter): {r.method} {_g(o['tau_mean'])}"
+            if o["tau_lipschitz"] is not None:
+                tau += (f", global Lipschitz {_g(o['tau_lipschitz'])}: {r.method} is "
+                        f"{_pct(o['tighter_than_lipschitz'])} tighter")
+            lines.append(tau)
     return "\n".join(lines) + "\n"
 
 
@@ -470,7 +475,7 @@ def _dot_text(report: Report) -> str:
     title = f"{r.model}: norm {r.norm}, method {r.method}"
     if r.run:
         title += f", eps {_g(r.run['eps'])}, {r.run['n_inputs']} input(s)"
-        if r.output and r.output["tighter_than_lipschitz"] is not None:
+        if r.output and r.output["tau_lipschitz"] is not None:
             title += f", tau {_g(r.output['tau_mean'])} vs Lipschitz {_g(r.output['tau_lipschitz'])}"
     colour_by = "box width growth over the input" if r.run else "guaranteed Lipschitz bound"
     lines = ["digraph bcpc {",
@@ -658,6 +663,28 @@ def check_input_shape(model, shape: tuple, spec: str = "the model") -> None:
     except Exception as exc:
         raise InvalidInputError(f"--input-shape {','.join(map(str, shape))} does not fit {spec}: "
                                 f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def compile_checked(model, norm, shape: tuple, domain, lip_state=None, checkpoint=None, debug: bool = False):
+    """``bcpc.compile`` for the command line: errors stay one line (fx and ShapeProp messages span
+    many; ``debug`` keeps the original), and a checkpoint's Lipschitz cache is loaded."""
+    from bcpc.api import compile as compile_model
+    from bcpc.errors import BcpcError, CheckpointError
+
+    try:
+        cert = compile_model(model, norm, input_shape=shape, input_domain=domain)
+    except BcpcError as exc:
+        if debug:
+            raise
+        raise type(exc)(_first_line(exc)) from None
+    if lip_state:
+        try:
+            cert.propagation.lip.load_state_dict(lip_state)
+        except RuntimeError as exc:
+            last = str(exc).strip().splitlines()[-1].strip()
+            raise CheckpointError(f"checkpoint {checkpoint}: its Lipschitz cache does not match the compiled model "
+                                  f"(trained with another input shape?): {last}") from None
+    return cert
 
 
 def example_batch(shape: tuple, n: int, domain, seed: int = 0, data: str = "random", data_root="data"):

@@ -15,7 +15,7 @@ def run(*args, cwd=ROOT):
 def test_help_lists_every_subcommand_with_examples():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("train", "evaluate", "certify", "demo"):
+    for cmd in ("train", "evaluate", "certify", "audit", "inspect", "demo"):
         assert cmd in out.stdout
     assert "examples:" in out.stdout
 
@@ -43,4 +43,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     out = run("demo", "--quick", "--no-progress", "--out-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "certified accuracy" in out.stdout and "clean accuracy" in out.stdout
-    assert (tmp_path / "demo" / "best.pt").exists()
+    best = tmp_path / "demo" / "best.pt"
+    assert best.exists()
+    audit = run("audit", "--checkpoint", str(best), "--n", "60", "--eps", "0.3", "--pgd-steps", "10", "--restarts", "1",
+                "--samples", "8", "--no-progress")
+    assert audit.returncode == 0, audit.stderr[-2000:]
+    assert '"violations": 0' in audit.stdout

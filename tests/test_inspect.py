@@ -313,14 +313,19 @@ def test_cli_json_with_a_state_dict_checkpoint(tmp_path):
             assert close(n["lipschitz"]["upper"], upper[n["name"]])
     x = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))  # --data random, --seed 0
     nb = cert.node_bounds(x, 0.5)
-    assert close(data["nodes"][-1]["bounds"]["width_mean"], (nb["_6"].upper - nb["_6"].lower).mean().item())
+    assert set(nb) == {n["name"] for n in data["nodes"]}
+    for n in data["nodes"]:
+        assert close(n["bounds"]["width_mean"], (nb[n["name"]].upper - nb[n["name"]].lower).mean().item())
     assert data["run"]["labels"] == "predicted" and data["input_domain"] == [0.0, 1.0]
 
 
 def test_cli_reads_a_training_checkpoint_and_its_config(tmp_path, capsys):
     torch.manual_seed(3)
     model = mlp(784, (32,), 10).eval()
-    torch.save({"format": "bcpc-checkpoint-v1", "model_state": model.state_dict(),
+    lip = bcpc.compile(model, "l2", input_shape=(1, 28, 28)).propagation.lip
+    with torch.no_grad():  # a cache vector e_0: its estimate is ||W[:, 0]||, far from the converged one
+        lip.get_submodule("_1").u.zero_()[0, 0] = 1.0
+    torch.save({"format": "bcpc-checkpoint-v1", "model_state": model.state_dict(), "lip_state": lip.state_dict(),
                 "config": {"norm": "l2", "input_domain": [0.0, 0.5], "dataset": "cifar10"}}, tmp_path / "c.pt")
     (tmp_path / "mymodels.py").write_text("import bcpc.models\n\ndef small():\n"
                                           "    return bcpc.models.mlp(784, (32,), 10)\n")
@@ -334,6 +339,8 @@ def test_cli_reads_a_training_checkpoint_and_its_config(tmp_path, capsys):
         sys.modules.pop("mymodels", None)
     data = yaml.safe_load(capsys.readouterr().out)
     assert data["input_domain"] == [0.0, 0.5] and data["model"] == "Sequential"
+    first = next(n for n in data["nodes"] if n["name"] == "_1")
+    assert close(first["lipschitz"]["estimate"], model[1].weight[:, 0].norm().item())  # the checkpoint's cache
     assert len(data["output"]["inputs"]) == 1
 
 
@@ -364,6 +371,14 @@ def test_cli_errors_are_one_line_exit_2(args, words, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("bcpc: error:") and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_render_without_graphviz_fails_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert cli.main(["inspect", "bcpc.models:conv_4c3f", "--input-shape", "1,28,28", "--render", "g.svg"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("bcpc: error: rendering needs graphviz's `dot`")
+    assert len(captured.err.strip().splitlines()) == 1
 
 
 def test_cli_error_in_a_subprocess_has_no_traceback_unless_debug():
