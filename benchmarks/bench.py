@@ -1,22 +1,18 @@
 """Cost of certification relative to plain training, measured in one process and one run.
 
     python benchmarks/bench.py [--models mnist_4c3f,cifar_6c2f,resnet_small] [--batches 50,128]
-                               [--threads 1] [--reps 10] [--memory]
+                               [--threads 1] [--reps 10]
 
 For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
 training mode, estimates), certified training step (bcp), certification throughput (sound path:
-float64, guaranteed Lipschitz bounds, computed once per weight version), compile time; with
---memory also the peak memory of a plain and a certified training step (each in a fresh
-subprocess, max RSS above the model's baseline). Every time is the median of --reps repetitions
+float64, guaranteed Lipschitz bounds, computed once per weight version), compile time. Every
+time is the median of --reps repetitions
 after warm-up, and is printed as a ratio to the plain training step of the same model and batch.
 """
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -93,35 +89,12 @@ def measure(name, batch, reps):
     return out
 
 
-def peak_memory(name, batch, certified):
-    """Max RSS (MiB) above the baseline of model + data, in a fresh process."""
-    code = f"""
-import resource, torch, torch.nn.functional as F, bcpc
-from bcpc import models
-torch.manual_seed(0)
-m = models.ARCHITECTURES[{name!r}]()
-x = torch.rand(({batch},) + {shape_of(name)!r}); y = torch.randint(0, 10, ({batch},))
-cert = bcpc.compile(m, 'l2', example_input=x[:1], input_domain=(0.0, 1.0))
-with torch.no_grad():
-    m(x[:1])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for _ in range(3):
-    loss = cert.loss(x, y, 36 / 255, 1.0) if {certified!r} else F.cross_entropy(m(x), y)
-    loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-"""
-    env = dict(os.environ)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return float(res.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mnist_4c3f,cifar_6c2f,resnet_small")
     ap.add_argument("--batches", default="50,128")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--memory", action="store_true")
     ap.add_argument("--json", default=None, help="also write the raw figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,18 +108,12 @@ def main():
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             r = measure(name, batch, args.reps)
-            if args.memory:
-                r["peak_mib_plain"] = peak_memory(name, batch, False)
-                r["peak_mib_certified"] = peak_memory(name, batch, True)
             rows.append(r)
             p = r["plain_step"]
             line = (f"{name:>13} {batch:>5} {1000 * p:8.1f}ms | {r['plain_forward'] / p:5.2f} "
                     f"{r['bcpc_forward_bcp'] / p:7.2f} {r['bcpc_forward_ibp'] / p:7.2f} "
                     f"{r['bcpc_forward_lipschitz'] / p:7.2f} {r['certified_step'] / p:8.2f}x | "
                     f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f}")
-            if args.memory:
-                line += f" | mem {r['peak_mib_certified'] / max(1e-9, r['peak_mib_plain']):.2f}x " \
-                        f"({r['peak_mib_certified']:.0f}/{r['peak_mib_plain']:.0f} MiB)"
             print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
