@@ -1,6 +1,6 @@
 """Soundness audit figures for docs/soundness.md: attack every certified input of several models.
 
-    python benchmarks/audit_models.py [--n 500] [--checkpoint runs/mnist_4c3f/best.pt]
+    python benchmarks/audit_models.py [--n 500] [--checkpoint runs/demo/best.pt ...]
 
 Models: a trained MNIST checkpoint (if given/present) on real test images; the 4C3F at random
 init on real test images at a small eps; a random MLP on 'fragile' inputs (those with the smallest
@@ -21,18 +21,21 @@ from bcpc.testing import audit
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--checkpoint", default="runs/mnist_4c3f/best.pt")
+    ap.add_argument("--checkpoint", action="append", default=None,
+                    help="trained checkpoint(s) to audit on real test images (repeatable)")
     ap.add_argument("--pgd-steps", type=int, default=100)
     ap.add_argument("--restarts", type=int, default=3)
     args = ap.parse_args()
     x, y = data.mnist("data", "test")
     x, y = x[:args.n], y[:args.n]
     runs = []
-    if Path(args.checkpoint).exists():
+    for path in args.checkpoint or ["runs/demo/best.pt", "runs/mnist_4c3f/best.pt"]:
+        if not Path(path).exists():
+            continue
         from bcpc.train import load_trained
 
-        _, cert, cfg, ckpt = load_trained(args.checkpoint)
-        label = f"{cfg.model} trained ({args.checkpoint}, epoch {ckpt.get('metrics', {}).get('epoch', '?')})"
+        _, cert, cfg, ckpt = load_trained(path)
+        label = f"{cfg.model} trained ({path}, epoch {ckpt.get('metrics', {}).get('epoch', '?')})"
         runs.append((label, cert, x, y, cfg.eps))
     torch.manual_seed(0)
     m = models.conv_4c3f().eval()
