@@ -50,26 +50,25 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _data_for(cfg, split, n):
+def _load_for_eval(args):
+    """``(cert, cfg, x, y, eps)`` for the evaluate / certify / audit commands."""
     from bcpc import data
+    from bcpc.train import load_trained
 
-    x, y = data.load(cfg.dataset, args_root(cfg), split)
-    return (x[:n], y[:n]) if n else (x, y)
-
-
-def args_root(cfg):
-    return cfg.data_root
+    _, cert, cfg, _ = load_trained(args.checkpoint)
+    if args.data_root:
+        cfg.data_root = args.data_root
+    x, y = data.load(cfg.dataset, cfg.data_root, args.split)
+    if args.n:
+        x, y = x[:args.n], y[:args.n]
+    eps = cfg.target_eps_eval if args.eps is None else args.eps
+    return cert, cfg, x, y, eps
 
 
 def cmd_evaluate(args) -> int:
     from bcpc.evaluate import evaluate, write_report
-    from bcpc.train import load_trained
 
-    model, cert, cfg, _ = load_trained(args.checkpoint)
-    if args.data_root:
-        cfg.data_root = args.data_root
-    x, y = _data_for(cfg, args.split, args.n)
-    eps = cfg.target_eps_eval if args.eps is None else args.eps
+    cert, cfg, x, y, eps = _load_for_eval(args)
     curve = [float(e) for e in args.eps_curve.split(",")] if args.eps_curve else []
     rep = evaluate(cert, x, y, eps, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps_curve=curve,
                    batch_size=args.batch_size, tightness_n=args.tightness_n, progress=not args.no_progress)
@@ -84,13 +83,7 @@ def cmd_evaluate(args) -> int:
 def cmd_certify(args) -> int:
     import torch
 
-    from bcpc.train import load_trained
-
-    model, cert, cfg, _ = load_trained(args.checkpoint)
-    if args.data_root:
-        cfg.data_root = args.data_root
-    x, y = _data_for(cfg, args.split, args.n)
-    eps = cfg.target_eps_eval if args.eps is None else args.eps
+    cert, cfg, x, y, eps = _load_for_eval(args)
     t0 = time.time()
     ok = torch.cat([cert.certify(x[i:i + 500], y[i:i + 500], eps) for i in range(0, len(x), 500)])
     dt = time.time() - t0
@@ -101,13 +94,8 @@ def cmd_certify(args) -> int:
 
 def cmd_audit(args) -> int:
     from bcpc.testing import audit
-    from bcpc.train import load_trained
 
-    model, cert, cfg, _ = load_trained(args.checkpoint)
-    if args.data_root:
-        cfg.data_root = args.data_root
-    x, y = _data_for(cfg, args.split, args.n)
-    eps = cfg.target_eps_eval if args.eps is None else args.eps
+    cert, cfg, x, y, eps = _load_for_eval(args)
     rep = audit(cert, x, y, eps, pgd_steps=args.pgd_steps, restarts=args.restarts, sphere_samples=args.samples,
                 progress=not args.no_progress)
     print(json.dumps({"checkpoint": str(args.checkpoint), "eps": eps, **rep.to_dict()}, indent=2))
