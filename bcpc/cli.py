@@ -42,7 +42,8 @@ def cmd_train(args) -> int:
     cfg = config.load(args.config)
     if args.set:
         cfg = config.from_dict({**cfg.to_dict(), **_parse_set(args.set)}, args.config)
-    res = fit(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
+    res = fit(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
+              log=lambda msg: print(msg, file=sys.stderr, flush=True))  # stdout: the JSON summary only
     if res.interrupted:
         return 130
     print(json.dumps({"run_dir": str(res.run_dir), "step": res.step, "best": res.best,

@@ -1,4 +1,5 @@
 """The command line: help, one-line errors with exit code 2, and the demo in its reduced form."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,25 @@ def test_demo_quick_runs_end_to_end(tmp_path):
                 "--samples", "8", "--no-progress")
     assert audit.returncode == 0, audit.stderr[-2000:]
     assert '"violations": 0' in audit.stdout
+    report = tmp_path / "report"
+    ev = run("evaluate", "--checkpoint", str(best), "--eps", "1.58", "--n", "40", "--pgd-steps", "5",
+             "--eps-curve", "0.5,1.0,1.58", "--tightness-n", "4", "--out", str(report), "--no-progress")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    rep = json.loads((report / "report.json").read_text())
+    assert rep["n"] == 40 and set(rep["verified_acc_vs_eps"]) == {"0.5", "1", "1.58"}
+    assert rep["verified_acc"] == rep["verified_acc_vs_eps"]["1.58"]
+    assert len(rep["tightness"]["tau_bcp"]) == 4
+    assert (report / "verified_vs_eps.png").exists() and (report / "tightness.png").exists()
+    cf = run("certify", "--checkpoint", str(best), "--eps", "1.58", "--n", "40")
+    assert cf.returncode == 0 and json.loads(cf.stdout)["n"] == 40
+
+
+def test_train_command_with_the_shipped_4c3f_config(tmp_path):
+    """The exact command of docs/results.md, cut to two steps with --set/--max-steps."""
+    out = run("train", "--config", "configs/mnist_4c3f.yaml", "--set", f"out_dir={tmp_path}", "--set",
+              "train_subset=200", "--set", "val_subset=20", "--max-steps", "2", "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["step"] == 2
+    again = run("train", "--config", "configs/mnist_4c3f.yaml", "--set", f"out_dir={tmp_path}", "--set",
+                "train_subset=200", "--set", "val_subset=20", "--max-steps", "3", "--resume", "--no-progress")
+    assert again.returncode == 0 and json.loads(again.stdout)["step"] == 3
