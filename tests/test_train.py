@@ -152,3 +152,20 @@ def test_pgd_finds_adversarial_examples_on_an_undefended_model():
     assert ((adv - x).flatten(1).norm(dim=1) <= 1.0 + 1e-9).all()
     flipped = (margin_of(model(adv), y) < 0).float().mean().item()
     assert flipped > 0.5
+
+
+def test_cifar10_loader_reads_a_torchvision_style_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 1200) for i in range(1, 6)] + [("test_batch", 300)]:
+        batch = {"batch_label": name, "labels": rng.integers(0, 10, n).tolist(),
+                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    x, y = data.cifar10(tmp_path, "train")
+    xv, yv = data.cifar10(tmp_path, "val")
+    xt, yt = data.cifar10(tmp_path, "test")
+    assert x.shape == (1000, 3, 32, 32) and xv.shape == (5000, 3, 32, 32) and xt.shape == (300, 3, 32, 32)
+    assert 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
+    raw = pickle.loads((folder / "data_batch_5").read_bytes())
+    assert torch.equal(yv, torch.tensor(raw["labels"]))  # the last 5,000 training images are the validation split
