@@ -167,5 +167,6 @@ def test_cifar10_loader_reads_a_torchvision_style_folder(tmp_path):
     xt, yt = data.cifar10(tmp_path, "test")
     assert x.shape == (1000, 3, 32, 32) and xv.shape == (5000, 3, 32, 32) and xt.shape == (300, 3, 32, 32)
     assert 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
-    raw = pickle.loads((folder / "data_batch_5").read_bytes())
-    assert torch.equal(yv, torch.tensor(raw["labels"]))  # the last 5,000 training images are the validation split
+    labels = sum((pickle.loads((folder / f"data_batch_{i}").read_bytes())["labels"] for i in range(1, 6)), [])
+    assert torch.equal(yv, torch.tensor(labels[-5000:]))  # the last 5,000 training images are the validation split
+    assert torch.equal(y, torch.tensor(labels[:-5000]))
