@@ -69,10 +69,17 @@ def _load_for_eval(args):
 def cmd_evaluate(args) -> int:
     from bcpc.evaluate import evaluate, write_report
 
+    from bcpc.train import init_distributed
+
+    ctx = init_distributed()  # under torchrun: shard the batches, sum the counts
     cert, cfg, x, y, eps = _load_for_eval(args)
     curve = [float(e) for e in args.eps_curve.split(",")] if args.eps_curve else []
     rep = evaluate(cert, x, y, eps, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps_curve=curve,
-                   batch_size=args.batch_size, tightness_n=args.tightness_n, progress=not args.no_progress)
+                   batch_size=args.batch_size, tightness_n=args.tightness_n if ctx.main else 0,
+                   progress=not args.no_progress, ctx=ctx)
+    ctx.close()
+    if not ctx.main:
+        return 0
     rep.update({"checkpoint": str(args.checkpoint), "split": args.split, "model": cfg.model})
     if args.out:
         for p in write_report(rep, args.out):
@@ -82,14 +89,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_certify(args) -> int:
-    import torch
+    from bcpc.train import init_distributed
 
+    ctx = init_distributed()  # under torchrun: each rank certifies every world-th batch
     cert, cfg, x, y, eps = _load_for_eval(args)
     t0 = time.time()
-    ok = torch.cat([cert.certify(x[i:i + 500], y[i:i + 500], eps) for i in range(0, len(x), 500)])
+    starts = range(ctx.rank * 500, len(x), 500 * ctx.world)
+    ok = sum(int(cert.certify(x[i:i + 500], y[i:i + 500], eps).sum()) for i in starts)
+    (certified,) = ctx.sum([ok])
     dt = time.time() - t0
-    print(json.dumps({"n": len(x), "eps": eps, "certified": int(ok.sum()), "verified_acc": ok.float().mean().item(),
-                      "seconds": round(dt, 2), "images_per_second": round(len(x) / dt, 1)}, indent=2))
+    ctx.close()
+    if ctx.main:
+        print(json.dumps({"n": len(x), "eps": eps, "certified": int(certified), "verified_acc": certified / len(x),
+                          "processes": ctx.world, "seconds": round(dt, 2),
+                          "images_per_second": round(len(x) / dt, 1)}, indent=2))
     return 0
 
 

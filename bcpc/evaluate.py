@@ -41,9 +41,15 @@ def tightness(cert, x: torch.Tensor, eps: float) -> dict:
 
 def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: int = 100,
              pgd_step_size: Optional[float] = None, pgd_restarts: int = 1, eps_curve: Sequence[float] = (),
-             batch_size: int = 500, tightness_n: int = 0, progress: bool = True) -> dict:
+             batch_size: int = 500, tightness_n: int = 0, progress: bool = True, ctx=None) -> dict:
     """Metrics on (x, y). PGD: l2, ``pgd_steps`` steps of size ``pgd_step_size`` (default eps/4, as
-    the paper's code), the first restart from x itself, later ones from random points."""
+    the paper's code), the first restart from x itself, later ones from random points.
+
+    With ``ctx`` (a :class:`bcpc.train.Dist` under torchrun) each rank evaluates every
+    ``world``-th batch and the counts are summed over ranks."""
+    from bcpc.train import Dist
+
+    ctx = ctx or Dist()
     model = cert.model.eval()
     norm = cert.norm
     dom = cert.input_domain
@@ -52,8 +58,8 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
     clean = robust = verified = 0
     curve = {float(e): 0 for e in eps_curve}
     t0 = time.time()
-    batches = range(0, n, batch_size)
-    for i in tqdm(batches, disable=not progress, desc="evaluate", unit="batch"):
+    batches = range(ctx.rank * batch_size, n, batch_size * ctx.world)
+    for i in tqdm(batches, disable=not progress or not ctx.main, desc="evaluate", unit="batch"):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         with torch.no_grad():
             correct = model(xb).argmax(1) == yb
@@ -66,6 +72,9 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
         verified += cert.certify(xb, yb, eps).sum().item()
         for e in curve:
             curve[e] += cert.certify(xb, yb, e).sum().item()
+    keys = list(curve)
+    clean, robust, verified, *vals = ctx.sum([clean, robust, verified] + [curve[e] for e in keys])
+    curve = dict(zip(keys, vals))
     report = {
         "n": n, "eps": eps, "norm": "linf" if math.isinf(norm) else f"l{norm:g}",
         "clean_acc": clean / n,
@@ -74,6 +83,7 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
         "pgd": {"steps": pgd_steps, "step_size": step, "restarts": pgd_restarts, "random_start": pgd_restarts > 1},
         "verified_acc_vs_eps": {f"{e:g}": v / n for e, v in curve.items()},
         "seconds": round(time.time() - t0, 1),
+        "processes": ctx.world,
     }
     if tightness_n:
         report["tightness"] = tightness(cert, x[:tightness_n], eps)

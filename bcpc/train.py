@@ -90,6 +90,12 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group if this process created it."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def sum(self, values: list) -> list:
         """All-reduce a list of numbers (sum over ranks)."""
         if self.world == 1:
@@ -325,9 +331,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         bar.close()
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-        if ctx.owns_group:
-            dist.barrier()
-            dist.destroy_process_group()
+        ctx.close()
     return FitResult(run_dir=run_dir, step=step, epochs_done=step // spe, best=best, history=history,
                      interrupted=interrupted, seconds=time.time() - t0)
 

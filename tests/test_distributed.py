@@ -75,3 +75,31 @@ def test_checkpoint_from_two_processes_resumes_in_one(data_dir):
     a, b = _params(data_dir, "one"), _params(data_dir, "mixed")
     assert b["step"] == 25
     _close(a, b)
+
+
+def test_certify_and_evaluate_shard_over_processes(data_dir):
+    """`bcpc certify` / `bcpc evaluate` under torchrun give the single-process counts."""
+    import json
+
+    ckpt = data_dir / "runs" / "one" / "best.pt"
+    if not ckpt.exists():
+        _train(_config(data_dir, "one"), 1)
+    common = ["--checkpoint", str(ckpt), "--eps", "0.3", "--data-root", str(data_dir / "d"), "--split", "test"]
+    one = json.loads(_train_like(1, "certify", *common).stdout)
+    two = json.loads(_train_like(2, "certify", *common).stdout)
+    assert two["processes"] == 2 and one["certified"] == two["certified"] and one["n"] == two["n"] == 100
+    ev = ["--pgd-steps", "3", "--batch-size", "30", "--no-progress", "--eps-curve", "0.1,0.3"]
+    e1 = json.loads(_train_like(1, "evaluate", *common, *ev).stdout)
+    e2 = json.loads(_train_like(2, "evaluate", *common, *ev).stdout)
+    for k in ("clean_acc", "pgd_acc", "verified_acc", "verified_acc_vs_eps"):
+        assert e1[k] == e2[k], k
+
+
+def _train_like(nproc, command, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port())]
+    out = subprocess.run(launcher + ["-m", "bcpc", command, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
