@@ -146,6 +146,12 @@ class CertifiedModule(nn.Module):
     def _check_eval_mode(self) -> None:
         bad = [name for name, m in self.model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        batch_stats = [name for name, m in self.model.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+        if batch_stats:
+            raise ModelModeError(
+                f"BatchNorm layers {batch_stats} have track_running_stats=False: they always normalise with the "
+                "statistics of the batch, so no certificate holds for a single input. Use running statistics.")
         if bad:
             raise ModelModeError(
                 f"BatchNorm layers {bad} are in training mode: their output depends on the batch, so a "

@@ -85,8 +85,8 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
                 return _call(graph, domain.box_only, (bnd[n],), name=f"{n.name}_box")
             if analysis.last_affine is not None:
                 p = analysis.last_affine.args[0]
-                w = center[analysis.last_affine.args[1]]
-                b = center[analysis.last_affine.args[2]] if len(analysis.last_affine.args) > 2 else None
+                w = _map(analysis.last_affine.args[1], center)
+                b = _map(analysis.last_affine.args[2], center) if len(analysis.last_affine.args) > 2 else None
                 m = _call(graph, margins.last_layer_margins, (spec_bound(p), w, b, center[logits], y), name="margins")
             else:
                 m = _call(graph, margins.logit_margins, (spec_bound(logits), y), name="margins")

@@ -113,7 +113,7 @@ def architectures(draw):
             if draw(st.booleans()):
                 layers.append(nn.Dropout(0.3))
             width = h
-        layers.append(nn.Linear(width, classes))
+        layers.append(nn.Linear(width, classes, bias=draw(st.booleans())))
         model = nn.Sequential(*layers)
     elif kind == "conv":
         depth = draw(st.integers(1, 2))

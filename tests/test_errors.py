@@ -165,3 +165,10 @@ def test_model_output_must_be_logits():
 
     with pytest.raises(errors.GraphStructureError, match="logits"):
         bcpc.compile(Pair(), example_input=torch.zeros(1, 4))
+
+
+def test_batchnorm_without_running_statistics_is_refused_at_certification():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    cert = bcpc.compile(model, example_input=torch.zeros(1, 4))
+    with pytest.raises(errors.ModelModeError, match="track_running_stats=False"):
+        cert.certify(torch.rand(2, 4), torch.tensor([0, 1]), 0.1)
