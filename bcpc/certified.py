@@ -180,6 +180,10 @@ class CertifiedModule(nn.Module):
             if isinstance(eps, Tensor):
                 eps = eps.to(x.dtype)
             return gm, x, eps
+        model_dtype = gm_dtype(self.propagation)
+        if x.dtype != model_dtype:
+            raise InvalidInputError(f"x has dtype {x.dtype} but the model's parameters are {model_dtype}; "
+                                    f"convert with x.to({model_dtype}) (the sound path converts by itself)")
         return self.propagation, x, eps
 
     def forward(self, x: Tensor, eps, y: Optional[Tensor] = None, sound: bool = True,
