@@ -100,7 +100,10 @@ class CertifiedModule(nn.Module):
 
     # --- input checks ---------------------------------------------------------------------
 
-    def _check(self, x: Tensor, y: Optional[Tensor] = None) -> None:
+    def _check(self, x: Tensor, y: Optional[Tensor] = None, values: bool = True) -> None:
+        """Validate inputs. Shapes, dtypes and devices always; with ``values`` also NaN/Inf, the input
+        domain and the label range, in one device synchronisation. The training path (``loss``)
+        checks only the label range among the values (NaN in x shows up as a NaN loss there)."""
         if not isinstance(x, Tensor):
             raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
@@ -115,21 +118,33 @@ class CertifiedModule(nn.Module):
                                     f"(e.g. x.to('{p.device}'))")
         if x.shape[0] == 0:
             raise InvalidInputError("the batch is empty (x.shape[0] == 0)")
-        if not torch.isfinite(x).all():
-            raise InvalidInputError("x contains NaN or Inf values")
-        lo, hi = self.input_domain
-        if (lo is not None and bool((x < lo).any())) or (hi is not None and bool((x > hi).any())):
-            raise InputDomainError(
-                f"x has values outside the declared input domain [{lo}, {hi}] (min {x.min().item():.4g}, "
-                f"max {x.max().item():.4g}); fix the preprocessing or compile with a domain that contains the data")
         if y is not None:
             if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise InvalidInputError("y must be an integer tensor of class indices (torch.long)")
             if y.shape != (x.shape[0],):
                 raise InvalidInputError(f"y has shape {tuple(y.shape)}; expected ({x.shape[0]},), one label per input")
-            if bool(((y < 0) | (y >= self.num_classes)).any()):
+        if not values:
+            # labels out of range would fail deep inside an indexing kernel: check them anyway (one sync)
+            if y is not None and bool(((y < 0) | (y >= self.num_classes)).any()):
                 raise InvalidInputError(f"labels must lie in [0, {self.num_classes}); got min {int(y.min())}, "
                                         f"max {int(y.max())}")
+            return
+        lo, hi = self.input_domain
+        flags = [~torch.isfinite(x).all(),
+                 (x < lo).any() if lo is not None else torch.zeros((), dtype=torch.bool, device=x.device),
+                 (x > hi).any() if hi is not None else torch.zeros((), dtype=torch.bool, device=x.device)]
+        if y is not None:
+            flags.append(((y < 0) | (y >= self.num_classes)).any())
+        nonfinite, below, above, *bad_label = torch.stack(flags).tolist()  # the one synchronisation
+        if nonfinite:
+            raise InvalidInputError("x contains NaN or Inf values")
+        if below or above:
+            raise InputDomainError(
+                f"x has values outside the declared input domain [{lo}, {hi}] (min {x.min().item():.4g}, "
+                f"max {x.max().item():.4g}); fix the preprocessing or compile with a domain that contains the data")
+        if bad_label and bad_label[0]:
+            raise InvalidInputError(f"labels must lie in [0, {self.num_classes}); got min {int(y.min())}, "
+                                    f"max {int(y.max())}")
 
     @staticmethod
     def _check_eps(eps, batch: int) -> None:
@@ -171,7 +186,7 @@ class CertifiedModule(nn.Module):
         return self._twin
 
     def _prepare(self, x, eps, y, sound: bool, dtype):
-        self._check(x, y)
+        self._check(x, y, values=sound)
         self._check_eps(eps, x.shape[0])
         if sound:
             self._check_eval_mode()

@@ -292,16 +292,16 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 step += 1
-                run_loss += loss.item()
+                run_loss += loss.detach()  # a tensor: no device synchronisation per step
                 run_n += 1
                 bar.update(1)
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{run_loss / run_n:.3f}", eps=f"{eps:.3f}", lam=f"{lam:.2f}")
+                if step % 20 == 0 and progress:
+                    bar.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", eps=f"{eps:.3f}", lam=f"{lam:.2f}")
                 if step % cfg.checkpoint_every == 0:
                     save_last(epoch)
             if step // spe > epoch or step == total:  # finished an epoch: validate, checkpoint
                 metrics = accuracy(cert, x_val, y_val, cfg.target_eps_eval, ctx=ctx)
-                (mean_loss,) = ctx.sum([run_loss / max(1, run_n) / ctx.world])
+                (mean_loss,) = ctx.sum([float(run_loss) / max(1, run_n) / ctx.world])
                 eps, lam = schedule(cfg, step - 1, spe)
                 row = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "eps": eps, "lam": lam,
                        "val_clean_acc": metrics["clean_acc"], "val_verified_acc": metrics["verified_acc"],

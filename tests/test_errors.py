@@ -172,3 +172,10 @@ def test_batchnorm_without_running_statistics_is_refused_at_certification():
     cert = bcpc.compile(model, example_input=torch.zeros(1, 4))
     with pytest.raises(errors.ModelModeError, match="track_running_stats=False"):
         cert.certify(torch.rand(2, 4), torch.tensor([0, 1]), 0.1)
+
+
+def test_training_loss_checks_labels_but_not_values():
+    cert = bcpc.compile(small(), example_input=torch.zeros(1, 4), input_domain=(0, 1))
+    with pytest.raises(errors.InvalidInputError, match="labels must lie"):
+        cert.loss(torch.rand(2, 4), torch.tensor([0, 5]), 0.1)
+    assert torch.isnan(cert.loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]), 0.1))
