@@ -5,8 +5,9 @@
 
 For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
 training mode, estimates), certified training step (bcp), certification throughput (sound path:
-float64, guaranteed Lipschitz bounds, computed once per weight version), compile time. Every
-time is the median of --reps repetitions
+float64, guaranteed Lipschitz bounds, computed once per weight version), compile time, and the
+memory a certified and a plain training step keep for backward (activations; the step's memory
+peak). Every time is the median of --reps repetitions
 after warm-up, and is printed as a ratio to the plain training step of the same model and batch.
 """
 import argparse
@@ -37,6 +38,27 @@ def median_time(fn, reps, warmup=2):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def saved_for_backward_mib(loss_fn) -> float:
+    """MiB of distinct tensor storage autograd keeps for the backward pass of ``loss_fn()``.
+
+    The activations saved for backward are what makes a training step's memory peak; counting
+    them through ``torch.autograd.graph.saved_tensors_hooks`` (each storage once) is exact and
+    deterministic, unlike the process RSS on CPU. Parameters are excluded (shared by both steps).
+    """
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(seen.values()) / 2**20
 
 
 def setup(name, batch, method="bcp"):
@@ -78,6 +100,12 @@ def measure(name, batch, reps):
             c.train()
             out[f"bcpc_forward_{m}"] = median_time(lambda c=c: c(x, 36 / 255, y, sound=False), reps)
     out["certified_step"] = median_time(cert_step, reps)
+    out["saved_mib_plain"] = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y))
+    # the Lipschitz cache's power-iteration step (torch.func.vjp, under no_grad) cannot run under
+    # saved-tensor hooks and saves nothing for backward: hold it still while counting
+    cert.propagation.lip.eval()
+    out["saved_mib_certified"] = saved_for_backward_mib(lambda: cert.loss(x, y, 36 / 255, 1.0))
+    cert.propagation.lip.train()
     model.eval()
     n_cert = max(batch, 200)
     xc = torch.rand((n_cert,) + shape_of(name))
@@ -103,7 +131,7 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}; ratios are to the plain "
           "training step of the same model and batch")
     head = (f"{'model':>13} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
-            f"{'CERT STEP':>9} | {'certify img/s':>13} {'compile s':>9}")
+            f"{'CERT STEP':>9} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}")
     print(head)
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -113,7 +141,9 @@ def main():
             line = (f"{name:>13} {batch:>5} {1000 * p:8.1f}ms | {r['plain_forward'] / p:5.2f} "
                     f"{r['bcpc_forward_bcp'] / p:7.2f} {r['bcpc_forward_ibp'] / p:7.2f} "
                     f"{r['bcpc_forward_lipschitz'] / p:7.2f} {r['certified_step'] / p:8.2f}x | "
-                    f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f}")
+                    f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f} | "
+                    f"{r['saved_mib_certified'] / r['saved_mib_plain']:5.2f}x "
+                    f"({r['saved_mib_certified']:.1f}/{r['saved_mib_plain']:.1f} MiB)")
             print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
