@@ -33,20 +33,35 @@ def expand_radius(radius: Tensor, like: Tensor) -> Tensor:
     return radius.reshape(radius.shape + (1,) * (like.dim() - 1))
 
 
+class _Select(torch.autograd.Function):
+    """``where(mask, a, b)`` whose backward keeps only the boolean mask (1 byte per element)."""
+
+    @staticmethod
+    def forward(ctx, a, b, take_a):
+        out = torch.where(take_a, a, b)
+        ctx.save_for_backward(take_a)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (take_a,) = ctx.saved_tensors
+        grad_a = grad * take_a
+        return grad_a, grad - grad_a, None
+
+
 def maximum(a: Tensor, b: Tensor) -> Tensor:
-    """Elementwise max. With autograd on (training) it is computed as ``b + relu(a - b)``, whose
-    backward is about 4x cheaper than ``torch.maximum``'s on CPU; that form can differ from the
-    exact max by one rounding, harmless in a loss. Without autograd (the certification path) it is
-    the exact ``torch.maximum``."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return b + torch.relu(a - b)
+    """Elementwise max (exact). With autograd on (training) the gradient goes to the larger input
+    (``a`` on ties) and only a boolean mask is kept for backward — about half the passes and a
+    quarter of the memory of ``torch.maximum``'s backward, which splits ties with extra masks."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad) and a.shape == b.shape:
+        return _Select.apply(a, b, a >= b)
     return torch.maximum(a, b)
 
 
 def minimum(a: Tensor, b: Tensor) -> Tensor:
-    """Elementwise min; see :func:`maximum`."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return b - torch.relu(b - a)
+    """Elementwise min (exact); see :func:`maximum`."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad) and a.shape == b.shape:
+        return _Select.apply(a, b, a <= b)
     return torch.minimum(a, b)
 
 
