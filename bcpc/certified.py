@@ -17,7 +17,6 @@ Two kinds of call:
 from __future__ import annotations
 
 import copy
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcpc import margins as margins_mod
-from bcpc.domain import Bound
 from bcpc.errors import (InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
                          NonFiniteBoundError)
 

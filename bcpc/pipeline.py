@@ -17,7 +17,9 @@ from bcpc.passes.canonicalize import canonicalize
 from bcpc.passes.lower import Lowered, lower
 from bcpc.passes.shapes import propagate_shapes
 from bcpc.passes.trace import trace
-import bcpc.rules  # noqa: F401  (fills the rule table)
+from bcpc.rules import __all__ as RULE_FAMILIES  # importing the package fills the rule table
+
+__all__ = ["Compiled", "RULE_FAMILIES", "run"]
 
 
 @dataclass

@@ -23,8 +23,8 @@ from bcpc import lipschitz, ops
 from bcpc.domain import Bound, enclose, expand_radius, maximum, minimum
 from bcpc.errors import UnsupportedOpError
 from bcpc.lipcache import LipschitzConstant
-from bcpc.registry import Attr, register, bind
-from bcpc.rules._util import is_bound, ntuple, perturbed, pick, unsupported, check_same_shape_as_perturbed, shape
+from bcpc.registry import Attr, register
+from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, ntuple, perturbed, pick, unsupported
 
 
 def _midrad(x: Bound):
@@ -113,7 +113,7 @@ def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, 
     return enclose(center, radius, lower, upper)
 
 
-def _conv_params(nd, stride, padding, dilation, kernel, where_node=None):
+def _conv_params(nd, stride, padding, dilation, kernel):
     stride, dilation = ntuple(stride, nd), ntuple(dilation, nd)
     if isinstance(padding, str):
         if padding == "valid":

@@ -20,7 +20,7 @@ from torch import nn
 from bcpc import lipschitz
 from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
-from bcpc.rules._util import ntuple, pick, unsupported
+from bcpc.rules._util import ntuple, pick
 
 
 # --- max pooling ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import nn
 
 from bcpc.domain import Bound, enclose
 from bcpc.registry import register, register_identity
-from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, perturbed, pick, shape, unsupported
+from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, pick, shape, unsupported
 
 
 def _radius_sum(*xs):

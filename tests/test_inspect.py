@@ -5,7 +5,6 @@ docs/inspect.md shows what its commands print now.
 Regenerate the output blocks of docs/inspect.md with ``python tests/test_inspect.py --update-docs``.
 """
 import json
-import math
 import os
 import re
 import shutil

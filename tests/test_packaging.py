@@ -35,3 +35,10 @@ def test_no_toplevel_passes_or_rules_imports_and_no_relative_imports():
                 elif isinstance(node, ast.Import):
                     offenders += [f"{path}: import {a.name}" for a in node.names if a.name.split(".")[0] in ("passes", "rules")]
     assert not offenders, offenders
+
+
+def test_pyflakes_is_clean():
+    """Unused imports and variables, undefined names: none in the package, passes, rules, benchmarks."""
+    out = subprocess.run([sys.executable, "-m", "pyflakes", "bcpc", "passes", "rules", "benchmarks", "tests"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "" and out.returncode == 0, out.stdout

@@ -108,7 +108,7 @@ def test_analysis_drops_dead_code():
             self.a = nn.Linear(4, 2)
 
         def forward(self, x):
-            unused = torch.sin(x)  # no rule, but the output does not depend on it  # noqa: F841
+            torch.sin(x)  # no rule, but the output does not depend on it
             return self.a(x)
 
     gm = propagate_shapes(canonicalize(trace(M())), torch.zeros(1, 4))

@@ -1,7 +1,6 @@
 """Training: schedule, config validation, data loading, checkpoints, resume equivalence, PGD."""
 import argparse
 import gzip
-import io
 import pickle
 
 import numpy as np
