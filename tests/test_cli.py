@@ -72,3 +72,14 @@ def test_train_command_with_the_shipped_4c3f_config(tmp_path):
     again = run("train", "--config", "configs/mnist_4c3f.yaml", "--set", f"out_dir={tmp_path}", "--set",
                 "train_subset=200", "--set", "val_subset=20", "--max-steps", "3", "--resume", "--no-progress")
     assert again.returncode == 0 and json.loads(again.stdout)["step"] == 3
+
+
+def test_readme_command_on_the_shipped_model():
+    """The README's `bcpc evaluate --checkpoint models/...` line, run exactly as written."""
+    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.startswith("bcpc evaluate --checkpoint models/"))
+    args = line.split("#")[0].split()[1:]
+    out = run(*args, "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    assert rep["n"] == 500 and rep["verified_acc"] > 0.2 and rep["clean_acc"] >= rep["pgd_acc"] >= rep["verified_acc"]
