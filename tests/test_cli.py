@@ -79,7 +79,7 @@ def test_readme_command_on_the_shipped_model():
     line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
                 if ln.startswith("bcpc evaluate --checkpoint models/"))
     args = line.split("#")[0].split()[1:]
-    out = run(*args, "--no-progress")
+    out = run(*args)
     assert out.returncode == 0, out.stderr[-2000:]
     rep = json.loads(out.stdout)
     assert rep["n"] == 500 and rep["verified_acc"] > 0.2 and rep["clean_acc"] >= rep["pgd_acc"] >= rep["verified_acc"]
