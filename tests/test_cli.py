@@ -74,12 +74,23 @@ def test_train_command_with_the_shipped_4c3f_config(tmp_path):
     assert again.returncode == 0 and json.loads(again.stdout)["step"] == 3
 
 
-def test_readme_command_on_the_shipped_model():
-    """The README's `bcpc evaluate --checkpoint models/...` line, run exactly as written."""
-    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
-                if ln.startswith("bcpc evaluate --checkpoint models/"))
-    args = line.split("#")[0].split()[1:]
-    out = run(*args)
+README_RUNNABLE = [ln.split("#")[0].split() for ln in (ROOT / "README.md").read_text().splitlines()
+                   if ln.startswith(("bcpc evaluate", "bcpc certify", "bcpc audit", "bcpc inspect"))]
+
+
+@pytest.mark.parametrize("argv", README_RUNNABLE, ids=[a[1] for a in README_RUNNABLE])
+def test_readme_commands_run_as_written(argv):
+    out = run(*argv[1:])
     assert out.returncode == 0, out.stderr[-2000:]
-    rep = json.loads(out.stdout)
-    assert rep["n"] == 500 and rep["verified_acc"] > 0.2 and rep["clean_acc"] >= rep["pgd_acc"] >= rep["verified_acc"]
+    if argv[1] == "evaluate":
+        rep = json.loads(out.stdout)
+        assert rep["n"] == 500 and rep["verified_acc"] > 0.2 and rep["clean_acc"] >= rep["pgd_acc"] >= rep["verified_acc"]
+    elif argv[1] in ("certify", "audit"):
+        rep = json.loads(out.stdout)
+        assert rep.get("verified_acc", 1) > 0.2 and rep.get("violations", 0) == 0
+    else:
+        assert "tau" in out.stdout
+
+
+def test_readme_lists_the_runnable_commands():
+    assert [a[1] for a in README_RUNNABLE] == ["evaluate", "certify", "audit", "inspect"]
