@@ -92,6 +92,22 @@ class CertifiedModule(nn.Module):
         return self.propagation.model
 
     @property
+    def rules(self) -> dict:
+        """User graph node name -> the rule that bounds it (``"input"`` for the input)."""
+        return dict(self._lowered.rules)
+
+    @property
+    def lipschitz_modules(self) -> dict:
+        """Node name -> ``(LipschitzConstant module, weight's name in the model or None)``."""
+        return {origin: (self.propagation.lip.get_submodule(lip), weight)
+                for origin, (lip, weight) in self._lowered.lipschitz.items()}
+
+    @property
+    def analysis(self):
+        """The structure analysis: ``output`` node, ``last_affine`` node (or None), residual merges."""
+        return self._analysis
+
+    @property
     def code(self) -> str:
         """Python source of the emitted propagation module."""
         return self.propagation.code
@@ -286,8 +302,7 @@ class CertifiedModule(nn.Module):
         """
         rows = []
         with torch.no_grad():
-            for origin, (lip_name, weight_name) in self._lowered.lipschitz.items():
-                lip = self.propagation.lip.get_submodule(lip_name)
+            for origin, (lip, weight_name) in self.lipschitz_modules.items():
                 weight = self.model.get_parameter(weight_name) if weight_name else None
                 if weight is None:
                     continue

@@ -29,7 +29,7 @@ def tightness(cert, x: torch.Tensor, eps: float) -> dict:
         t = t.masked_fill(torch.nn.functional.one_hot(y, c).bool(), 0.0)
         taus += t.sum(1) / (c * (c - 1))
     lip = None
-    an = cert._analysis
+    an = cert.analysis
     if an.last_affine is not None:
         nb = cert.node_bounds(x[:1], eps)
         rho = float(nb[an.last_affine.args[0].name].radius[0])

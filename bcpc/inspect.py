@@ -260,7 +260,7 @@ def build_report(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tenso
         eps = float(eps)
 
     lo, hi = cert.input_domain
-    an = cert._analysis
+    an = cert.analysis
     report = Report(model=type(cert.model).__name__, norm=_norm_name(cert.norm), method=cert.method,
                     input_shape=list(cert.input_shape), input_domain=[lo, hi], num_classes=cert.num_classes,
                     margins_at=an.last_affine.name if an.last_affine is not None else None)
@@ -269,7 +269,7 @@ def build_report(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tenso
     lip = _lipschitz_rows(cert)
     for n in nodes:
         rec = info(n)
-        rule_name = cert._lowered.rules.get(rec.origin)
+        rule_name = cert.rules.get(rec.origin)
         rule = registry.rule_for(n.target) if n.op == "call_function" else None
         family = "input" if n.op == "placeholder" else (rule.family if rule is not None and rule_name else None)
         inputs = [a.name for a in n.all_input_nodes if a.name in names]

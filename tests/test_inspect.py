@@ -88,7 +88,7 @@ def test_node_records_match_the_compiled_graph(case):
     cert = case["cert"]
     data = json.loads(case["texts"]["json"])
     nodes = {n["name"]: n for n in data["nodes"]}
-    for name, rule in cert._lowered.rules.items():
+    for name, rule in cert.rules.items():
         assert nodes[name]["rule"] == rule
     assert nodes["x"]["family"] == "input" and nodes["x"]["inputs"] == []
     assert nodes["bn"]["family"] == "affine" and nodes["bn"]["lipschitz"] is None  # no weight cache

@@ -100,8 +100,7 @@ def test_guaranteed_bounds_cover_the_explicit_norm_of_every_small_layer():
                           nn.ReLU(), nn.Linear(16, 10))
     cert = bcpc.compile(model, example_input=torch.zeros(1, 1, 12, 12))
     checked = 0
-    for origin, (lip_name, weight_name) in cert._lowered.lipschitz.items():
-        lip = cert.propagation.lip.get_submodule(lip_name)
+    for origin, (lip, weight_name) in cert.lipschitz_modules.items():
         w = model.get_parameter(weight_name).detach().double()
         mat = explicit_matrix(lip.linear_fn(w), lip.in_shape)
         exact = torch.linalg.matrix_norm(mat, ord=2).item()
