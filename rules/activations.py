@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcpc import domain
+from bcpc import kernels
 from bcpc.domain import Bound, enclose
 from bcpc.registry import register
 from bcpc.rules._util import pick, unsupported
 
 
-def monotone(target, *, lipschitz, name, spellings, params=(), defaults=None, check=None, box_fn=None):
+def monotone(target, *, lipschitz, name, spellings, params=(), defaults=None, check=None, box_pair=None):
     """Register a nondecreasing activation ``target(x, *params)`` with Lipschitz constant
-    ``lipschitz(*params)`` (a number or a function of the parameters). ``box_fn`` computes the
-    same values as ``target`` on the box ends (e.g. with a leaner backward)."""
+    ``lipschitz(*params)`` (a number or a function of the parameters). ``box_pair(lower, upper)``,
+    if given, computes ``target`` on both box ends at once (a fused kernel, bcpc.kernels)."""
     lip = lipschitz if callable(lipschitz) else (lambda *p, _L=float(lipschitz): _L)
     names = ("input",) + tuple(params)
     defaults = dict(defaults or {})
@@ -31,10 +31,10 @@ def monotone(target, *, lipschitz, name, spellings, params=(), defaults=None, ch
     def ball(x: Bound, *p):
         return None if x.radius is None else lip(*p) * x.radius
 
-    f = box_fn or target  # the same function, computed with a leaner backward if given
-
     def box(center, radius, x: Bound, *p) -> Bound:
-        return enclose(center, radius, f(x.lower, *p), f(x.upper, *p))
+        if box_pair is not None:
+            return enclose(center, radius, *box_pair(x.lower, x.upper, *p))
+        return enclose(center, radius, target(x.lower, *p), target(x.upper, *p))
 
     ball.__name__, box.__name__ = f"{name}_ball", f"{name}_box"
     ball.__qualname__, box.__qualname__ = ball.__name__, box.__name__
@@ -72,7 +72,8 @@ def _check_elu(node):
         raise unsupported(node, f"elu with alpha={alpha!r} is not monotone", "Use alpha >= 0")
 
 
-monotone(torch.relu, lipschitz=1.0, name="relu", spellings=(torch.relu, nn.ReLU, F.relu, "relu"), box_fn=domain.relu)
+monotone(torch.relu, lipschitz=1.0, name="relu", spellings=(torch.relu, nn.ReLU, F.relu, "relu"),
+         box_pair=kernels.relu_box)
 monotone(torch.tanh, lipschitz=1.0, name="tanh", spellings=(torch.tanh, nn.Tanh, F.tanh, "tanh"))
 monotone(torch.sigmoid, lipschitz=0.25, name="sigmoid", spellings=(torch.sigmoid, nn.Sigmoid, F.sigmoid, "sigmoid"))
 monotone(F.leaky_relu, lipschitz=lambda slope: max(1.0, float(slope)), name="leaky_relu",

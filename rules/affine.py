@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bcpc import lipschitz, ops
+from bcpc import kernels, lipschitz, ops
 from bcpc.domain import Bound, enclose, expand_radius, maximum, minimum
 from bcpc.errors import UnsupportedOpError
 from bcpc.lipcache import LipschitzConstant
@@ -50,15 +50,26 @@ def linear_ball(x: Bound, weight: Tensor, bias=None, *, sigma: Tensor):
     return _scale_ball(x, sigma)
 
 
+def _affine_box(center, radius, x: Bound, apply, apply_abs, bias, rownorm, weight) -> Bound:
+    """``A m + b ± |A| rad`` ∩ ``A c + b ± rownorm * r``, with ``m, rad`` the input box's midpoint
+    and half-width. The box is passed through ``A`` as ``u + l`` and ``u - l`` and halved after
+    (exact in binary floating point): bcpc.kernels fuses the elementwise arithmetic around the
+    two products into one pass on the CPU. ``apply_abs(a, |W|)`` applies ``|A|``; ``rownorm(W**2)``
+    gives the row norms of ``A``."""
+    if x.radius is None:
+        mid, rad = _midrad(x)
+        out_mid, out_rad = apply(mid, bias), apply_abs(rad, weight.abs())
+        return enclose(center, radius, out_mid - out_rad, out_mid + out_rad)
+    w_abs, w_sq = kernels.abs_square(weight)
+    s, d = kernels.sum_diff(x.lower, x.upper)
+    lower, upper = kernels.affine_box(apply(s, None), apply_abs(d, w_abs), bias, center, rownorm(w_sq), x.radius)
+    return enclose(center, radius, lower, upper)
+
+
 def linear_box(center: Tensor, radius, x: Bound, weight: Tensor, bias=None) -> Bound:
     """IA box ∩ row-norm box (which lies inside the output ball box: ||W_i|| <= sigma(W))."""
-    mid, rad = _midrad(x)
-    out_mid = F.linear(mid, weight, bias)
-    out_rad = F.linear(rad, weight.abs())
-    lower, upper = out_mid - out_rad, out_mid + out_rad
-    rownorm = weight.square().sum(dim=1).sqrt()
-    lower, upper = _intersect_rows(lower, upper, center, rownorm, x.radius)
-    return enclose(center, radius, lower, upper)
+    return _affine_box(center, radius, x, lambda a, b: F.linear(a, weight, b), lambda a, w_abs: F.linear(a, w_abs),
+                       bias, lambda w_sq: w_sq.sum(dim=1).sqrt(), weight)
 
 
 def _linear_adapter(module, args, kwargs):
@@ -102,15 +113,16 @@ def conv_ball(x: Bound, weight, bias, stride, padding, dilation, groups, *, sigm
 def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, groups) -> Bound:
     """IA box ∩ per-output-position row-norm box (inside the output ball box)."""
     conv = _conv(weight.dim() - 2)
-    mid, rad = _midrad(x)
-    out_mid = conv(mid, weight, bias, stride, padding, dilation, groups)
-    out_rad = conv(rad, weight.abs(), None, stride, padding, dilation, groups)
-    lower, upper = out_mid - out_rad, out_mid + out_rad
-    if x.radius is not None:
+
+    def rownorm(w_sq):
         ones = torch.ones((1,) + tuple(x.center.shape[1:]), dtype=weight.dtype, device=weight.device)
-        rownorm = conv(ones, weight.square(), None, stride, padding, dilation, groups).clamp_min(0).sqrt()
-        lower, upper = _intersect_rows(lower, upper, center, rownorm, x.radius)
-    return enclose(center, radius, lower, upper)
+        return conv(ones, w_sq, None, stride, padding, dilation, groups).clamp_min(0).sqrt()[0]
+
+    if bias is not None:
+        bias = bias.reshape((-1,) + (1,) * (weight.dim() - 2))  # per channel
+    return _affine_box(center, radius, x, lambda a, b: conv(a, weight, b, stride, padding, dilation, groups),
+                       lambda a, w_abs: conv(a, w_abs, None, stride, padding, dilation, groups), bias, rownorm,
+                       weight)
 
 
 def _conv_params(nd, stride, padding, dilation, kernel):

@@ -1,0 +1,307 @@
+"""Fused box arithmetic: one pass over the activations where torch needs one pass per operation.
+
+The box half of an affine layer followed by a monotone activation is a chain of a dozen
+elementwise operations (midpoint and half-width of the input box, the interval-arithmetic ends,
+the row-norm intersection of eq. 6, the activation on both ends), each a separate pass over the
+activations forward and again backward, with its own temporaries. On a CPU these passes cost more
+than the convolutions they surround (benchmarks/bench.py; docs/performance.md). Here each chain
+is one numba kernel forward and one backward, wrapped in a ``torch.autograd.Function`` that keeps
+one byte per element for backward (which side of every max/min and ReLU won).
+
+Every function has a pure-torch path computing the same arithmetic in the same order; it is taken
+for tensors that are not on the CPU (so the emitted code runs on CUDA unchanged), for dtypes other
+than float32/float64, and when ``BCPC_FUSED=0`` is set in the environment (the reference the tests
+compare against). The kernels are serial: ``benchmarks/bench.py`` measures one thread.
+
+Conventions, shared by both paths (DESIGN.md §2, affine rule):
+
+* ``sum_diff(lower, upper)`` gives ``s = upper + lower`` and ``d = upper - lower``; the affine rule
+  applies ``A`` to ``s`` and ``|A|`` to ``d``, and ``affine_box`` halves both (exact in binary
+  floating point), so the box midpoint and half-width are never materialised;
+* ``affine_box(a_s, a_d, bias, center, rownorm, radius)``: with ``m = a_s / 2 + bias`` and
+  ``r = a_d / 2``, returns ``lower = max(m - r, center - rownorm * radius)`` and
+  ``upper = min(m + r, center + rownorm * radius)``;
+* ``relu_box(lower, upper)`` returns ``(relu(lower), relu(upper))``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from bcpc.domain import maximum, minimum, relu
+
+# Backward codes, one byte per element: in affine_box bit 1 = the interval-arithmetic lower end
+# won the max (else the ball end), bit 2 = the same for the upper end and the min; in relu_box
+# bit 1 = lower > 0, bit 2 = upper > 0.
+
+
+def enabled() -> bool:
+    """Whether the fused CPU kernels are used (``BCPC_FUSED=0`` turns them off)."""
+    return os.environ.get("BCPC_FUSED", "1") != "0"
+
+
+def _fusable(*tensors: Tensor) -> bool:
+    if not enabled():
+        return False
+    dtype = tensors[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in (torch.float32, torch.float64)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _const(like: Tensor, value: float):
+    """A scalar of ``like``'s dtype: keeps float32 kernels in float32 arithmetic, like torch."""
+    return np.float32(value) if like.dtype == torch.float32 else np.float64(value)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(B, ...) -> contiguous (B, N)."""
+    return t.reshape(t.shape[0], -1).contiguous()
+
+
+# --- numba kernels (serial; (B, N) arrays, per-coordinate vectors of length N) --------------------
+
+@numba.njit(cache=True, nogil=True)
+def _sum_diff_kernel(lower, upper, s, d):
+    B, N = lower.shape
+    for b in range(B):
+        for n in range(N):
+            lo, up = lower[b, n], upper[b, n]
+            s[b, n] = up + lo
+            d[b, n] = up - lo
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum_diff_backward_kernel(gs, gd, gl, gu):
+    B, N = gs.shape
+    for b in range(B):
+        for n in range(N):
+            x, y = gs[b, n], gd[b, n]
+            gu[b, n] = x + y
+            gl[b, n] = x - y
+
+
+@numba.njit(cache=True, nogil=True)
+def _affine_kernel(a_s, a_d, bias, center, rownorm, radius, lower, upper, code, half):
+    B, N = a_s.shape
+    for b in range(B):
+        rb = radius[b]
+        for n in range(N):
+            m = a_s[b, n] * half + bias[n]
+            r = a_d[b, n] * half
+            dev = rownorm[n] * rb
+            c = center[b, n]
+            ia_lo, ia_up = m - r, m + r
+            ball_lo, ball_up = c - dev, c + dev
+            k = 0
+            if ia_lo >= ball_lo:
+                lower[b, n] = ia_lo
+                k |= 1
+            else:
+                lower[b, n] = ball_lo
+            if ia_up <= ball_up:
+                upper[b, n] = ia_up
+                k |= 2
+            else:
+                upper[b, n] = ball_up
+            code[b, n] = k
+
+
+@numba.njit(cache=True, nogil=True)
+def _affine_backward_kernel(gl, gu, code, rownorm, radius, g_as, g_ad, g_center, g_bias, g_rownorm, g_radius,
+                            half, zero):
+    B, N = gl.shape
+    for b in range(B):
+        rb = radius[b]
+        acc = 0.0
+        for n in range(N):
+            k = code[b, n]
+            x, y = gl[b, n], gu[b, n]
+            ia_l = x if k & 1 else zero
+            ia_u = y if k & 2 else zero
+            ball_l = x - ia_l
+            ball_u = y - ia_u
+            g_m = ia_l + ia_u
+            g_as[b, n] = g_m * half
+            g_ad[b, n] = (ia_u - ia_l) * half
+            g_bias[n] += g_m
+            g_center[b, n] = ball_l + ball_u
+            g_dev = ball_u - ball_l
+            g_rownorm[n] += g_dev * rb
+            acc += g_dev * rownorm[n]
+        g_radius[b] = acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_box_kernel(lower, upper, out_lower, out_upper, code, zero):
+    B, N = lower.shape
+    for b in range(B):
+        for n in range(N):
+            lo, up = lower[b, n], upper[b, n]
+            k = 0
+            if lo > 0:
+                out_lower[b, n] = lo
+                k |= 1
+            else:
+                out_lower[b, n] = zero
+            if up > 0:
+                out_upper[b, n] = up
+                k |= 2
+            else:
+                out_upper[b, n] = zero
+            code[b, n] = k
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_box_backward_kernel(g_lower, g_upper, code, gl, gu, zero):
+    B, N = g_lower.shape
+    for b in range(B):
+        for n in range(N):
+            k = code[b, n]
+            gl[b, n] = g_lower[b, n] if k & 1 else zero
+            gu[b, n] = g_upper[b, n] if k & 2 else zero
+
+
+@numba.njit(cache=True, nogil=True)
+def _abs_square_kernel(w, w_abs, w_sq):
+    for i in range(w.shape[0]):
+        v = w[i]
+        w_abs[i] = abs(v)
+        w_sq[i] = v * v
+
+
+@numba.njit(cache=True, nogil=True)
+def _abs_square_backward_kernel(w, g_abs, g_sq, g, zero, two):
+    for i in range(w.shape[0]):
+        v = w[i]
+        a = g_abs[i] if v > zero else (-g_abs[i] if v < zero else zero)  # sign(w) * g_abs
+        g[i] = a + g_sq[i] * (two * v)
+
+
+# --- autograd functions -----------------------------------------------------------------------
+
+class _SumDiff(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lower, upper):
+        s, d = torch.empty_like(lower), torch.empty_like(lower)
+        _sum_diff_kernel(_np(lower), _np(upper), _np(s), _np(d))
+        return s, d
+
+    @staticmethod
+    def backward(ctx, gs, gd):
+        gs, gd = gs.contiguous(), gd.contiguous()
+        gl, gu = torch.empty_like(gs), torch.empty_like(gs)
+        _sum_diff_backward_kernel(_np(gs), _np(gd), _np(gl), _np(gu))
+        return gl, gu
+
+
+class _AffineBox(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a_s, a_d, bias, center, rownorm, radius):
+        lower, upper = torch.empty_like(a_s), torch.empty_like(a_s)
+        code = torch.empty(a_s.shape, dtype=torch.uint8)
+        _affine_kernel(_np(a_s), _np(a_d), _np(bias), _np(center), _np(rownorm), _np(radius),
+                       _np(lower), _np(upper), _np(code), _const(a_s, 0.5))
+        ctx.save_for_backward(code, rownorm, radius)
+        return lower, upper
+
+    @staticmethod
+    def backward(ctx, gl, gu):
+        code, rownorm, radius = ctx.saved_tensors
+        gl, gu = gl.contiguous(), gu.contiguous()
+        g_as, g_ad, g_center = torch.empty_like(gl), torch.empty_like(gl), torch.empty_like(gl)
+        g_bias, g_rownorm = torch.zeros_like(rownorm), torch.zeros_like(rownorm)
+        g_radius = torch.empty_like(radius)
+        _affine_backward_kernel(_np(gl), _np(gu), _np(code), _np(rownorm), _np(radius), _np(g_as), _np(g_ad),
+                                _np(g_center), _np(g_bias), _np(g_rownorm), _np(g_radius), _const(gl, 0.5), _const(gl, 0.0))
+        return g_as, g_ad, g_bias, g_center, g_rownorm, g_radius
+
+
+class _ReluBox(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lower, upper):
+        out_lower, out_upper = torch.empty_like(lower), torch.empty_like(lower)
+        code = torch.empty(lower.shape, dtype=torch.uint8)
+        _relu_box_kernel(_np(lower), _np(upper), _np(out_lower), _np(out_upper), _np(code), _const(lower, 0.0))
+        ctx.save_for_backward(code)
+        return out_lower, out_upper
+
+    @staticmethod
+    def backward(ctx, g_lower, g_upper):
+        (code,) = ctx.saved_tensors
+        g_lower, g_upper = g_lower.contiguous(), g_upper.contiguous()
+        gl, gu = torch.empty_like(g_lower), torch.empty_like(g_lower)
+        _relu_box_backward_kernel(_np(g_lower), _np(g_upper), _np(code), _np(gl), _np(gu), _const(gl, 0.0))
+        return gl, gu
+
+
+class _AbsSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        w_abs, w_sq = torch.empty_like(w), torch.empty_like(w)
+        _abs_square_kernel(_np(w), _np(w_abs), _np(w_sq))
+        ctx.save_for_backward(w)
+        return w_abs, w_sq
+
+    @staticmethod
+    def backward(ctx, g_abs, g_sq):
+        (w,) = ctx.saved_tensors
+        g = torch.empty_like(w)
+        _abs_square_backward_kernel(_np(w), _np(g_abs.contiguous()), _np(g_sq.contiguous()), _np(g),
+                                    _const(w, 0.0), _const(w, 2.0))
+        return g
+
+
+# --- public entry points ----------------------------------------------------------------------
+
+def sum_diff(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """``(upper + lower, upper - lower)``: twice the box midpoint and twice its half-width."""
+    if not _fusable(lower, upper):
+        return upper + lower, upper - lower
+    s, d = _SumDiff.apply(_rows(lower), _rows(upper))
+    return s.view(lower.shape), d.view(lower.shape)
+
+
+def affine_box(a_s: Tensor, a_d: Tensor, bias: Optional[Tensor], center: Tensor, rownorm: Tensor,
+               radius: Tensor) -> tuple[Tensor, Tensor]:
+    """Box of an affine output from ``a_s = A (u + l)``, ``a_d = |A| (u - l)`` (see module doc).
+
+    ``bias`` and ``rownorm`` broadcast against one sample (``center[0]``); ``radius`` is ``(B,)``.
+    """
+    shape = center.shape
+    if bias is None:
+        bias = torch.zeros((), dtype=center.dtype, device=center.device)
+    if not _fusable(a_s, a_d, center, rownorm, radius, bias):
+        m = a_s * 0.5 + bias
+        r = a_d * 0.5
+        dev = rownorm * radius.reshape((-1,) + (1,) * (center.dim() - 1))
+        return maximum(m - r, center - dev), minimum(m + r, center + dev)
+    per_sample = shape[1:]
+    bias_n = bias.expand(per_sample).reshape(-1).contiguous()
+    rownorm_n = rownorm.expand(per_sample).reshape(-1).contiguous()
+    lower, upper = _AffineBox.apply(_rows(a_s), _rows(a_d), bias_n, _rows(center), rownorm_n,
+                                    radius.reshape(-1).contiguous())
+    return lower.view(shape), upper.view(shape)
+
+
+def relu_box(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """``(relu(lower), relu(upper))``."""
+    if not _fusable(lower, upper):
+        return relu(lower), relu(upper)
+    out_lower, out_upper = _ReluBox.apply(_rows(lower), _rows(upper))
+    return out_lower.view(lower.shape), out_upper.view(lower.shape)
+
+
+def abs_square(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(|W|, W**2)`` in one pass (and one pass backward: ``sign(W) g_abs + 2 W g_sq``)."""
+    if not _fusable(weight):
+        return weight.abs(), weight.square()
+    w_abs, w_sq = _AbsSquare.apply(weight.reshape(-1).contiguous())
+    return w_abs.view(weight.shape), w_sq.view(weight.shape)
