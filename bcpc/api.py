@@ -45,6 +45,7 @@ def compile(
     input_domain: Optional[tuple] = None,
     method: str = "bcp",
     lipschitz_iters: int = 1,
+    backend: Optional[str] = None,
     debug: bool = False,
 ) -> CertifiedModule:
     """Compile ``model`` into a certifying module (see bcpc.certified.CertifiedModule).
@@ -58,6 +59,10 @@ def compile(
             may be None. Intersecting with it is sound and tightens the bounds.
         method: ``"bcp"`` (ball + box), ``"ibp"`` (box only), ``"lipschitz"`` (ball only).
         lipschitz_iters: power-iteration steps per training forward (Lipschitz cache).
+        backend: ``None`` (default) runs the emitted module eagerly, with bcpc's fused CPU kernels;
+            a ``torch.compile`` backend name (``"inductor"``) compiles the training path
+            (``sound=False``: ``loss``, ``forward(..., sound=False)``) on its first call. The
+            certification path (``sound=True``) always runs eagerly in float64.
         debug: check graph invariants between passes.
     """
     if not isinstance(model, nn.Module):
@@ -80,11 +85,16 @@ def compile(
         raise InputDomainError(f"input_domain={input_domain!r} is empty (low > high)")
     if lipschitz_iters < 1:
         raise ConfigError("lipschitz_iters must be >= 1")
+    if backend is not None:
+        from torch import _dynamo
+        if backend not in _dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"unknown torch.compile backend {backend!r}; choose one of "
+                              f"{', '.join(_dynamo.list_backends())} (or None for eager)")
     compiled = pipeline.run(model, example_input, method=method, norm=p, input_domain=(lo, hi),
                             lipschitz_iters=lipschitz_iters, debug=debug)
     num_classes = info(compiled.analysis.output).shape[1]
     return CertifiedModule(
         compiled.lowered, model=model, norm=p, method=method, input_domain=(lo, hi),
         input_shape=tuple(example_input.shape[1:]), num_classes=num_classes, analysis=compiled.analysis,
-        canonical=compiled.canonical,
+        canonical=compiled.canonical, backend=backend,
     )

@@ -67,7 +67,8 @@ class CertifiedModule(nn.Module):
     """Logits and certified margin lower bounds in one forward pass. Built by bcpc.compile."""
 
     def __init__(self, lowered, *, model: nn.Module, norm: float, method: str, input_domain,
-                 input_shape: tuple, num_classes: int, analysis, canonical: fx.GraphModule):
+                 input_shape: tuple, num_classes: int, analysis, canonical: fx.GraphModule,
+                 backend: Optional[str] = None):
         super().__init__()
         self.propagation = lowered.graph_module
         self.norm, self.method = norm, method
@@ -79,6 +80,8 @@ class CertifiedModule(nn.Module):
         self._analysis = analysis
         self._twin = None
         self._twin_key = None
+        self.backend = backend
+        self._compiled = None  # torch.compile(self.propagation), built on the first training call
 
     # The canonical graph shares the user's parameters; keep it out of the module tree.
     def __setattr__(self, name, value):
@@ -138,7 +141,12 @@ class CertifiedModule(nn.Module):
             if y.shape != (x.shape[0],):
                 raise InvalidInputError(f"y has shape {tuple(y.shape)}; expected ({x.shape[0]},), one label per input")
         if not values:
-            # labels out of range would fail deep inside an indexing kernel: check them anyway (one sync)
+            # labels out of range would fail deep inside an indexing kernel: check them anyway. On an
+            # accelerator with a device-side assertion, so the training step never waits on the device.
+            if y is not None and y.device.type != "cpu":
+                torch._assert_async(((y >= 0) & (y < self.num_classes)).all(),
+                                    f"labels must lie in [0, {self.num_classes})")
+                return
             if y is not None and bool(((y < 0) | (y >= self.num_classes)).any()):
                 raise InvalidInputError(f"labels must lie in [0, {self.num_classes}); got min {int(y.min())}, "
                                         f"max {int(y.max())}")
@@ -213,7 +221,15 @@ class CertifiedModule(nn.Module):
         if x.dtype != model_dtype:
             raise InvalidInputError(f"x has dtype {x.dtype} but the model's parameters are {model_dtype}; "
                                     f"convert with x.to({model_dtype}) (the sound path converts by itself)")
-        return self.propagation, x, eps
+        return self._training_graph(), x, eps
+
+    def _training_graph(self):
+        """The propagation module for the training path: itself, or its torch.compile'd wrapper."""
+        if self.backend is None:
+            return self.propagation
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.propagation, backend=self.backend))
+        return self._compiled
 
     def forward(self, x: Tensor, eps, y: Optional[Tensor] = None, sound: bool = True,
                 dtype: Optional[torch.dtype] = None) -> CertifiedOutput:

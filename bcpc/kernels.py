@@ -10,7 +10,8 @@ one byte per element for backward (which side of every max/min and ReLU won).
 
 Every function has a pure-torch path computing the same arithmetic in the same order; it is taken
 for tensors that are not on the CPU (so the emitted code runs on CUDA unchanged), for dtypes other
-than float32/float64, and when ``BCPC_FUSED=0`` is set in the environment (the reference the tests
+than float32/float64, inside ``torch.compile`` (``bcpc.compile(..., backend="inductor")``, whose
+code generator fuses the torch path itself), and when ``BCPC_FUSED=0`` is set in the environment (the reference the tests
 compare against). The kernels are serial: ``benchmarks/bench.py`` measures one thread.
 
 Conventions, shared by both paths (DESIGN.md §2, affine rule):
@@ -46,7 +47,7 @@ def enabled() -> bool:
 
 
 def _fusable(*tensors: Tensor) -> bool:
-    if not enabled():
+    if not enabled() or torch.compiler.is_compiling():  # under torch.compile inductor fuses the torch path
         return False
     dtype = tensors[0].dtype
     return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in (torch.float32, torch.float64)

@@ -1,7 +1,7 @@
 """Cost of certification relative to plain training, measured in one process and one run.
 
     python benchmarks/bench.py [--models mnist_4c3f,cifar_6c2f,resnet_small] [--batches 50,128]
-                               [--threads 1] [--reps 10]
+                               [--threads 1] [--reps 10] [--inductor] [--peers]
 
 For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
 training mode, estimates), certified training step (bcp), certification throughput (sound path:
@@ -9,6 +9,11 @@ float64, guaranteed Lipschitz bounds, computed once per weight version), compile
 memory a certified and a plain training step keep for backward (activations; the step's memory
 peak). Every time is the median of --reps repetitions
 after warm-up, and is printed as a ratio to the plain training step of the same model and batch.
+
+``--inductor`` adds the certified step of ``bcpc.compile(..., backend="inductor")`` (torch.compile;
+its one-off compile time is printed separately). ``--peers`` adds auto_LiRPA's IBP and CROWN-IBP
+training steps on the same model and batch (benchmarks/peers.py; auto-lirpa needs its own
+environment, ``.venv-peers``: see that file), so one run gives every ratio.
 """
 import argparse
 import json
@@ -71,7 +76,7 @@ def setup(name, batch, method="bcp"):
     return model, cert, x, y, time.perf_counter() - t
 
 
-def measure(name, batch, reps):
+def measure(name, batch, reps, inductor=False, peers=False):
     model, cert, x, y, compile_s = setup(name, batch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: weights change, bounds stay finite
     model.train()
@@ -100,6 +105,18 @@ def measure(name, batch, reps):
             c.train()
             out[f"bcpc_forward_{m}"] = median_time(lambda c=c: c(x, 36 / 255, y, sound=False), reps)
     out["certified_step"] = median_time(cert_step, reps)
+    if inductor:
+        fast = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), backend="inductor")
+
+        def fast_step():
+            loss = fast.loss(x, y, 36 / 255, 1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        t = time.perf_counter()
+        fast_step()  # torch.compile's one-off code generation
+        out["inductor_compile_s"] = time.perf_counter() - t
+        out["inductor_step"] = median_time(fast_step, reps)
     out["saved_mib_plain"] = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y))
     # the Lipschitz cache's power-iteration step (torch.func.vjp, under no_grad) cannot run under
     # saved-tensor hooks and saves nothing for backward: hold it still while counting
@@ -114,6 +131,12 @@ def measure(name, batch, reps):
     t = time.perf_counter()
     cert.certify(xc, yc, 36 / 255)
     out["certify_images_per_s"] = n_cert / (time.perf_counter() - t)
+    if peers:
+        import peers as peers_mod  # benchmarks/peers.py: needs auto-lirpa (.venv-peers)
+        r = peers_mod.measure_auto_lirpa(model, x, y, 36 / 255, reps)
+        for key in ("ibp", "crown_ibp"):
+            # the ratio to this run's own plain step measured inside measure_auto_lirpa
+            out[f"lirpa_{key}"] = r.get(f"{key}_ratio", float("nan"))
     return out
 
 
@@ -124,6 +147,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the raw figures here")
+    ap.add_argument("--inductor", action="store_true", help="also time backend='inductor' (torch.compile)")
+    ap.add_argument("--peers", action="store_true", help="also time auto_LiRPA IBP / CROWN-IBP (needs auto-lirpa)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -131,11 +156,13 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}; ratios are to the plain "
           "training step of the same model and batch")
     head = (f"{'model':>13} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
-            f"{'CERT STEP':>9} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}")
+            f"{'CERT STEP':>9} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}"
+            + (f" | {'inductor':>8} {'its compile s':>13}" if args.inductor else "")
+            + (f" | {'LiRPA IBP':>9} {'CROWN-IBP':>9}" if args.peers else ""))
     print(head)
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            r = measure(name, batch, args.reps)
+            r = measure(name, batch, args.reps, inductor=args.inductor, peers=args.peers)
             rows.append(r)
             p = r["plain_step"]
             line = (f"{name:>13} {batch:>5} {1000 * p:8.1f}ms | {r['plain_forward'] / p:5.2f} "
@@ -144,6 +171,10 @@ def main():
                     f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f} | "
                     f"{r['saved_mib_certified'] / r['saved_mib_plain']:5.2f}x "
                     f"({r['saved_mib_certified']:.1f}/{r['saved_mib_plain']:.1f} MiB)")
+            if args.inductor:
+                line += f" | {r['inductor_step'] / p:7.2f}x {r['inductor_compile_s']:13.1f}"
+            if args.peers:
+                line += f" | {r['lirpa_ibp']:8.2f}x {r['lirpa_crown_ibp']:8.2f}x"
             print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -50,17 +50,19 @@ def linear_ball(x: Bound, weight: Tensor, bias=None, *, sigma: Tensor):
     return _scale_ball(x, sigma)
 
 
-def _affine_box(center, radius, x: Bound, apply, apply_abs, bias, rownorm, weight) -> Bound:
+def _affine_box(center, radius, x: Bound, apply, apply_abs, bias, rownorm, weight, per_channel=False) -> Bound:
     """``A m + b ± |A| rad`` ∩ ``A c + b ± rownorm * r``, with ``m, rad`` the input box's midpoint
     and half-width. The box is passed through ``A`` as ``u + l`` and ``u - l`` and halved after
     (exact in binary floating point): bcpc.kernels fuses the elementwise arithmetic around the
     two products into one pass on the CPU. ``apply_abs(a, |W|)`` applies ``|A|``; ``rownorm(W**2)``
-    gives the row norms of ``A``."""
+    gives the row norms of ``A``; ``per_channel``: the bias is one value per channel (dim 1)."""
     if x.radius is None:
         mid, rad = _midrad(x)
         out_mid, out_rad = apply(mid, bias), apply_abs(rad, weight.abs())
         return enclose(center, radius, out_mid - out_rad, out_mid + out_rad)
     w_abs, w_sq = kernels.abs_square(weight)
+    if bias is not None and per_channel:
+        bias = bias.reshape((-1,) + (1,) * (center.dim() - 2))
     s, d = kernels.sum_diff(x.lower, x.upper)
     lower, upper = kernels.affine_box(apply(s, None), apply_abs(d, w_abs), bias, center, rownorm(w_sq), x.radius)
     return enclose(center, radius, lower, upper)
@@ -118,11 +120,9 @@ def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, 
         ones = torch.ones((1,) + tuple(x.center.shape[1:]), dtype=weight.dtype, device=weight.device)
         return conv(ones, w_sq, None, stride, padding, dilation, groups).clamp_min(0).sqrt()[0]
 
-    if bias is not None:
-        bias = bias.reshape((-1,) + (1,) * (weight.dim() - 2))  # per channel
     return _affine_box(center, radius, x, lambda a, b: conv(a, weight, b, stride, padding, dilation, groups),
                        lambda a, w_abs: conv(a, w_abs, None, stride, padding, dilation, groups), bias, rownorm,
-                       weight)
+                       weight, per_channel=True)
 
 
 def _conv_params(nd, stride, padding, dilation, kernel):
