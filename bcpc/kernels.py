@@ -174,6 +174,15 @@ def _abs_square_backward_kernel(w, g_abs, g_sq, g, zero, two):
         g[i] = a + g_sq[i] * (two * v)
 
 
+@numba.njit(cache=True, nogil=True)
+def _sign_mul_kernel(w, g, zero):
+    """``g *= sign(w)`` in place (sign(0) = 0, as torch)."""
+    for i in range(w.shape[0]):
+        v, x = w[i], g[i]
+        x = x if v > zero else -x
+        g[i] = x if v != zero else zero
+
+
 # --- autograd functions -----------------------------------------------------------------------
 
 class _SumDiff(torch.autograd.Function):
@@ -248,6 +257,26 @@ class _AbsSquare(torch.autograd.Function):
         return g
 
 
+class _AbsLinear(torch.autograd.Function):
+    """``x @ |W|^T`` keeping ``W`` (a parameter, stored anyway) instead of ``|W|`` for backward:
+    ``|W|`` is recomputed there. Saves one weight-sized tensor per linear layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.abs().t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g_x = g @ weight.abs() if ctx.needs_input_grad[0] else None
+        g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = g.t() @ x
+            _sign_mul_kernel(_np(weight.reshape(-1)), _np(g_w.view(-1)), _const(g_w, 0.0))
+        return g_x, g_w
+
+
 # --- public entry points ----------------------------------------------------------------------
 
 def sum_diff(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
@@ -294,3 +323,10 @@ def abs_square(weight: Tensor) -> tuple[Tensor, Tensor]:
         return weight.abs(), weight.square()
     w_abs, w_sq = _AbsSquare.apply(weight.reshape(-1).contiguous())
     return w_abs.view(weight.shape), w_sq.view(weight.shape)
+
+
+def abs_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, |W|)`` for a 2-D ``x``, saving ``W`` rather than ``|W|`` for backward."""
+    if not _fusable(x, weight) or x.dim() != 2:
+        return torch.nn.functional.linear(x, weight.abs())
+    return _AbsLinear.apply(x, weight)

@@ -99,6 +99,18 @@ def test_abs_square_matches_torch(seed, dtype):
     _same(fused, ref)
 
 
+@settings(max_examples=30)
+@given(st.integers(1, 4), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float64]))
+def test_abs_linear_matches_torch(batch, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = _grid(gen, (batch, 6), dtype), _grid(gen, (5, 6), dtype)
+    grads = [_grid(gen, (batch, 5), dtype).detach()]
+    fused = _run(lambda a, b: (kernels.abs_linear(a, b),), (x, w), grads)
+    with torch_path():
+        ref = _run(lambda a, b: (kernels.abs_linear(a, b),), (x, w), grads)
+    _same(fused, ref)
+
+
 def test_gradcheck_float64():
     """Away from ties the fused functions' backward is the derivative of their forward."""
     gen = torch.Generator().manual_seed(0)
@@ -114,6 +126,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(kernels.relu_box, (lower, upper))
     assert torch.autograd.gradcheck(kernels.sum_diff, (lower, upper))
     assert torch.autograd.gradcheck(kernels.abs_square, (rnd(4, 3),))
+    assert torch.autograd.gradcheck(kernels.abs_linear, (rnd(2, 3), rnd(4, 3)))
 
 
 def _made_by_kernel(t):
