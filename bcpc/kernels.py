@@ -6,7 +6,7 @@ the row-norm intersection of eq. 6, the activation on both ends), each a separat
 activations forward and again backward, with its own temporaries. On a CPU these passes cost more
 than the convolutions they surround (benchmarks/bench.py; docs/performance.md). Here each chain
 is one numba kernel forward and one backward, wrapped in a ``torch.autograd.Function`` that keeps
-one byte per element for backward (which side of every max/min and ReLU won).
+two bits per element for backward (which side of every max/min and ReLU won).
 
 Every function has a pure-torch path computing the same arithmetic in the same order; it is taken
 for tensors that are not on the CPU (so the emitted code runs on CUDA unchanged), for dtypes other
@@ -36,9 +36,10 @@ from torch import Tensor
 
 from bcpc.domain import maximum, minimum, relu
 
-# Backward codes, one byte per element: in affine_box bit 1 = the interval-arithmetic lower end
-# won the max (else the ball end), bit 2 = the same for the upper end and the min; in relu_box
-# bit 1 = lower > 0, bit 2 = upper > 0.
+# Backward codes, two bits per element packed four to a byte (element n of a row in bits
+# 2(n mod 4) and 2(n mod 4) + 1 of byte n // 4): in affine_box the low bit = the interval-arithmetic
+# lower end won the max (else the ball end), the high bit = the same for the upper end and the
+# min; in relu_box low bit = lower > 0, high bit = upper > 0.
 
 
 def enabled() -> bool:
@@ -60,6 +61,11 @@ def _np(t: Tensor) -> np.ndarray:
 def _const(like: Tensor, value: float):
     """A scalar of ``like``'s dtype: keeps float32 kernels in float32 arithmetic, like torch."""
     return np.float32(value) if like.dtype == torch.float32 else np.float64(value)
+
+
+def _code_buffer(like: Tensor) -> Tensor:
+    """Backward codes for a (B, N) tensor: 2 bits per element, 4 elements per byte."""
+    return torch.empty((like.shape[0], (like.shape[1] + 3) // 4), dtype=torch.uint8)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -89,23 +95,60 @@ def _sum_diff_backward_kernel(gs, gd, gl, gu):
             gl[b, n] = x - y
 
 
+# Codes are packed four elements to a byte. The kernels walk each row in groups of four with the
+# element work in inlined helpers called with constant shifts (a shift that varies per element
+# keeps LLVM from vectorising and was 7x slower), then the row's tail.
+
+@numba.njit(inline="always")
+def _affine_one(a_s, a_d, bias, center, rownorm, lower, upper, b, n, rb, half):
+    m = a_s[b, n] * half + bias[n]
+    r = a_d[b, n] * half
+    dev = rownorm[n] * rb
+    c = center[b, n]
+    ia_lo, ia_up = m - r, m + r
+    ball_lo, ball_up = c - dev, c + dev
+    take_lo, take_up = ia_lo >= ball_lo, ia_up <= ball_up
+    # selects, not branches: the winner flips from element to element
+    lower[b, n] = ia_lo if take_lo else ball_lo
+    upper[b, n] = ia_up if take_up else ball_up
+    return take_lo + 2 * take_up
+
+
 @numba.njit(cache=True, nogil=True)
 def _affine_kernel(a_s, a_d, bias, center, rownorm, radius, lower, upper, code, half):
     B, N = a_s.shape
+    Q = N // 4
     for b in range(B):
         rb = radius[b]
-        for n in range(N):
-            m = a_s[b, n] * half + bias[n]
-            r = a_d[b, n] * half
-            dev = rownorm[n] * rb
-            c = center[b, n]
-            ia_lo, ia_up = m - r, m + r
-            ball_lo, ball_up = c - dev, c + dev
-            take_lo, take_up = ia_lo >= ball_lo, ia_up <= ball_up
-            # selects, not branches: the winner flips from element to element
-            lower[b, n] = ia_lo if take_lo else ball_lo
-            upper[b, n] = ia_up if take_up else ball_up
-            code[b, n] = take_lo + 2 * take_up
+        for q in range(Q):
+            n = 4 * q
+            k0 = _affine_one(a_s, a_d, bias, center, rownorm, lower, upper, b, n, rb, half)
+            k1 = _affine_one(a_s, a_d, bias, center, rownorm, lower, upper, b, n + 1, rb, half)
+            k2 = _affine_one(a_s, a_d, bias, center, rownorm, lower, upper, b, n + 2, rb, half)
+            k3 = _affine_one(a_s, a_d, bias, center, rownorm, lower, upper, b, n + 3, rb, half)
+            code[b, q] = k0 | (k1 << 2) | (k2 << 4) | (k3 << 6)
+        byte = 0
+        for n in range(4 * Q, N):
+            byte |= _affine_one(a_s, a_d, bias, center, rownorm, lower, upper, b, n, rb, half) << (2 * (n - 4 * Q))
+        if N > 4 * Q:
+            code[b, Q] = byte
+
+
+@numba.njit(inline="always")
+def _affine_grad_one(gl, gu, k, rownorm, g_as, g_ad, g_center, g_bias, g_rownorm, b, n, rb, half, zero):
+    x, y = gl[b, n], gu[b, n]
+    ia_l = x if k & 1 else zero
+    ia_u = y if k & 2 else zero
+    ball_l = x - ia_l
+    ball_u = y - ia_u
+    g_m = ia_l + ia_u
+    g_as[b, n] = g_m * half
+    g_ad[b, n] = (ia_u - ia_l) * half
+    g_bias[n] += g_m
+    g_center[b, n] = ball_l + ball_u
+    g_dev = ball_u - ball_l
+    g_rownorm[n] += g_dev * rb
+    return g_dev * rownorm[n]
 
 
 # reassociation only (no NaN/Inf assumptions): lets LLVM vectorise the sums; gradients only
@@ -113,47 +156,74 @@ def _affine_kernel(a_s, a_d, bias, center, rownorm, radius, lower, upper, code, 
 def _affine_backward_kernel(gl, gu, code, rownorm, radius, g_as, g_ad, g_center, g_bias, g_rownorm, g_radius,
                             half, zero):
     B, N = gl.shape
+    Q = N // 4
     for b in range(B):
         rb = radius[b]
         acc = 0.0
-        for n in range(N):
-            k = code[b, n]
-            x, y = gl[b, n], gu[b, n]
-            ia_l = x if k & 1 else zero
-            ia_u = y if k & 2 else zero
-            ball_l = x - ia_l
-            ball_u = y - ia_u
-            g_m = ia_l + ia_u
-            g_as[b, n] = g_m * half
-            g_ad[b, n] = (ia_u - ia_l) * half
-            g_bias[n] += g_m
-            g_center[b, n] = ball_l + ball_u
-            g_dev = ball_u - ball_l
-            g_rownorm[n] += g_dev * rb
-            acc += g_dev * rownorm[n]
+        for q in range(Q):
+            n = 4 * q
+            k = code[b, q]
+            acc += _affine_grad_one(gl, gu, k, rownorm, g_as, g_ad, g_center, g_bias, g_rownorm, b, n, rb, half, zero)
+            acc += _affine_grad_one(gl, gu, k >> 2, rownorm, g_as, g_ad, g_center, g_bias, g_rownorm, b, n + 1, rb,
+                                    half, zero)
+            acc += _affine_grad_one(gl, gu, k >> 4, rownorm, g_as, g_ad, g_center, g_bias, g_rownorm, b, n + 2, rb,
+                                    half, zero)
+            acc += _affine_grad_one(gl, gu, k >> 6, rownorm, g_as, g_ad, g_center, g_bias, g_rownorm, b, n + 3, rb,
+                                    half, zero)
+        for n in range(4 * Q, N):
+            k = code[b, Q] >> (2 * (n - 4 * Q))
+            acc += _affine_grad_one(gl, gu, k, rownorm, g_as, g_ad, g_center, g_bias, g_rownorm, b, n, rb, half, zero)
         g_radius[b] = acc
+
+
+@numba.njit(inline="always")
+def _relu_one(lower, upper, out_lower, out_upper, b, n, zero):
+    lo, up = lower[b, n], upper[b, n]
+    pos_lo, pos_up = lo > zero, up > zero
+    out_lower[b, n] = lo if pos_lo else zero
+    out_upper[b, n] = up if pos_up else zero
+    return pos_lo + 2 * pos_up
 
 
 @numba.njit(cache=True, nogil=True)
 def _relu_box_kernel(lower, upper, out_lower, out_upper, code, zero):
     B, N = lower.shape
+    Q = N // 4
     for b in range(B):
-        for n in range(N):
-            lo, up = lower[b, n], upper[b, n]
-            pos_lo, pos_up = lo > zero, up > zero
-            out_lower[b, n] = lo if pos_lo else zero
-            out_upper[b, n] = up if pos_up else zero
-            code[b, n] = pos_lo + 2 * pos_up
+        for q in range(Q):
+            n = 4 * q
+            k0 = _relu_one(lower, upper, out_lower, out_upper, b, n, zero)
+            k1 = _relu_one(lower, upper, out_lower, out_upper, b, n + 1, zero)
+            k2 = _relu_one(lower, upper, out_lower, out_upper, b, n + 2, zero)
+            k3 = _relu_one(lower, upper, out_lower, out_upper, b, n + 3, zero)
+            code[b, q] = k0 | (k1 << 2) | (k2 << 4) | (k3 << 6)
+        byte = 0
+        for n in range(4 * Q, N):
+            byte |= _relu_one(lower, upper, out_lower, out_upper, b, n, zero) << (2 * (n - 4 * Q))
+        if N > 4 * Q:
+            code[b, Q] = byte
+
+
+@numba.njit(inline="always")
+def _relu_grad_one(g_lower, g_upper, k, gl, gu, b, n, zero):
+    gl[b, n] = g_lower[b, n] if k & 1 else zero
+    gu[b, n] = g_upper[b, n] if k & 2 else zero
 
 
 @numba.njit(cache=True, nogil=True)
 def _relu_box_backward_kernel(g_lower, g_upper, code, gl, gu, zero):
     B, N = g_lower.shape
+    Q = N // 4
     for b in range(B):
-        for n in range(N):
-            k = code[b, n]
-            gl[b, n] = g_lower[b, n] if k & 1 else zero
-            gu[b, n] = g_upper[b, n] if k & 2 else zero
+        for q in range(Q):
+            n = 4 * q
+            k = code[b, q]
+            _relu_grad_one(g_lower, g_upper, k, gl, gu, b, n, zero)
+            _relu_grad_one(g_lower, g_upper, k >> 2, gl, gu, b, n + 1, zero)
+            _relu_grad_one(g_lower, g_upper, k >> 4, gl, gu, b, n + 2, zero)
+            _relu_grad_one(g_lower, g_upper, k >> 6, gl, gu, b, n + 3, zero)
+        for n in range(4 * Q, N):
+            _relu_grad_one(g_lower, g_upper, code[b, Q] >> (2 * (n - 4 * Q)), gl, gu, b, n, zero)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -204,7 +274,7 @@ class _AffineBox(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_s, a_d, bias, center, rownorm, radius):
         lower, upper = torch.empty_like(a_s), torch.empty_like(a_s)
-        code = torch.empty(a_s.shape, dtype=torch.uint8)
+        code = _code_buffer(a_s)
         _affine_kernel(_np(a_s), _np(a_d), _np(bias), _np(center), _np(rownorm), _np(radius),
                        _np(lower), _np(upper), _np(code), _const(a_s, 0.5))
         ctx.save_for_backward(code, rownorm, radius)
@@ -226,7 +296,7 @@ class _ReluBox(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lower, upper):
         out_lower, out_upper = torch.empty_like(lower), torch.empty_like(lower)
-        code = torch.empty(lower.shape, dtype=torch.uint8)
+        code = _code_buffer(lower)
         _relu_box_kernel(_np(lower), _np(upper), _np(out_lower), _np(out_upper), _np(code), _const(lower, 0.0))
         ctx.save_for_backward(code)
         return out_lower, out_upper

@@ -414,6 +414,49 @@ def _point(z, lo, hi, c, t):
     return torch.clamp(z.unsqueeze(-2) - t * c, lo.unsqueeze(-2), hi.unsqueeze(-2))
 
 
+def _dual_value(z, lo, hi, c, t, rho2):
+    """``c·p + (||p - z||^2 - rho^2) / (2 t)`` at ``p = clip(z - t c, lo, hi)`` (no penalty at t = inf or 0)."""
+    p = _point(z, lo, hi, c, t)  # t = 0: p = z
+    value = (c * p).sum(-1)
+    # mu = 1/t for 0 < t < inf. mu = 0 (t = inf) drops the penalty, which may be -inf (rho = inf):
+    # select, don't multiply. Divide by t rather than multiply by 1/t: 1/t overflows for
+    # subnormal t.
+    scaled = torch.isfinite(t) & (t > 0)
+    penalty = (((p - z.unsqueeze(-2)) ** 2).sum(-1) - rho2) / (2 * torch.where(scaled, t, 1.0))
+    return value + torch.where(scaled, penalty, 0.0)
+
+
+class _DualValue(torch.autograd.Function):
+    """``_dual_value`` with its gradient written out: the chain rule autograd would apply to it,
+    with ``p`` recomputed in backward rather than stored (tests/test_solver.py compares both)."""
+
+    @staticmethod
+    def forward(ctx, z, lo, hi, c, t, rho2):
+        ctx.save_for_backward(z, lo, hi, c, t, rho2)
+        return _dual_value(z, lo, hi, c, t, rho2)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, lo, hi, c, t, rho2 = ctx.saved_tensors
+        scaled = torch.isfinite(t) & (t > 0)
+        t_div = torch.where(scaled, t, 1.0)  # (B, K)
+        t_far = torch.where(torch.isinf(t), torch.finfo(t.dtype).max, t).unsqueeze(-1)
+        zz, lo3, hi3 = z.unsqueeze(-2), lo.unsqueeze(-2), hi.unsqueeze(-2)
+        x = zz - t_far * c
+        p = torch.clamp(x, lo3, hi3)
+        g_pen = torch.where(scaled, g / t_div, 0.0).unsqueeze(-1)  # d value / d (||p - z||^2 / 2)
+        dev = p - zz
+        g_p = g.unsqueeze(-1) * c + g_pen * dev  # d value / d p
+        inside = (x >= lo3) & (x <= hi3)  # torch.clamp's backward: the input where it is kept
+        g_x = torch.where(inside, g_p, 0.0)
+        g_z = g_x.sum(-2) - (g_pen * dev).sum(-2) if ctx.needs_input_grad[0] else None
+        g_lo = torch.where(x < lo3, g_p, 0.0).sum(-2) if ctx.needs_input_grad[1] else None
+        g_hi = torch.where(x > hi3, g_p, 0.0).sum(-2) if ctx.needs_input_grad[2] else None
+        g_c = g.unsqueeze(-1) * p - t_far * g_x if ctx.needs_input_grad[3] else None
+        g_rho2 = (-g_pen.squeeze(-1) / 2).sum(-1, keepdim=True) if ctx.needs_input_grad[5] else None
+        return g_z, g_lo, g_hi, g_c, None, g_rho2
+
+
 def dual_margin_lower(z, rho, lower, upper, c, offset, t):
     """A certified lower bound ``g(1/t)`` (B, K) on ``min c·p + offset`` over ball ∩ box, valid for every ``t`` in ``[0, inf]``.
 
@@ -433,15 +476,13 @@ def dual_margin_lower(z, rho, lower, upper, c, offset, t):
         rho = torch.full(z.shape[:1], math.inf, dtype=z.dtype, device=z.device)
     lo, hi = _widen_box(z, lower, upper)
     t = t.detach()
-    p = _point(z, lo, hi, c, t)  # t = 0: p = z
-    value = (c * p).sum(-1)
     rho2 = (rho * rho).unsqueeze(-1)
-    # mu = 1/t for 0 < t < inf. mu = 0 (t = inf) drops the penalty, which may be -inf (rho = inf):
-    # select, don't multiply. Divide by t rather than multiply by 1/t: 1/t overflows for
-    # subnormal t.
-    scaled = torch.isfinite(t) & (t > 0)
-    penalty = (((p - z.unsqueeze(-2)) ** 2).sum(-1) - rho2) / (2 * torch.where(scaled, t, 1.0))
-    value = value + torch.where(scaled, penalty, 0.0)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (z, lo, hi, c, rho2)):
+        # same numbers; the backward is written out (Danskin at fixed t), keeping only c and the
+        # (B, n) inputs instead of four (B, K, n) intermediates of autograd's
+        value = _DualValue.apply(z, lo, hi, c, t, rho2)
+    else:
+        value = _dual_value(z, lo, hi, c, t, rho2)
     value = torch.where((t == 0) & (rho2 > 0), -math.inf, value)
     value = _add_offset(value, offset)
     return _poison(

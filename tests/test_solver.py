@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bcpc import solver
 from bcpc.solver import (
     box_margin_lower,
     check_finite,
@@ -442,3 +443,37 @@ def test_large_batch_agrees_with_iterative_projection():
     assert torch.isinf(t).any() and torch.isfinite(t).any()
     ref = iterative_projection(z, rho, lower, upper, c) + off.numpy()
     np.testing.assert_allclose(exact.numpy(), ref, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dual_value_backward_is_autograds_chain_rule(seed, monkeypatch):
+    """The written-out backward of the dual value (which stores c, not the (B, K, n) intermediates)
+    gives autograd's gradients, ties included (z on a box face as after a dead ReLU, c_i = 0,
+    rho = 0 and a huge rho with t = inf)."""
+    g = torch.Generator().manual_seed(seed)
+    B, K, n = 4, 5, 7
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+    z = rnd(B, n)
+    lower, upper = z - rnd(B, n).abs(), z + rnd(B, n).abs()
+    lower[0, :3] = z[0, :3]
+    c = rnd(B, K, n)
+    c[1, 2] = 0
+    c[2, :, 1] = 0
+    rho = rnd(B).abs()
+    rho[3] = 0.0 if seed % 2 else 50.0
+    offset = rnd(B, K)
+    inputs = [a.requires_grad_() for a in (z, rho, lower, upper, c, offset)]
+    t = solver.solve_t(*[a.detach() for a in inputs[:5]])
+    upstream = rnd(B, K)
+
+    def grads():
+        value = solver.dual_margin_lower(*inputs, t)
+        return value.detach(), torch.autograd.grad((value.nan_to_num(0, 0, 0) * upstream).sum(), inputs)
+    value, written = grads()
+    monkeypatch.setattr(solver._DualValue, "apply", staticmethod(solver._dual_value))  # plain autograd
+    ref_value, reference = grads()
+    assert torch.equal(value.nan_to_num(1e300), ref_value.nan_to_num(1e300))
+    for a, b in zip(written, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
