@@ -11,8 +11,10 @@ two bits per element for backward (which side of every max/min and ReLU won).
 Every function has a pure-torch path computing the same arithmetic in the same order; it is taken
 for tensors that are not on the CPU (so the emitted code runs on CUDA unchanged), for dtypes other
 than float32/float64, inside ``torch.compile`` (``bcpc.compile(..., backend="inductor")``, whose
-code generator fuses the torch path itself), and when ``BCPC_FUSED=0`` is set in the environment (the reference the tests
-compare against). The kernels are serial: ``benchmarks/bench.py`` measures one thread.
+code generator fuses the torch path itself), and when ``BCPC_FUSED=0`` is set in the environment
+(the reference the tests compare against). The kernels are serial: ``benchmarks/bench.py``
+measures one thread. Each is kept because it beats its torch path (``benchmarks/kernels.py``);
+``sum_diff`` stays two torch additions, which were as fast.
 
 Conventions, shared by both paths (DESIGN.md §2, affine rule):
 
@@ -22,7 +24,8 @@ Conventions, shared by both paths (DESIGN.md §2, affine rule):
 * ``affine_box(a_s, a_d, bias, center, rownorm, radius)``: with ``m = a_s / 2 + bias`` and
   ``r = a_d / 2``, returns ``lower = max(m - r, center - rownorm * radius)`` and
   ``upper = min(m + r, center + rownorm * radius)``;
-* ``relu_box(lower, upper)`` returns ``(relu(lower), relu(upper))``.
+* ``relu_box(lower, upper)`` returns ``(relu(lower), relu(upper))``;
+* ``abs_square(W)`` returns ``(|W|, W**2)``; ``abs_linear(x, W)`` is ``x @ |W|^T``.
 """
 from __future__ import annotations
 
@@ -74,26 +77,6 @@ def _rows(t: Tensor) -> Tensor:
 
 
 # --- numba kernels (serial; (B, N) arrays, per-coordinate vectors of length N) --------------------
-
-@numba.njit(cache=True, nogil=True)
-def _sum_diff_kernel(lower, upper, s, d):
-    B, N = lower.shape
-    for b in range(B):
-        for n in range(N):
-            lo, up = lower[b, n], upper[b, n]
-            s[b, n] = up + lo
-            d[b, n] = up - lo
-
-
-@numba.njit(cache=True, nogil=True)
-def _sum_diff_backward_kernel(gs, gd, gl, gu):
-    B, N = gs.shape
-    for b in range(B):
-        for n in range(N):
-            x, y = gs[b, n], gd[b, n]
-            gu[b, n] = x + y
-            gl[b, n] = x - y
-
 
 # Codes are packed four elements to a byte. The kernels walk each row in groups of four with the
 # element work in inlined helpers called with constant shifts (a shift that varies per element
@@ -255,21 +238,6 @@ def _sign_mul_kernel(w, g, zero):
 
 # --- autograd functions -----------------------------------------------------------------------
 
-class _SumDiff(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, lower, upper):
-        s, d = torch.empty_like(lower), torch.empty_like(lower)
-        _sum_diff_kernel(_np(lower), _np(upper), _np(s), _np(d))
-        return s, d
-
-    @staticmethod
-    def backward(ctx, gs, gd):
-        gs, gd = gs.contiguous(), gd.contiguous()
-        gl, gu = torch.empty_like(gs), torch.empty_like(gs)
-        _sum_diff_backward_kernel(_np(gs), _np(gd), _np(gl), _np(gu))
-        return gl, gu
-
-
 class _AffineBox(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_s, a_d, bias, center, rownorm, radius):
@@ -350,11 +318,11 @@ class _AbsLinear(torch.autograd.Function):
 # --- public entry points ----------------------------------------------------------------------
 
 def sum_diff(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """``(upper + lower, upper - lower)``: twice the box midpoint and twice its half-width."""
-    if not _fusable(lower, upper):
-        return upper + lower, upper - lower
-    s, d = _SumDiff.apply(_rows(lower), _rows(upper))
-    return s.view(lower.shape), d.view(lower.shape)
+    """``(upper + lower, upper - lower)``: twice the box midpoint and twice its half-width.
+
+    Plain torch: a numba kernel for it was no faster than the two additions
+    (``benchmarks/kernels.py``, 0.92x), so it was dropped."""
+    return upper + lower, upper - lower
 
 
 def affine_box(a_s: Tensor, a_d: Tensor, bias: Optional[Tensor], center: Tensor, rownorm: Tensor,

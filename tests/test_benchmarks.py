@@ -47,3 +47,8 @@ def test_audit_models_runs():
 def test_peers_runs():
     out = run("peers.py", "--models", "mnist_4c3f", "--batches", "2", "--reps", "1")
     assert "mnist_4c3f" in out, out
+
+
+def test_kernels_benchmark_runs():
+    out = run("kernels.py", "--reps", "1")
+    assert "torch/fused" in out and "certified training step" in out, out
