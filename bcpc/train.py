@@ -12,6 +12,7 @@ Users who want their own loop only need ``cert.loss(x, y, eps, lam)`` and :func:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -197,15 +198,46 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
                               " Resume with the config it was trained with, or start a new run (another name)")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, ``kill``) stop training as KeyboardInterrupt, but
+    never inside a checkpoint write: a signal arriving there is held until the write is done (an
+    exception raised inside ``torch.save`` can surface as a zip-writer error instead of the
+    interrupt). Installed from the main thread only; elsewhere a no-op."""
 
+    def __init__(self):
+        self.deferring = False
+        self.pending = False
+        self.previous = {}
 
-def _stop_on_sigterm():
-    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C: checkpoint and return. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
+    def _handle(self, signum, frame):
+        if self.deferring:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    @contextlib.contextmanager
+    def deferred(self, reraise: bool = True):
+        """Hold signals during the block; raise the held one after it (or drop it: ``reraise=False``,
+        for the final write after an interrupt)."""
+        self.deferring, self.pending = True, False
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending and reraise:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps: Optional[int] = None,
@@ -265,14 +297,17 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     log_path = run_dir / "log.jsonl"
     interrupted = False
 
-    def save_last(epoch):
+    interrupts = _Interrupts()
+
+    def save_last(epoch, reraise=True):
         if ctx.main:
-            checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
+            with interrupts.deferred(reraise):
+                checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()
     cert.train()
-    previous_term = _stop_on_sigterm()
+    interrupts.install()
     try:
         while step < stop_at:
             epoch = step // spe
@@ -315,9 +350,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     if improved:
-                        checkpoint.save({"format": FORMAT, "model_state": model.state_dict(),
-                                         "lip_state": cert.propagation.lip.state_dict(), "config": cfg.to_dict(),
-                                         "fingerprint": cfg.fingerprint(), "metrics": row}, run_dir / "best.pt")
+                        with interrupts.deferred():
+                            checkpoint.save({"format": FORMAT, "model_state": model.state_dict(),
+                                             "lip_state": cert.propagation.lip.state_dict(),
+                                             "config": cfg.to_dict(), "fingerprint": cfg.fingerprint(),
+                                             "metrics": row}, run_dir / "best.pt")
                 log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} eps {eps:.3f} lam {lam:.2f} | "
                     f"val clean {row['val_clean_acc']:.4f} verified@{cfg.target_eps_eval} {row['val_verified_acc']:.4f}")
                 save_last(epoch + 1)
@@ -325,12 +362,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 save_last(epoch)
     except KeyboardInterrupt:
         interrupted = True
-        save_last(step // spe)
+        save_last(step // spe, reraise=False)  # a second Ctrl-C must not cut this last write short
         log(f"interrupted: checkpoint written to {last} at step {step}; resume with --resume")
     finally:
         bar.close()
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        interrupts.restore()
         ctx.close()
     return FitResult(run_dir=run_dir, step=step, epochs_done=step // spe, best=best, history=history,
                      interrupted=interrupted, seconds=time.time() - t0)

@@ -10,9 +10,7 @@ certification batch of 4C3F, the median time with the kernels (default) and with
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,14 +23,7 @@ from bcpc import kernels, solver  # noqa: E402
 
 
 def median_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return 1000 * bench.median_time(fn, reps, warmup=3)
 
 
 def both(fn, reps):

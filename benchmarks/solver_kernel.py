@@ -12,12 +12,11 @@ training step (50, 10, 512) and (128, 10, 512) in float32, certification (200, 1
 a small conv net (50, 10, 100).
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 from bcpc import solver
+from bench import median_time  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = [((50, 10, 512), torch.float32), ((128, 10, 512), torch.float32), ((200, 10, 512), torch.float64),
           ((50, 10, 100), torch.float32)]
@@ -34,17 +33,6 @@ def problem(b, k, n, dtype, seed=0):
     d = torch.where(c > 0, z.unsqueeze(1) - lower.unsqueeze(1), upper.unsqueeze(1) - z.unsqueeze(1))
     rho = d.norm(dim=-1)[:, -1] * torch.linspace(0.05, 1.2, b, dtype=f64)
     return tuple(x.to(dtype) for x in (z, rho, lower, upper, c))
-
-
-def median_time(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():

@@ -109,3 +109,29 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert "interrupted: checkpoint written" in out + err
     assert "Traceback" not in err
     assert checkpoint.load(last)["step"] > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch, sig):
+    """The signal lands inside torch.save (deterministically here): the write completes, then the run
+    stops as interrupted with a loadable checkpoint, instead of failing inside the zip writer."""
+    from bcpc import config, train
+
+    tiny_mnist(tmp_path / "d")
+    cfg = config.load(_config(tmp_path, epochs=50))
+    real_save, calls, completed = checkpoint.save, [], []
+
+    def save_with_signal(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)  # delivered to the handler while this write is under way
+            time.sleep(0.05)
+        real_save(obj, path)
+        completed.append(path)
+    monkeypatch.setattr(checkpoint, "save", save_with_signal)
+    res = train.fit(cfg, progress=False, log=lambda *a: None)
+    assert res.interrupted
+    assert len(calls) == 3 and completed == calls  # the interrupted write finished, then the final one
+    last = tmp_path / "runs" / "k" / "last.pt"
+    assert checkpoint.load(last)["step"] == res.step > 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
