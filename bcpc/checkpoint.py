@@ -32,6 +32,17 @@ def save(obj: dict, path) -> None:
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(folder) -> list:
+    """Delete the ``<name>.pt.*.tmp`` files a writer killed mid-write (SIGKILL, power loss) left in
+    ``folder``; the checkpoints themselves are untouched. Call it only where no other process is
+    writing checkpoints into ``folder``. Returns the removed paths."""
+    removed = []
+    for tmp in Path(folder).glob("*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def load(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():

@@ -261,6 +261,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         progress, log = False, (lambda *a, **k: None)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.main:  # the one writer of this folder: leftovers of a killed write are garbage
+        checkpoint.remove_stale_temporaries(run_dir)
     x_train, y_train = data.load(cfg.dataset, cfg.data_root, "train")
     if cfg.train_subset:
         x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]

@@ -135,3 +135,13 @@ def test_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch, 
     last = tmp_path / "runs" / "k" / "last.pt"
     assert checkpoint.load(last)["step"] == res.step > 0
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+    """What SIGKILL leaves mid-write (a ``last.pt.<random>.tmp``) is deleted when a run starts in
+    that folder; checkpoints and other files stay."""
+    for name in ("last.pt", "best.pt", "last.pt.x1y2.tmp", "best.pt.abc.tmp", "notes.tmp", "log.jsonl"):
+        (tmp_path / name).write_bytes(b"0")
+    removed = checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == ["best.pt.abc.tmp", "last.pt.x1y2.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "log.jsonl", "notes.tmp"]
