@@ -61,3 +61,7 @@ class ModelSpecError(BcpcError, ValueError):
 
 class MissingToolError(BcpcError, RuntimeError):
     """An optional external tool (e.g. graphviz's ``dot``) is needed and not installed."""
+
+
+class NonFiniteTrainingError(BcpcError, ArithmeticError):
+    """Training produced NaN/Inf (loss, gradients or weights); the last finite checkpoint is kept."""

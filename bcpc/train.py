@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import threading
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 import bcpc
 from bcpc import checkpoint, data
 from bcpc.config import TrainConfig
-from bcpc.errors import CheckpointError, ConfigError
+from bcpc.errors import CheckpointError, ConfigError, NonFiniteTrainingError
 from bcpc.models import ARCHITECTURES
 
 FORMAT = "bcpc-checkpoint-v1"
@@ -198,6 +199,10 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
                               " Resume with the config it was trained with, or start a new run (another name)")
 
 
+#: consecutive non-finite steps (each skipped) after which training stops with an error
+MAX_BAD_STEPS = 20
+
+
 class _Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM (schedulers, ``kill``) stop training as KeyboardInterrupt, but
     never inside a checkpoint write: a signal arriving there is held until the write is done (an
@@ -298,10 +303,14 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     stop_at = total if max_steps is None else min(total, max_steps)
     log_path = run_dir / "log.jsonl"
     interrupted = False
+    skipped = bad_steps = 0
 
     interrupts = _Interrupts()
 
     def save_last(epoch, reraise=True):
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteTrainingError(f"the weights are no longer finite at step {step}; {last} is left as it "
+                                         "was (finite), not overwritten")
         if ctx.main:
             with interrupts.deferred(reraise):
                 checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
@@ -325,9 +334,24 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 loss = objective(xb, yb, eps, lam)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+                # the gradient norm (clipped to grad_clip if set) decides, on every rank alike (the
+                # gradients are all-reduced), whether the step is taken: one NaN/Inf gradient would
+                # poison Adam's moments and every weight after it. One scalar sync per step.
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+                    opt.step()
+                    bad_steps = 0
+                else:
+                    skipped += 1
+                    bad_steps += 1
+                    log(f"step {step}: non-finite loss or gradient (loss {float(loss.detach()):.4g}, gradient norm "
+                        f"{float(grad_norm):.4g}); step skipped ({skipped} so far)")
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise NonFiniteTrainingError(
+                            f"{bad_steps} steps in a row gave a non-finite loss or gradient (steps "
+                            f"{step - bad_steps + 1}-{step}); stopped without writing them. The last "
+                            f"checkpoint {last} holds finite weights: lower lr, set grad_clip, or resume")
+                    loss = loss.detach().nan_to_num(0.0, 0.0, 0.0)
                 step += 1
                 run_loss += loss.detach()  # a tensor: no device synchronisation per step
                 run_n += 1
@@ -342,6 +366,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 eps, lam = schedule(cfg, step - 1, spe)
                 row = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "eps": eps, "lam": lam,
                        "val_clean_acc": metrics["clean_acc"], "val_verified_acc": metrics["verified_acc"],
+                       "skipped_steps": skipped,
                        "elapsed_s": round(time.time() - t0, 1)}
                 history.append(row)
                 key = (row["val_verified_acc"], row["val_clean_acc"])

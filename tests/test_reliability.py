@@ -145,3 +145,42 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     removed = checkpoint.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == ["best.pt.abc.tmp", "last.pt.x1y2.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "log.jsonl", "notes.tmp"]
+
+
+def _nan_after(monkeypatch, first_bad, last_bad):
+    """Make CertifiedLoss return NaN on calls first_bad..last_bad (1-based)."""
+    from bcpc import train
+    real, calls = train.CertifiedLoss.forward, [0]
+
+    def forward(self, x, y, eps, lam):
+        calls[0] += 1
+        loss = real(self, x, y, eps, lam)
+        return loss * float("nan") if first_bad <= calls[0] <= last_bad else loss
+    monkeypatch.setattr(train.CertifiedLoss, "forward", forward)
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+    from bcpc import config, train
+    tiny_mnist(tmp_path / "d")
+    cfg = config.load(_config(tmp_path, epochs=2))
+    _nan_after(monkeypatch, 5, 6)
+    lines = []
+    res = train.fit(cfg, progress=False, log=lines.append)
+    assert not res.interrupted and res.history[-1]["skipped_steps"] == 2
+    assert sum("non-finite loss or gradient" in line for line in lines) == 2
+    state = checkpoint.load(tmp_path / "runs" / "k" / "last.pt")["model_state"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    from bcpc import config, train
+    from bcpc.errors import NonFiniteTrainingError
+    tiny_mnist(tmp_path / "d")
+    cfg = config.load(_config(tmp_path, epochs=2))
+    _nan_after(monkeypatch, 5, 10**9)
+    with pytest.raises(NonFiniteTrainingError, match="in a row gave a non-finite loss"):
+        train.fit(cfg, progress=False, log=lambda *a: None)
+    ckpt = checkpoint.load(tmp_path / "runs" / "k" / "last.pt")
+    # skipped steps leave the weights as they were: later writes hold those same finite weights
+    assert 4 <= ckpt["step"] < 4 + train.MAX_BAD_STEPS
+    assert all(torch.isfinite(v).all() for v in ckpt["model_state"].values() if v.is_floating_point())
