@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -262,14 +263,23 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except BcpcError as exc:
         if args.debug:
             raise
         print(f"bcpc: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose work is done and whose process group is destroyed: leave without
+        # interpreter finalization, where gloo's worker threads can still abort the process
+        # (SIGABRT, "terminate called without an active exception": seen once in 2 ranks here) and
+        # turn a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
