@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import threading
@@ -337,7 +336,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 # the gradient norm (clipped to grad_clip if set) decides, on every rank alike (the
                 # gradients are all-reduced), whether the step is taken: one NaN/Inf gradient would
                 # poison Adam's moments and every weight after it. One scalar sync per step.
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                if cfg.grad_clip:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:  # the norm alone: no rescaling pass over the gradients
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
                     opt.step()
                     bad_steps = 0
