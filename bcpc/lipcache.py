@@ -8,8 +8,10 @@ returns
   weight. The iteration vector ``u`` is a buffer, warm-started across calls (the "Lipschitz
   cache"): ``n_iter`` steps per gradient-enabled call, ``init_iter`` on first use. An estimate is
   an under-estimate of the norm: fine for a loss, never used for a certificate.
-* ``sound=True`` – a guaranteed *upper* bound (exact float64 SVD for dense layers, Gram iteration
-  on the FFT blocks of the kernel for convolutions; bcpc.lipschitz), cached per weight version
+* ``sound=True`` – a guaranteed *upper* bound (exact float64 SVD for dense layers; for
+  convolutions the true norm certified by a Cholesky factorisation when the operator's smaller
+  side has at most ``bcpc.lipschitz.EXACT_MAX_DIM`` coordinates, else Gram iteration on the FFT
+  blocks of the kernel; bcpc.lipschitz), cached per weight version
   (``tensor._version`` and storage pointer), so certifying a data set computes it once and any
   in-place update (an optimizer step, ``load_state_dict``) invalidates it.
 """
@@ -90,7 +92,8 @@ class LipschitzConstant(nn.Module):
                 else:
                     p = self.params
                     value = lipschitz.conv_sigma_upper(
-                        w, self.in_shape[1:], p["stride"], p["padding"], p["dilation"], p["groups"]
+                        w, self.in_shape[1:], p["stride"], p["padding"], p["dilation"], p["groups"],
+                        exact_max_dim=lipschitz.EXACT_MAX_DIM,  # read now, so users can change it
                     )
             self._bound_key, self._bound = key, value
         return self._bound

@@ -6,7 +6,10 @@ Two families, kept apart by name (STYLE.md, "sound by name"):
   float64 / complex128 and multiplied by ``1 + SAFETY``. These may feed a certificate.
 
   - dense (``Linear``): exact SVD (:func:`dense_sigma_upper`);
-  - convolution (:func:`conv_sigma_upper`): the zero-padded (and strided, dilated, grouped)
+  - convolution, up to ``EXACT_MAX_DIM`` coordinates on the operator's smaller side: the
+    true norm, certified (:func:`exact_sigma_upper`: float64 Gram matrix, then a Cholesky
+    factorisation of ``s I - G`` proves ``sigma^2 <= s`` with rounding errors bounded);
+  - larger convolutions (:func:`conv_sigma_upper`): the zero-padded (and strided, dilated, grouped)
     convolution is a compression of a stride-1 circular convolution on a grid large enough
     that no kept output wraps; the circular operator is block-diagonal in the Fourier
     basis, and each Fourier block is bounded from above by Gram iteration (Delattre et al.,
@@ -31,6 +34,7 @@ memory; ``SAFETY = 1e-6`` covers them with four orders of magnitude to spare.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -38,8 +42,10 @@ import torch
 
 __all__ = [
     "SAFETY",
+    "EXACT_MAX_DIM",
     "conv_sigma_upper",
     "dense_sigma_upper",
+    "exact_sigma_upper",
     "explicit_matrix",
     "gram_sigma_upper",
     "power_iteration_",
@@ -48,6 +54,10 @@ __all__ = [
 
 SAFETY: float = 1e-6
 """Relative safety factor: every guaranteed bound is multiplied by ``1 + SAFETY`` exactly once."""
+
+EXACT_MAX_DIM: int = 8192
+"""Convolutions whose smaller side (input or output size) has at most this many coordinates get
+:func:`exact_sigma_upper` (the true norm to about 1e-5, certified) instead of the circular bound."""
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -127,6 +137,163 @@ def gram_sigma_upper(mats: torch.Tensor, n_iter: int = 12) -> torch.Tensor:
         return torch.where(is_zero, torch.zeros_like(bound), bound)
 
 
+_UNIT_ROUNDOFF = 2.0**-53
+
+
+def _gamma(k: int) -> float:
+    """Higham's ``gamma_k = k u / (1 - k u)``: the relative error bound of a k-term float64 dot product."""
+    ku = k * _UNIT_ROUNDOFF
+    if ku >= 0.5:
+        raise ValueError(f"gamma_{k} is not small: dimension too large for the float64 error analysis")
+    return ku / (1.0 - ku)
+
+
+def _gram_matrix(linear_fn: LinearFn, in_shape: Sequence[int], dtype, device, chunk: int,
+                 reach: Sequence[int] | None = None) -> tuple:
+    """``(G, in, out)``: ``A^T A`` or ``A A^T`` (the smaller one) of a linear map.
+
+    Columns of ``G`` are images of impulses: ``A^T (A e)`` (input side) or ``A (A^T e)``
+    (output side, the adjoint taken as a vector-Jacobian product). Shapes are ``(C, *spatial)``
+    on either side. ``reach`` (per spatial dim of the smaller side, optional) states that
+    ``G`` is *structurally* zero between positions further apart than that (no product of
+    two non-zero entries of ``A`` connects them: e.g. ``kernel extent - 1`` on the input side
+    of a convolution). Impulses of one channel ``2 reach + 1`` apart then have disjoint
+    columns, so one probe carries a whole lattice of them and each output position belongs to
+    the one impulse within ``reach`` of it. Without ``reach``, one impulse per probe.
+    """
+    x0 = torch.zeros(1, *in_shape, dtype=dtype, device=device)
+    out_shape = tuple(linear_fn(x0).shape[1:])
+    n_in, n_out = x0.numel(), math.prod(out_shape)
+    side = tuple(in_shape) if n_in <= n_out else out_shape
+    channels, spatial = side[0], side[1:]
+    d, per_channel = math.prod(side), math.prod(spatial)
+    if reach is None:
+        reach = spatial  # never reached: one impulse per probe
+    if len(reach) != len(spatial):
+        raise ValueError(f"reach {tuple(reach)} does not match the spatial shape {spatial}")
+    spacing = tuple(min(2 * r + 1, n) for r, n in zip(reach, spatial))
+
+    # owner[o][q]: flat spatial index of the impulse (lattice offset o) within reach of q, or -1
+    owners = []
+    for offset in itertools.product(*(range(sp) for sp in spacing)):
+        per_dim = []
+        for o, sp, n, r in zip(offset, spacing, spatial, reach):
+            q = torch.arange(n, device=device)
+            a = o + sp * torch.div(q - o + sp // 2, sp, rounding_mode="floor")  # nearest lattice point
+            a = a.clamp(min=o, max=o + sp * ((n - 1 - o) // sp))  # ... among those inside [0, n)
+            ok = (q - a).abs() <= r
+            per_dim.append(torch.where(ok, a, torch.full_like(a, -1)))
+        if not per_dim:  # no spatial dims (a dense layer): one position
+            owners.append(torch.zeros(1, dtype=torch.long, device=device))
+            continue
+        grids = torch.meshgrid(*per_dim, indexing="ij")
+        valid = torch.stack([g >= 0 for g in grids]).all(0)
+        flat = torch.zeros(spatial, dtype=torch.long, device=device)
+        for g, n in zip(grids, spatial):
+            flat = flat * n + g.clamp(min=0)
+        owners.append(torch.where(valid, flat, torch.full_like(flat, -1)).reshape(-1))
+    probes = [(c, k) for c in range(channels) for k in range(len(owners))]
+
+    gram = torch.zeros(d, d, dtype=dtype, device=device)
+    rows_all = torch.arange(d, device=device).reshape(channels, per_channel)
+    for start in range(0, len(probes), chunk):
+        batch = probes[start:start + chunk]
+        basis = torch.zeros(len(batch), channels, per_channel, dtype=dtype, device=device)
+        for b, (c, k) in enumerate(batch):
+            heads = torch.unique(owners[k][owners[k] >= 0])
+            basis[b, c, heads] = 1.0
+        basis = basis.reshape(len(batch), *side)
+        if n_in <= n_out:  # A^T (A e)
+            image, vjp_fn = torch.func.vjp(linear_fn, basis)
+            (cols,) = vjp_fn(image)
+        else:  # A (A^T e); the vjp of a linear map is A^T at any point
+            _, vjp_fn = torch.func.vjp(linear_fn, torch.zeros(len(batch), *in_shape, dtype=dtype, device=device))
+            (pre,) = vjp_fn(basis)
+            cols = linear_fn(pre)
+        cols = cols.reshape(len(batch), channels, per_channel)
+        for b, (c, k) in enumerate(batch):
+            owner = owners[k]
+            keep = owner >= 0
+            # G[row (c', q), column (c, owner(q))] = image[c', q]
+            gram[rows_all[:, keep], (c * per_channel + owner[keep]).expand(channels, -1)] = cols[b][:, keep]
+    return gram, n_in, n_out
+
+
+def exact_sigma_upper(
+    linear_fn: LinearFn,
+    in_shape: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    chunk: int = 256,
+    reach: Sequence[int] | None = None,
+    deltas: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2),
+) -> torch.Tensor | None:
+    """Certified upper bound on ``sigma(A)`` of a linear map, within a relative ~1e-5 of the true norm.
+
+    ``linear_fn`` maps float64 inputs ``(batch, *in_shape)`` linearly (no bias) and is built
+    from sums of products (dense or convolution layers computed as dot products, as torch's
+    float64 CPU convolutions and cuDNN with ``torch.backends.cudnn`` disabled are); the
+    caller's parameters must be float64 on ``device``. Returns a 0-dim float64 tensor that
+    includes ``1 + SAFETY``, or None if no certificate was found (the caller falls back to a
+    looser bound). Memory ``8 d^2`` bytes and time ``O(d^3)``, ``d = min(in, out)``.
+    ``reach``: see ``_gram_matrix`` (a structural sparsity of ``G`` that makes step 1 cheap).
+
+    Method, all in float64:
+
+    1. ``G``, the smaller Gram matrix (``A^T A`` or ``A A^T``, same largest eigenvalue
+       ``sigma^2``), from the map and its adjoint (``torch.func.vjp``) on basis vectors. Every
+       entry is a sum of products, computed twice over with at most ``k = max(in, out)`` terms,
+       so ``|G_hat - G| <= 2.01 gamma_k |A|^T |A|`` entrywise and
+       ``||G_hat - G||_2 <= 2.01 gamma_k ||A||_F^2 = 2.01 gamma_k tr(G)`` =: ``e_G``.
+    2. A guess ``lam`` for ``lambda_max(G_hat)`` (float32 ``eigvalsh``: fast, within ~1e-6).
+    3. The certificate: for ``s = lam (1 + delta) + c`` form ``M = fl(s I - G_hat)`` and run
+       LAPACK's Cholesky. If it completes, ``M + dM = R^T R`` with
+       ``|dM| <= gamma_{d+1} |R^T| |R|`` (Demmel 1989), so ``M`` has no eigenvalue below
+       ``-gamma_{d+1} ||R||_F^2 >= -gamma_{d+1} tr(M) / (1 - gamma_{d+1})`` =: ``-e_C``
+       (Rump 2006); forming ``M`` moves each diagonal entry by at most ``e_D = 2u (s + max
+       G_hat_ii)``. Hence ``lambda_max(G) <= s + e_D + e_C + e_G``, and ``c = e_D + e_C +
+       e_G`` (a few 1e-8 relative at ``d`` = 8192) makes the bound ``s + c``. ``delta`` starts
+       at 1e-5 and grows tenfold while the Cholesky fails (a guess below the true top
+       eigenvalue makes ``M`` indefinite, so a wrong guess can only fail, never pass).
+
+    Unlike :func:`dense_sigma_upper`, nothing here rests on the accuracy of an eigensolver:
+    the guess may be anything, the Cholesky decides.
+    """
+    x_shape = tuple(int(s) for s in in_shape)
+    with torch.no_grad():
+        cudnn = torch.backends.cudnn.flags(enabled=False)  # no FFT / Winograd convolution algorithms
+        with cudnn:
+            gram, n_in, n_out = _gram_matrix(linear_fn, x_shape, torch.float64, device, chunk, reach)
+        d = gram.shape[0]
+        if d == 0:
+            return torch.zeros((), dtype=torch.float64, device=gram.device)
+        gram = torch.tril(gram) + torch.tril(gram, -1).mT  # the symmetric matrix the analysis is about
+        trace = float(gram.diagonal().sum())
+        if not math.isfinite(trace):
+            return None
+        if trace <= 0.0:  # all-zero map (a float64 trace of squares is 0 only if every entry is 0)
+            return torch.zeros((), dtype=torch.float64, device=gram.device)
+        # ||A||_F^2 = tr(G) <= tr(G_hat) (1 + 2.01 gamma_k + gamma_d); 1.01 covers that factor
+        e_g = 2.01 * _gamma(max(n_in, n_out)) * trace * 1.01
+        max_diag = float(gram.diagonal().max())
+        guess = float(torch.linalg.eigvalsh(gram.to(torch.float32))[-1])
+        guess = max(guess, max_diag, trace / d)  # lambda_max >= every diagonal entry and the mean
+        for delta in deltas:
+            base = guess * (1.0 + delta)
+            e_d = 2.0 * _UNIT_ROUNDOFF * (2.0 * base + max_diag)
+            e_c = 1.01 * _gamma(d + 1) * d * (2.0 * base + e_d)  # tr(M) <= d (s + e_D), s < 2 base
+            c = e_d + e_c + e_g
+            shift = base + c
+            m = -gram
+            m.diagonal().add_(shift)
+            _, info = torch.linalg.cholesky_ex(m)
+            del m
+            if int(info) == 0:
+                return torch.tensor(math.sqrt(shift + c) * (1.0 + SAFETY), dtype=torch.float64,
+                                    device=gram.device)
+        return None
+
+
 def _as_tuple(value: int | Sequence[int], d: int, name: str) -> tuple[int, ...]:
     if isinstance(value, str):
         raise ValueError(f"{name}={value!r}: only numeric (zero) padding is supported")
@@ -179,6 +346,7 @@ def conv_sigma_upper(
     *,
     n_iter: int = 12,
     explicit_max_entries: int = 2**20,
+    exact_max_dim: int = EXACT_MAX_DIM,
 ) -> torch.Tensor:
     """Guaranteed upper bound on the l2 operator norm of ``x -> conv_nd(x, weight, None, stride, padding, dilation, groups)``.
 
@@ -195,7 +363,11 @@ def conv_sigma_upper(
 
     Otherwise the circular bound, at the cost of one FFT of the kernel plus ``n_iter``
     batched ``min(Cout, Cin')``-square matmuls per frequency, ``Cin' = Cin / groups *
-    prod(stride)``; it is within about 1% of the true norm on 14x14 and 28x28 maps.
+    prod(stride)``; it is 0.3-1.6% above the true norm on the 28x28 and 14x14 maps of a
+    trained MNIST 4C3F. When the operator's smaller side has at most ``exact_max_dim``
+    coordinates (0 disables) the result is the smaller of that and :func:`exact_sigma_upper`,
+    the true norm certified to about 1e-5 (a Gram matrix, an eigenvalue guess and a Cholesky
+    certificate: about 15 s for a 6272-square Gram matrix on one CPU thread).
 
     Derivation, per spatial dimension (dimensions are independent; ``k, s, p, dl, n`` are the
     kernel size, stride, padding, dilation and input size):
@@ -297,7 +469,18 @@ def conv_sigma_upper(
         # Step 5: one (co x ci') matrix per group and frequency.
         spec = torch.fft.rfftn(wd, s=m, dim=tuple(range(3, 3 + d)))
         mats = spec.movedim((1, 2), (-2, -1))
-        return gram_sigma_upper(mats, n_iter=n_iter).amax()
+        circular = gram_sigma_upper(mats, n_iter=n_iter).amax()
+        if min(in_numel, out_numel) <= exact_max_dim:
+            conv = _CONV[d]
+            # G is structurally zero between inputs further apart than the kernel extent, and
+            # between outputs whose windows (extent e, stride s) cannot overlap
+            reach = (tuple(e - 1 for e in ext) if in_numel <= out_numel
+                     else tuple(-(-e // si) - 1 for e, si in zip(ext, s)))
+            exact = exact_sigma_upper(lambda v: conv(v, w, None, s, p, dl, groups), (cin_g * groups, *n),
+                                      device=w.device, reach=reach)
+            if exact is not None:
+                return torch.minimum(exact, circular)
+        return circular
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from bcpc.lipschitz import (
     SAFETY,
     _circular_geometry,
+    _gram_matrix,
     conv_sigma_upper,
     dense_sigma_upper,
+    exact_sigma_upper,
     explicit_matrix,
     gram_sigma_upper,
     power_iteration_,
@@ -25,7 +27,7 @@ from bcpc.lipschitz import (
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-# Circular path only (explicit_max_entries=0): the largest conv_sigma_upper / exact ratio
+# Circular path only (explicit_max_entries=0, exact_max_dim=0): the largest conv_sigma_upper / exact ratio
 # seen over 32,000 random configurations drawn like `conv_configs` (Gaussian weights) was
 # 2.91 (90th percentile 1.33), measured while writing this file. The looseness is the
 # circular embedding when the kernel is as large as the input (e.g. a 9x9 dilated kernel
@@ -84,9 +86,12 @@ def test_conv_upper_is_sound_and_not_loose(cfg):
     upper = conv_sigma_upper(**cfg)  # small enough for the explicit path
     assert upper.dtype == torch.float64 and upper.dim() == 0
     assert exact <= upper <= exact * (1 + 1e-5)
-    circular = conv_sigma_upper(**cfg, explicit_max_entries=0)
+    circular = conv_sigma_upper(**cfg, explicit_max_entries=0, exact_max_dim=0)
     assert circular.dtype == torch.float64 and circular.dim() == 0
     assert exact <= circular <= WORST_CIRCULAR_RATIO * exact
+    certified = conv_sigma_upper(**cfg, explicit_max_entries=0)  # the Gram + Cholesky path
+    assert certified.dtype == torch.float64 and certified.dim() == 0
+    assert exact <= certified <= exact * (1 + 2e-5)
 
 
 @settings(HYPOTHESIS, max_examples=60)
@@ -132,7 +137,7 @@ def test_conv_is_compression_of_circular_conv(cfg):
     assert rows[kept].unique().numel() == int(kept.sum())  # no two kept rows share a circular row
 
     circular_exact = exact_sigma(c)
-    upper = conv_sigma_upper(**cfg, explicit_max_entries=0)
+    upper = conv_sigma_upper(**cfg, explicit_max_entries=0, exact_max_dim=0)
     assert circular_exact <= upper <= circular_exact * (1 + 1e-3)
 
 
@@ -143,11 +148,11 @@ def test_conv3d_upper(seed):
     cfg = dict(weight=w, input_size=(4, 5, 3), stride=(1, 2, 2), padding=(1, 0, 2), dilation=(1, 2, 1), groups=1)
     exact = exact_sigma(explicit_matrix(conv_fn(cfg), conv_in_shape(cfg)))
     assert exact <= conv_sigma_upper(**cfg) <= exact * (1 + 1e-5)
-    assert exact <= conv_sigma_upper(**cfg, explicit_max_entries=0) <= WORST_CIRCULAR_RATIO * exact
+    assert exact <= conv_sigma_upper(**cfg, explicit_max_entries=0, exact_max_dim=0) <= WORST_CIRCULAR_RATIO * exact
 
 
 def test_conv_tightness_pins():
-    circular_only = dict(explicit_max_entries=0)
+    circular_only = dict(explicit_max_entries=0, exact_max_dim=0)
     # 1x1 conv is the channel matrix at every position: exact.
     w = torch.randn(5, 3, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = torch.linalg.matrix_norm(w[:, :, 0, 0], ord=2) * (1 + SAFETY)
@@ -177,7 +182,7 @@ def test_conv_small_feature_map_takes_exact_path():
     start = time.perf_counter()
     upper = conv_sigma_upper(layer.weight, (4, 4), 1, 1, 1, 1)
     seconds = time.perf_counter() - start
-    circular = conv_sigma_upper(layer.weight, (4, 4), 1, 1, 1, 1, explicit_max_entries=0)
+    circular = conv_sigma_upper(layer.weight, (4, 4), 1, 1, 1, 1, explicit_max_entries=0, exact_max_dim=0)
     print(f"\n{layer} on 4x4: exact {exact.item():.6f}  explicit path {upper.item():.6f} "
           f"({1e3 * seconds:.0f} ms)  circular {circular.item():.6f}")
     assert exact <= upper <= exact * (1 + 1e-5)
@@ -316,7 +321,8 @@ def test_explicit_matrix_of_linear_is_weight():
 
 
 def test_mnist_4c3f_layers():
-    """Guaranteed bound within 5% above converged power iteration on the four 4C3F convs."""
+    """On the four 4C3F convs: the default (certified exact) bound within 0.1% above converged power
+    iteration, the circular bound within 5%."""
     torch.manual_seed(0)
     layers = [
         (nn.Conv2d(1, 32, 3, 1, 1), 28),
@@ -342,4 +348,73 @@ def test_mnist_4c3f_layers():
             f"{layer!s:70} on {size}x{size}: estimate {estimate.item():.6f}  "
             f"guaranteed {upper.item():.6f}  gap {100 * gap:.3f}%  conv_sigma_upper {1e3 * seconds:.1f} ms"
         )
-        assert estimate <= upper <= estimate * 1.05
+        circular = conv_sigma_upper(layer.weight, (size, size), layer.stride, layer.padding, layer.dilation,
+                                    layer.groups, exact_max_dim=0)
+        assert estimate <= upper <= circular <= estimate * 1.05
+        assert upper <= estimate * (1 + 1e-3)  # the certified exact path (power iteration is not fully converged)
+
+
+# --------------------------------------------------------------------------------------------
+# Certified exact norm: Gram matrix + Cholesky certificate
+# --------------------------------------------------------------------------------------------
+
+
+@settings(HYPOTHESIS, max_examples=80)
+@given(conv_configs(max_size=8, max_channels=4))
+def test_gram_matrix_by_probing_matches_explicit(cfg):
+    """Lattice probing (many impulses per probe) rebuilds exactly the Gram matrix of the explicit operator."""
+    fn, shape = conv_fn(cfg), conv_in_shape(cfg)
+    a = explicit_matrix(fn, shape)
+    n_out, n_in = a.shape
+    ext = [dl * (k - 1) + 1 for dl, k in zip(cfg["dilation"], cfg["weight"].shape[2:])]
+    if n_in <= n_out:
+        reference, reach = a.T @ a, [e - 1 for e in ext]
+    else:
+        reference, reach = a @ a.T, [-(-e // s) - 1 for e, s in zip(ext, cfg["stride"])]
+    for r in (reach, None):
+        gram, got_in, got_out = _gram_matrix(fn, shape, torch.float64, None, 5, r)
+        assert (got_in, got_out) == (n_in, n_out)
+        torch.testing.assert_close(gram, reference, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (3, 40), (64, 64)])
+def test_exact_upper_dense(shape):
+    w = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(sum(shape)))
+    exact = exact_sigma(w)
+    bound = exact_sigma_upper(lambda x: F.linear(x, w), (shape[1],))
+    assert exact <= bound <= exact * (1 + 2e-5)
+
+
+def test_exact_upper_clustered_spectrum():
+    """A delta kernel is an isometry: every singular value is 1 (the worst case for an eigenvalue guess)."""
+    w = torch.zeros(8, 8, 3, 3, dtype=torch.float64)
+    w[torch.arange(8), torch.arange(8), 1, 1] = 1.0
+    bound = exact_sigma_upper(lambda x: F.conv2d(x, w, None, 1, 1), (8, 10, 10), reach=(2, 2))
+    assert 1.0 <= bound <= 1.0 + 2e-5
+
+
+def test_exact_upper_zero_map():
+    w = torch.zeros(4, 3, 3, 3, dtype=torch.float64)
+    assert exact_sigma_upper(lambda x: F.conv2d(x, w, None, 1, 1), (3, 6, 6)) == 0
+
+
+def test_exact_upper_refuses_a_guess_below_the_norm():
+    """The Cholesky decides: asked to certify sigma^2 <= lambda_max (1 - 1e-6), it must fail (None)."""
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    fn = lambda x: F.conv2d(x, w, None, 1, 1)  # noqa: E731
+    exact = exact_sigma(explicit_matrix(fn, (4, 9, 9)))
+    for delta in (-1e-6, -1e-3, -0.5):
+        assert exact_sigma_upper(fn, (4, 9, 9), deltas=(delta,)) is None
+    bound = exact_sigma_upper(fn, (4, 9, 9), deltas=(-1e-3, 1e-5))  # fails, then certifies
+    assert exact <= bound <= exact * (1 + 2e-5)
+
+
+def test_conv_upper_falls_back_to_circular_above_exact_max_dim():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    cfg = dict(weight=w, input_size=(12, 12), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    exact = exact_sigma(explicit_matrix(conv_fn(cfg), (3, 12, 12)))
+    circular = conv_sigma_upper(**cfg, explicit_max_entries=0, exact_max_dim=0)
+    small = conv_sigma_upper(**cfg, explicit_max_entries=0, exact_max_dim=3 * 144 - 1)  # just too big
+    certified = conv_sigma_upper(**cfg, explicit_max_entries=0, exact_max_dim=3 * 144)
+    assert small == circular
+    assert exact <= certified <= exact * (1 + 2e-5) and certified < circular
