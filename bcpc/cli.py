@@ -77,7 +77,7 @@ def cmd_evaluate(args) -> int:
     curve = [float(e) for e in args.eps_curve.split(",")] if args.eps_curve else []
     rep = evaluate(cert, x, y, eps, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps_curve=curve,
                    batch_size=args.batch_size, tightness_n=args.tightness_n if ctx.main else 0,
-                   progress=not args.no_progress, ctx=ctx)
+                   progress=not args.no_progress, ctx=ctx, paper_attack=args.paper_attack)
     ctx.close()
     if not ctx.main:
         return 0
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             e.add_argument("--pgd-steps", type=int, default=100)
             e.add_argument("--pgd-restarts", type=int, default=1)
+            e.add_argument("--paper-attack", action="store_true",
+                           help="also run the BCP paper's own (weaker) PGD: cross-entropy, last iterate")
             e.add_argument("--eps-curve", default="", help="comma-separated radii for verified accuracy vs eps")
             e.add_argument("--tightness-n", type=int, default=0, help="images for the tightness measure tau")
             e.add_argument("--batch-size", type=int, default=500)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from bcpc.testing import margin_of, pgd_margin
+from bcpc.testing import margin_of, pgd_ce_last, pgd_margin
 
 
 @torch.no_grad()
@@ -41,9 +41,13 @@ def tightness(cert, x: torch.Tensor, eps: float) -> dict:
 
 def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: int = 100,
              pgd_step_size: Optional[float] = None, pgd_restarts: int = 1, eps_curve: Sequence[float] = (),
-             batch_size: int = 500, tightness_n: int = 0, progress: bool = True, ctx=None) -> dict:
+             batch_size: int = 500, tightness_n: int = 0, progress: bool = True, ctx=None,
+             paper_attack: bool = False) -> dict:
     """Metrics on (x, y). PGD: l2, ``pgd_steps`` steps of size ``pgd_step_size`` (default eps/4, as
-    the paper's code), the first restart from x itself, later ones from random points.
+    the paper's code) on the margin, keeping the worst point seen; the first restart from x
+    itself, later ones from random points. With ``paper_attack`` also ``pgd_acc_paper_attack``:
+    the BCP paper's own attack (:func:`bcpc.testing.pgd_ce_last`: cross-entropy, last iterate,
+    same steps and step size), weaker, for comparing with its published PGD accuracy.
 
     With ``ctx`` (a :class:`bcpc.train.Dist` under torchrun) each rank evaluates every
     ``world``-th batch and the counts are summed over ranks."""
@@ -55,7 +59,7 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
     dom = cert.input_domain
     step = eps / 4 if pgd_step_size is None else pgd_step_size
     n = x.shape[0]
-    clean = robust = verified = 0
+    clean = robust = robust_paper = verified = 0
     curve = {float(e): 0 for e in eps_curve}
     t0 = time.time()
     batches = range(ctx.rank * batch_size, n, batch_size * ctx.world)
@@ -69,22 +73,32 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
                              domain=dom, random_start=False)
             with torch.no_grad():
                 robust += ((margin_of(model(adv), yb) > 0) & correct).sum().item()
+            if paper_attack:
+                adv = pgd_ce_last(model, xb, yb, eps, steps=pgd_steps, step_size=step, domain=dom)
+                with torch.no_grad():
+                    robust_paper += ((model(adv).argmax(1) == yb) & correct).sum().item()
         verified += cert.certify(xb, yb, eps).sum().item()
         for e in curve:
             curve[e] += cert.certify(xb, yb, e).sum().item()
     keys = list(curve)
-    clean, robust, verified, *vals = ctx.sum([clean, robust, verified] + [curve[e] for e in keys])
+    clean, robust, robust_paper, verified, *vals = ctx.sum([clean, robust, robust_paper, verified]
+                                                          + [curve[e] for e in keys])
     curve = dict(zip(keys, vals))
     report = {
         "n": n, "eps": eps, "norm": "linf" if math.isinf(norm) else f"l{norm:g}",
         "clean_acc": clean / n,
         "pgd_acc": robust / n if pgd_steps > 0 else None,
         "verified_acc": verified / n,
-        "pgd": {"steps": pgd_steps, "step_size": step, "restarts": pgd_restarts, "random_start": pgd_restarts > 1},
+        "pgd": {"steps": pgd_steps, "step_size": step, "restarts": pgd_restarts, "random_start": pgd_restarts > 1,
+                "loss": "margin", "keeps": "worst point seen"},
         "verified_acc_vs_eps": {f"{e:g}": v / n for e, v in curve.items()},
         "seconds": round(time.time() - t0, 1),
         "processes": ctx.world,
     }
+    if paper_attack and pgd_steps > 0:
+        report["pgd_acc_paper_attack"] = robust_paper / n
+        report["pgd_paper_attack"] = {"steps": pgd_steps, "step_size": step, "loss": "cross-entropy",
+                                      "keeps": "last iterate"}
     if tightness_n:
         report["tightness"] = tightness(cert, x[:tightness_n], eps)
     return report

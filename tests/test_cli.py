@@ -52,10 +52,13 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert '"violations": 0' in audit.stdout
     report = tmp_path / "report"
     ev = run("evaluate", "--checkpoint", str(best), "--eps", "1.58", "--n", "40", "--pgd-steps", "5",
-             "--eps-curve", "0.5,1.0,1.58", "--tightness-n", "4", "--out", str(report), "--no-progress")
+             "--eps-curve", "0.5,1.0,1.58", "--tightness-n", "4", "--out", str(report), "--no-progress",
+             "--paper-attack")
     assert ev.returncode == 0, ev.stderr[-2000:]
     rep = json.loads((report / "report.json").read_text())
     assert rep["n"] == 40 and set(rep["verified_acc_vs_eps"]) == {"0.5", "1", "1.58"}
+    assert rep["clean_acc"] >= rep["pgd_acc_paper_attack"] >= rep["verified_acc"]
+    assert rep["pgd_paper_attack"] == {"steps": 5, "step_size": 1.58 / 4, "loss": "cross-entropy", "keeps": "last iterate"}
     assert rep["verified_acc"] == rep["verified_acc_vs_eps"]["1.58"]
     assert len(rep["tightness"]["tau_bcp"]) == 4
     assert (report / "verified_vs_eps.png").exists() and (report / "tightness.png").exists()

@@ -10,7 +10,7 @@ from torch import nn
 
 from bcpc import checkpoint, config, data
 from bcpc.errors import CheckpointError, ConfigError, DatasetError
-from bcpc.testing import margin_of, pgd_margin
+from bcpc.testing import margin_of, pgd_ce_last, pgd_margin
 from bcpc.train import fit, load_trained, schedule
 from tests.fixtures import tiny_mnist
 
@@ -151,6 +151,21 @@ def test_pgd_finds_adversarial_examples_on_an_undefended_model():
     assert ((adv - x).flatten(1).norm(dim=1) <= 1.0 + 1e-9).all()
     flipped = (margin_of(model(adv), y) < 0).float().mean().item()
     assert flipped > 0.5
+
+
+def test_paper_attack_stays_in_the_ball_and_domain_and_finds_adversarial_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)).double()
+    x = torch.rand(64, 10, dtype=torch.float64)
+    y = model(x).argmax(1)
+    adv = pgd_ce_last(model, x, y, 1.0, steps=50, domain=(0.0, 1.0))
+    assert ((adv - x).flatten(1).norm(dim=1) <= 1.0 + 1e-9).all()
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    flipped = (model(adv).argmax(1) != y).float().mean().item()
+    assert flipped > 0.3
+    # the margin attack keeping its worst point is at least as strong on this model
+    strong = pgd_margin(model, x, y, 1.0, 2.0, steps=50, step_size=0.25, domain=(0.0, 1.0), random_start=False)
+    assert (margin_of(model(strong), y) < 0).float().mean().item() >= flipped
 
 
 def test_cifar10_loader_reads_a_torchvision_style_folder(tmp_path):
