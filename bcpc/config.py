@@ -43,6 +43,7 @@ class TrainConfig:
     val_subset: Optional[int] = 1000  # validation images certified after each epoch
     checkpoint_every: int = 500  # steps between checkpoints (plus one at every epoch end)
     threads: Optional[int] = None  # torch.set_num_threads
+    init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh
 
     @property
     def run_dir(self) -> Path:
@@ -52,6 +53,14 @@ class TrainConfig:
     def target_eps_eval(self) -> float:
         return self.eps if self.eps_eval is None else self.eps_eval
 
+    def init_sha256(self) -> str:
+        """SHA-256 of the ``init_from`` checkpoint (ConfigError if it is missing)."""
+        path = Path(self.init_from)
+        if not path.is_file():
+            raise ConfigError(f"init_from: checkpoint {path} does not exist (train the run it comes from first, "
+                              "or point init_from at another bcpc checkpoint)")
+        return _file_sha256(path)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -60,8 +69,19 @@ class TrainConfig:
         keys = ("model", "dataset", "norm", "method", "eps", "input_domain", "epochs", "warmup_epochs",
                 "ramp_epochs", "batch_size", "lr", "lr_decay_epochs", "lr_decay_factor", "weight_decay",
                 "grad_clip", "lipschitz_iters", "seed", "train_subset")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        values = {k: getattr(self, k) for k in keys}
+        if self.init_from is not None:  # the starting weights are part of the trained function
+            values["init_from_sha256"] = self.init_sha256()
+        blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_type(name: str, value, hint) -> object:

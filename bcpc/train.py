@@ -244,6 +244,17 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+def _init_weights(cfg: TrainConfig, model, cert, device) -> None:
+    """Fine-tuning: the weights and Lipschitz cache of another run's checkpoint (same architecture)."""
+    cfg.init_sha256()  # a clear error if the file is missing
+    ckpt = checkpoint.load(cfg.init_from, map_location=device)
+    source = ckpt.get("config", {}).get("model")
+    if source != cfg.model:
+        raise ConfigError(f"init_from: {cfg.init_from} holds a {source!r} model, this run trains {cfg.model!r}")
+    checkpoint.load_model_state(model, ckpt["model_state"], str(cfg.init_from))
+    cert.propagation.lip.load_state_dict(ckpt["lip_state"])
+
+
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps: Optional[int] = None,
         log=print) -> FitResult:
     """Train per ``cfg``; ``max_steps`` stops early (after checkpointing) — for tests and time slicing.
@@ -292,6 +303,9 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         log(f"resumed {last} at step {step} (epoch {step / spe:.2f}) with {ctx.world} process(es)")
     elif not resume and last.exists():
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another run name")
+    elif cfg.init_from is not None:
+        _init_weights(cfg, model, cert, ctx.device)
+        log(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256()[:16]}...)")
     if ctx.main:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     objective = CertifiedLoss(cert)

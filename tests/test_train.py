@@ -114,6 +114,37 @@ def test_resume_refuses_another_config(tmp_path):
         fit(small_cfg(tmp_path, lr=1e-2), resume=True, progress=False, log=lambda *_: None)
 
 
+def test_init_from_fine_tunes_another_runs_weights(tmp_path):
+    """init_from starts from another run's weights (and Lipschitz cache) with a fresh optimizer and
+    schedule; the file's hash is part of the fingerprint; a missing file or another architecture is
+    a clear error."""
+    tiny_mnist(tmp_path / "d")
+    base = fit(small_cfg(tmp_path, name="base"), progress=False, log=lambda *_: None)
+    source = base.run_dir / "last.pt"
+    tune = small_cfg(tmp_path, name="tune", init_from=str(source), warmup_epochs=0, ramp_epochs=0, lr=1e-4)
+    lines = []
+    first = fit(tune, progress=False, max_steps=1, log=lines.append)
+    assert any("initialised from" in ln for ln in lines)
+    start = checkpoint.load(source)["model_state"]
+    after = checkpoint.load(first.run_dir / "last.pt")["model_state"]
+    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    assert moved and all((start[k] - after[k]).abs().max() < 1e-2 for k in start)  # one small step away
+    fresh = fit(small_cfg(tmp_path, name="fresh", warmup_epochs=0, ramp_epochs=0, lr=1e-4), progress=False,
+                max_steps=1, log=lambda *_: None)
+    far = checkpoint.load(fresh.run_dir / "last.pt")["model_state"]
+    assert any((far[k] - after[k]).abs().max() > 1e-2 for k in far)  # not the seeded initialisation
+    assert tune.fingerprint() != small_cfg(tmp_path, name="tune", warmup_epochs=0, ramp_epochs=0,
+                                           lr=1e-4).fingerprint()
+    resumed = fit(tune, resume=True, progress=False, max_steps=2, log=lambda *_: None)
+    assert resumed.step == 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        fit(small_cfg(tmp_path, name="x", init_from=str(tmp_path / "nope.pt")), progress=False,
+            log=lambda *_: None)
+    with pytest.raises(ConfigError, match="holds a 'mnist_small' model, this run trains 'mnist_mlp'"):
+        fit(small_cfg(tmp_path, name="y", model="mnist_mlp", init_from=str(source)), progress=False,
+            log=lambda *_: None)
+
+
 def test_checkpoint_errors(tmp_path):
     tiny_mnist(tmp_path / "d")
     res = fit(small_cfg(tmp_path), progress=False, log=lambda *_: None)
