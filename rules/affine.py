@@ -123,7 +123,11 @@ def conv_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, 
 
     def rownorm(w_sq):
         ones = torch.ones((1,) + tuple(x.center.shape[1:]), dtype=weight.dtype, device=weight.device)
-        return conv(ones, w_sq, None, stride, padding, dilation, groups).clamp_min(0).sqrt()[0]
+        # clamp at the smallest normal number, not 0: a channel whose weights have decayed until their
+        # squares underflow (seen at the end of long runs) gives sum 0, and sqrt's gradient there is
+        # inf (times clamp's 0: NaN in every weight). Raising a row norm only widens the box: sound.
+        sums = conv(ones, w_sq, None, stride, padding, dilation, groups)
+        return sums.clamp_min(torch.finfo(sums.dtype).tiny).sqrt()[0]
 
     return _affine_box(center, radius, x, lambda a, b: conv(a, weight, b, stride, padding, dilation, groups),
                        lambda a, w_abs: conv(a, w_abs, None, stride, padding, dilation, groups), bias, rownorm,

@@ -184,3 +184,21 @@ def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_finite_check
     # skipped steps leave the weights as they were: later writes hold those same finite weights
     assert 4 <= ckpt["step"] < 4 + train.MAX_BAD_STEPS
     assert all(torch.isfinite(v).all() for v in ckpt["model_state"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_a_channel_whose_weights_underflow_keeps_gradients_finite(monkeypatch, fused):
+    """Found at the end of two 4C3F runs: a first-layer channel decayed to weights ~1e-23, whose
+    squares underflow float32 to 0; the per-position row norm sqrt(0) then gave NaN gradients in
+    every step. The row norm is now floored at the smallest normal number (a wider box: sound)."""
+    monkeypatch.setenv("BCPC_FUSED", fused)
+    torch.manual_seed(0)
+    model = models.conv_small()
+    with torch.no_grad():
+        model[0].weight[3] = torch.tensor([1e-23, -2e-23]).repeat(8)[:16].reshape(1, 4, 4)
+    cert = bcpc.compile(model, "l2", example_input=torch.zeros(1, 1, 28, 28), input_domain=(0.0, 1.0))
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    cert.loss(x, y, 1.58, 1.0).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    assert cert.certify(x, y, 0.1).dtype == torch.bool  # the sound path still runs

@@ -48,7 +48,7 @@ def test_config_rejects_unknown_and_ill_typed_keys(tmp_path):
 
 def test_shipped_configs_load():
     from pathlib import Path
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")):
         config.load(path)
 
 
