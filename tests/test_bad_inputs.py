@@ -91,6 +91,8 @@ CASES = [
      errors.ConfigError),
     ("YAML config with an unknown key", lambda t: _yaml(t, "epocs: 3\n"), errors.ConfigError),
     ("YAML config with an ill-typed key", lambda t: _yaml(t, "epochs: many\n"), errors.ConfigError),
+    ("init_from checkpoint missing", lambda t: config.from_dict({"init_from": str(t / "gone.pt")}).fingerprint(),
+     errors.ConfigError),
     ("truncated checkpoint", _truncated, errors.CheckpointError),
     ("checkpoint with pickled code", _pickled_code, errors.CheckpointError),
     ("checkpoint of another model",
