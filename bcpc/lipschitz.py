@@ -192,6 +192,7 @@ def _gram_matrix(linear_fn: LinearFn, in_shape: Sequence[int], dtype, device, ch
         for g, n in zip(grids, spatial):
             flat = flat * n + g.clamp(min=0)
         owners.append(torch.where(valid, flat, torch.full_like(flat, -1)).reshape(-1))
+    heads = [torch.unique(owner[owner >= 0]) for owner in owners]  # the impulses of each lattice
     probes = [(c, k) for c in range(channels) for k in range(len(owners))]
 
     gram = torch.zeros(d, d, dtype=dtype, device=device)
@@ -200,8 +201,7 @@ def _gram_matrix(linear_fn: LinearFn, in_shape: Sequence[int], dtype, device, ch
         batch = probes[start:start + chunk]
         basis = torch.zeros(len(batch), channels, per_channel, dtype=dtype, device=device)
         for b, (c, k) in enumerate(batch):
-            heads = torch.unique(owners[k][owners[k] >= 0])
-            basis[b, c, heads] = 1.0
+            basis[b, c, heads[k]] = 1.0
         basis = basis.reshape(len(batch), *side)
         if n_in <= n_out:  # A^T (A e)
             image, vjp_fn = torch.func.vjp(linear_fn, basis)

@@ -138,10 +138,10 @@ def pgd_ce_last(model: nn.Module, x: Tensor, y: Tensor, eps, steps: int = 100,
     """The l2 attack of the BCP paper's evaluation code: ``steps`` ascent steps on the
     cross-entropy, each of length ``step_size`` (default eps/4) along the per-sample normalised
     gradient, projected onto the eps-ball and clipped to ``domain``; starts at x and returns the
-    *last* iterate. Weaker than :func:`pgd_margin` (which follows the margin and keeps the
-    worst point seen), so an accuracy under this attack is an upper bound on the one under
-    pgd_margin with the same steps; bcpc reports both so published figures can be compared
-    like for like."""
+    *last* iterate. Usually weaker than :func:`pgd_margin`, which follows the margin and keeps
+    the worst point seen (on the shipped MNIST 4C3F: 65.83% against 62.89% accuracy) — not
+    always, per input, since the two follow different paths; bcpc reports both so published
+    figures can be compared like for like."""
     e = _eps_tensor(eps, x)
     alpha = e / 4 if step_size is None else torch.full_like(e, float(step_size))
     shape = (-1,) + (1,) * (x.dim() - 1)
