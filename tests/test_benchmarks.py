@@ -58,3 +58,9 @@ def test_peers_runs():
 def test_kernels_benchmark_runs():
     out = run("kernels.py", "--reps", "1")
     assert "torch/fused" in out and "certified training step" in out, out
+
+
+def test_device_parity_runs():
+    out = run("device_parity.py", "--n", "20", "--pgd-steps", "3", "--device", "cpu")
+    assert "certificates that differ: 0 of 20" in out, out
+    assert "below the certified bound: 0 of" in out, out
