@@ -367,7 +367,7 @@ def conv_sigma_upper(
     trained MNIST 4C3F. When the operator's smaller side has at most ``exact_max_dim``
     coordinates (0 disables) the result is the smaller of that and :func:`exact_sigma_upper`,
     the true norm certified to about 1e-5 (a Gram matrix, an eigenvalue guess and a Cholesky
-    certificate: about 4 s for a 6272-square Gram matrix on 2 CPU threads).
+    certificate: 4-6 s for a 6272-square Gram matrix on 2 CPU threads).
 
     Derivation, per spatial dimension (dimensions are independent; ``k, s, p, dl, n`` are the
     kernel size, stride, padding, dilation and input size):
