@@ -11,8 +11,11 @@ Two kinds of call:
   Lipschitz cache). Fast and differentiable, not a guarantee.
 * **certification** (``certify``, ``certified_radius``, and ``margins``/``worst_logits``/
   ``node_bounds`` with the default ``sound=True``): runs on a float64 twin of the model (rebuilt
-  when any parameter or buffer changes) with guaranteed Lipschitz upper bounds, and ``certify``
-  only accepts a margin above a safety threshold (:data:`CERTIFY_RTOL`, :data:`CERTIFY_ATOL`).
+  when the value of any parameter or buffer changes, however it was changed: the twin keeps an
+  exact copy of the values it was built from, bcpc.state) with guaranteed Lipschitz upper bounds,
+  and ``certify`` only accepts a margin above a safety threshold (:data:`CERTIFY_RTOL`,
+  :data:`CERTIFY_ATOL`). Before any sound result is returned, the runtime guard (bcpc.guard)
+  checks the twin's clean logits against the user's own model on the same inputs.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bcpc import guard
 from bcpc import margins as margins_mod
 from bcpc.errors import (InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
                          NonFiniteBoundError)
@@ -58,9 +62,8 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _state_key(module: nn.Module) -> tuple:
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in
-                 list(module.parameters()) + list(module.buffers()))
+#: Modules whose output depends on ``.training``: certifying them in training mode is refused.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
 
 
 class CertifiedModule(nn.Module):
@@ -80,6 +83,11 @@ class CertifiedModule(nn.Module):
         self._analysis = analysis
         self._twin = None
         self._twin_key = None
+        self._twin_state = None  # bcpc.state.Snapshot of the user's parameters the twin was built from
+        #: the runtime guard: compare the certification graph's clean logits with the user's model
+        #: before returning any sound result (on by default; see bcpc.guard and docs/soundness.md)
+        self.guard = True
+        self._guard_done = False  # set while certified_radius re-certifies inputs it has checked
         self.backend = backend
         self._compiled = None  # torch.compile(self.propagation), built on the first training call
 
@@ -181,6 +189,14 @@ class CertifiedModule(nn.Module):
             raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
 
     def _check_eval_mode(self) -> None:
+        training = [f"{name or type(self.model).__name__} ({type(m).__name__})"
+                    for name, m in self.model.named_modules()
+                    if isinstance(m, _MODE_DEPENDENT) and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.training]
+        if training:
+            raise ModelModeError(
+                f"modules {training} are in training mode: they compute another (random) function than in eval "
+                "mode, and the certificate is for eval mode. Call model.eval() (or cert.eval()) before certifying.")
         bad = [name for name, m in self.model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
         batch_stats = [name for name, m in self.model.named_modules()
@@ -198,14 +214,35 @@ class CertifiedModule(nn.Module):
     # --- running --------------------------------------------------------------------------
 
     def _sound_graph(self, dtype: torch.dtype) -> fx.GraphModule:
-        """A copy of the propagation module in ``dtype`` (float64 by default), cached per state."""
-        key = (_state_key(self.propagation), dtype)
-        if self._twin is None or self._twin_key != key:
+        """A copy of the propagation module in ``dtype`` (float64 by default), cached for the exact
+        values of the parameters and buffers it was copied from (bcpc.state)."""
+        from bcpc.state import Snapshot
+        if (self._twin is None or self._twin_key != dtype
+                or not self._twin_state.matches_module(self.propagation)):
+            object.__setattr__(self, "_twin", None)  # free the old twin before copying
+            state = Snapshot.of_module(self.propagation)
             twin = copy.deepcopy(self.propagation).to(dtype)
             twin.eval()
             object.__setattr__(self, "_twin", twin)
-            self._twin_key = key
+            object.__setattr__(self, "_twin_state", state)
+            self._twin_key = dtype
         return self._twin
+
+    def _guard(self, gm: fx.GraphModule, x: Tensor, x_user: Tensor, logits: Tensor) -> None:
+        """Runtime guard: the sound graph's clean logits are the user's model's (bcpc.guard).
+
+        ``guard=True`` (default): against the live ``model(x)`` in the model's own dtype (tolerance
+        of that dtype); ``"strict"``: also against the float64 copy of the model the certification
+        graph was built from, at float64 tolerance; ``False``: off."""
+        if not self.guard or self._guard_done:
+            return
+        with torch.no_grad():
+            live = self.model(x_user.to(gm_dtype(self.propagation)))
+            guard.check(logits, live, against=f"model(x) (the live model, {live.dtype})",
+                        dtypes=(logits.dtype, live.dtype))
+            if self.guard == "strict":
+                guard.check(logits, gm.model(x), against=f"the model's own forward in {x.dtype} (its certified copy)",
+                            dtypes=(logits.dtype,))
 
     def _prepare(self, x, eps, y, sound: bool, dtype):
         self._check(x, y, values=sound)
@@ -234,10 +271,12 @@ class CertifiedModule(nn.Module):
     def forward(self, x: Tensor, eps, y: Optional[Tensor] = None, sound: bool = True,
                 dtype: Optional[torch.dtype] = None) -> CertifiedOutput:
         """Logits and (B, C) certified margin lower bounds w.r.t. ``y`` (or the prediction)."""
+        x_user = x
         gm, x, eps = self._prepare(x, eps, y, sound, dtype)
         if sound:
             with torch.no_grad():
                 logits, m = gm(x, eps, y, True)
+            self._guard(gm, x, x_user, logits)
             if torch.isnan(m).any():
                 raise NonFiniteBoundError("a certified margin came out NaN; refusing to read it as a bound")
         else:
@@ -290,23 +329,30 @@ class CertifiedModule(nn.Module):
         dev, dt = x.device, torch.float64
         lo = torch.zeros(b, dtype=dt, device=dev)
         hi = torch.full((b,), float(eps_max), dtype=dt, device=dev)
-        ok0 = self.certify(x, y, lo)
-        ok_max = self.certify(x, y, hi)
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            ok = self.certify(x, y, mid)
-            lo = torch.where(ok, mid, lo)
-            hi = torch.where(ok, hi, mid)
+        ok0 = self.certify(x, y, lo)  # runs the guard on x once; the bisection re-certifies the same x
+        object.__setattr__(self, "_guard_done", True)
+        try:
+            ok_max = self.certify(x, y, hi)
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                ok = self.certify(x, y, mid)
+                lo = torch.where(ok, mid, lo)
+                hi = torch.where(ok, hi, mid)
+        finally:
+            object.__setattr__(self, "_guard_done", False)
         radius = torch.where(ok_max, hi, lo)
         return torch.where(ok0, radius, torch.zeros_like(radius))
 
     def node_bounds(self, x: Tensor, eps, sound: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
         """Per graph node of the user's model: its Bound (center, radius, lower, upper)."""
+        x_user = x
         gm, x, eps = self._prepare(x, eps, None, sound, dtype)
         names = self._lowered.bound_nodes
         rec = _Recorder(gm, names.values())
         with torch.set_grad_enabled(not sound and torch.is_grad_enabled()):
-            rec.run(x, eps, None, sound)
+            logits, _ = rec.run(x, eps, None, sound)
+        if sound:
+            self._guard(gm, x, x_user, logits)
         return {origin: rec.values[name] for origin, name in names.items()}
 
     def lipschitz_table(self, converge_iters: int = 0) -> list:

@@ -65,3 +65,7 @@ class MissingToolError(BcpcError, RuntimeError):
 
 class NonFiniteTrainingError(BcpcError, ArithmeticError):
     """Training produced NaN/Inf (loss, gradients or weights); the last finite checkpoint is kept."""
+
+
+class GraphMismatchError(BcpcError, RuntimeError):
+    """The compiled graph does not compute the user's ``model(x)``: no certificate is given."""

@@ -11,9 +11,9 @@ returns
 * ``sound=True`` – a guaranteed *upper* bound (exact float64 SVD for dense layers; for
   convolutions the true norm certified by a Cholesky factorisation when the operator's smaller
   side has at most ``bcpc.lipschitz.EXACT_MAX_DIM`` coordinates, else Gram iteration on the FFT
-  blocks of the kernel; bcpc.lipschitz), cached per weight version
-  (``tensor._version`` and storage pointer), so certifying a data set computes it once and any
-  in-place update (an optimizer step, ``load_state_dict``) invalidates it.
+  blocks of the kernel; bcpc.lipschitz), cached against an exact copy of the weight it was
+  computed from (bcpc.state), so certifying a data set computes it once and any change of the
+  weight's values (an optimizer step, ``load_state_dict``, an edit through ``.data``) invalidates it.
 """
 from __future__ import annotations
 
@@ -24,10 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcpc import lipschitz
-
-
-def _weight_key(weight: Tensor) -> tuple:
-    return (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+from bcpc.state import same_tensor_values
 
 
 class LipschitzConstant(nn.Module):
@@ -45,7 +42,7 @@ class LipschitzConstant(nn.Module):
         u = torch.randn((1,) + self.in_shape, generator=torch.Generator().manual_seed(0))
         self.register_buffer("u", u / u.norm())
         self._warm = False
-        self._bound_key: Optional[tuple] = None
+        self._bound_weight: Optional[Tensor] = None  # the weight values the cached bound belongs to
         self._bound: Optional[Tensor] = None
 
     def extra_repr(self) -> str:
@@ -82,9 +79,8 @@ class LipschitzConstant(nn.Module):
         return lipschitz.sigma_estimate(fn, self.u)
 
     def upper(self, weight: Tensor) -> Tensor:
-        """Guaranteed upper bound on the norm (float64), cached per weight version."""
-        key = _weight_key(weight)
-        if key != self._bound_key:
+        """Guaranteed upper bound on the norm (float64), cached for the weight's exact values."""
+        if self._bound is None or not same_tensor_values(self._bound_weight, weight):
             with torch.no_grad():
                 w = weight.detach()
                 if self.kind == "linear":
@@ -95,7 +91,7 @@ class LipschitzConstant(nn.Module):
                         w, self.in_shape[1:], p["stride"], p["padding"], p["dilation"], p["groups"],
                         exact_max_dim=lipschitz.EXACT_MAX_DIM,  # read now, so users can change it
                     )
-            self._bound_key, self._bound = key, value
+            self._bound_weight, self._bound = weight.detach().clone(), value
         return self._bound
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -1,6 +1,8 @@
 """The compiler pipeline: the one place that says which passes run, in which order.
 
-    trace -> canonicalize -> shapes -> analyze -> lower
+    trace -> functionalize -> canonicalize -> shapes -> analyze -> verify -> lower
+
+``verify`` (bcpc.guard) checks that the canonical graph computes the user's ``model(x)``.
 
 Each pass is a plain function in ``passes/`` (one per module). With ``debug=True`` the graph
 invariants are checked between passes.
@@ -12,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bcpc.guard import verify_compiled
 from bcpc.passes.analysis import Analysis, analyze
 from bcpc.passes.canonicalize import canonicalize
+from bcpc.passes.functionalize import functionalize
 from bcpc.passes.lower import Lowered, lower
 from bcpc.passes.shapes import propagate_shapes
 from bcpc.passes.trace import trace
@@ -38,12 +42,15 @@ def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: flo
         lipschitz_iters: int = 1, debug: bool = False) -> Compiled:
     gm = trace(model)
     _check(gm, debug)
+    gm = functionalize(gm, example_input)
+    _check(gm, debug)
     gm = canonicalize(gm)
     _check(gm, debug)
     gm = propagate_shapes(gm, example_input)
     _check(gm, debug)
     analysis = analyze(gm)
     _check(gm, debug)
+    verify_compiled(gm, model, example_input, input_domain)
     lowered = lower(gm, analysis, method=method, norm=norm, domain_bounds=input_domain, model=model,
                     lipschitz_iters=lipschitz_iters)
     _check(lowered.graph_module, debug)

@@ -165,7 +165,8 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if isinstance(out, Tensor):
-            self.values[n.name] = out
+            # a copy: a later in-place op of the model (h.relu_()) would change the recorded value
+            self.values[n.name] = out.clone()
         return out
 
 

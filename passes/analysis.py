@@ -50,13 +50,41 @@ def _describe(node: fx.Node) -> str:
     return getattr(node.target, "__module__", "") + "." + getattr(node.target, "__name__", str(node.target))
 
 
+_STEP_NAMES = frozenset(["gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal",
+                         "sign", "signbit", "heaviside", "argmax", "argmin", "round", "floor", "ceil", "trunc",
+                         "bool", "long", "int", "short", "byte", "logical_not", "logical_and", "logical_or",
+                         "isnan", "isinf", "isfinite", "nonzero", "where", "masked_fill", "item", "tolist"])
+_TUPLE_NAMES = frozenset(["chunk", "split", "tensor_split", "unbind", "max", "min", "sort", "topk", "kthvalue",
+                          "median", "mode", "aminmax", "cummax", "cummin", "var_mean", "std_mean", "unique",
+                          "getitem"])
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", "")
+
+
+def _hint(node: fx.Node) -> str:
+    """Why a perturbed node of this kind cannot be held constant, and what to write instead."""
+    name = _op_name(node)
+    if name in _STEP_NAMES:
+        return (" It compares or rounds a value that depends on the input (or makes an integer/boolean of it): the "
+                "result changes inside the perturbation set, so it cannot be treated as a constant mask. Write the "
+                "activation itself (torch.relu(h) rather than h * (h > 0)).")
+    if name in _TUPLE_NAMES or not info(node).is_tensor:
+        return (" Its result (a tuple, a number or an item of one) is computed from the perturbed input, so every "
+                "value read from it is perturbed too and needs a rule.")
+    return ""
+
+
 def unsupported_node(gm: fx.GraphModule, node: fx.Node) -> UnsupportedOpError:
     what = _describe(node)
     if node.op == "call_module":
         what = f"{type(gm.get_submodule(node.target)).__name__} (module {node.target!r})"
     ops = ", ".join(registry.supported_ops())
     return UnsupportedOpError(
-        f"node '{node.name}' calls {what}, which has no bound rule (at {where(node)}). "
+        f"node '{node.name}' calls {what}, which has no bound rule (at {where(node)}).{_hint(node)} "
         f"Supported ops: {ops}. To support it, add a rule with bcpc.registry.register(...) in a module "
         "under rules/ (see docs/adding-a-rule.md), or rewrite this line with supported ops."
     )

@@ -1,9 +1,14 @@
 """Shapes and perturbation: run the canonical graph once on an example batch of two.
 
 Records in ``node.meta["bcpc"]`` each node's output shape and dtype, and whether it is
-*perturbed*: a floating tensor that depends on the input. Only perturbed nodes need bound rules;
-everything else (weights, shape arithmetic, constants) is computed plainly. The example batch has
-two samples so that an op that mixes the batch dimension shows up in the shapes.
+*perturbed*: it depends on the values of the input. Taint is conservative: every value computed
+from a perturbed value is perturbed, whatever its type — tuples (``x.chunk(2, 1)``, ``x.max(1)``)
+and their items, booleans (``h > 0``), integer tensors (``h.argmax(1)``) — except the results of
+the ops in :data:`SHAPE_ONLY`, which read only the input's shape, dtype or device
+(``x.size(0)``, ``x.shape``, ``torch.zeros_like(x)``). Only perturbed nodes need bound rules, and
+the analysis refuses a perturbed node without one; everything else (weights, shape arithmetic,
+constants) is computed plainly. The example batch has two samples so that an op that mixes the
+batch dimension shows up in the shapes.
 
 The run must not change the model: buffers (BatchNorm running statistics in training mode) are
 restored afterwards.
@@ -16,6 +21,39 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bcpc.errors import GraphStructureError
 from bcpc.meta import info
+
+
+#: Ops whose result depends on their tensor argument's shape, dtype or device only, never on its
+#: values: ``(op kind, target)``. Their other arguments still taint them (``x.new_full(s, h)``).
+SHAPE_ONLY = frozenset(
+    [("call_method", m) for m in ("size", "dim", "ndimension", "numel", "nelement", "get_device",
+                                   "new_zeros", "new_ones", "new_empty", "new_full", "type")]
+    + [("call_function", f) for f in (torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like,
+                                      torch.full_like, len)]
+)
+#: ``getattr(x, name)`` on a perturbed tensor that reads metadata only.
+SHAPE_ATTRIBUTES = frozenset(["shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"])
+
+
+def _shape_only(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) >= 2 and node.args[1] in SHAPE_ATTRIBUTES
+    if node.op == "call_method" and node.target == "type":
+        return len(node.args) == 1 and not node.kwargs  # x.type() names the type; x.type(t) casts
+    try:
+        if (node.op, node.target) not in SHAPE_ONLY:
+            return False
+    except TypeError:
+        return False
+    # the first argument is read for its metadata only; any other perturbed argument taints
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    return not _any_perturbed(rest)
+
+
+def _any_perturbed(args) -> bool:
+    found = []
+    fx.node.map_arg(args, lambda n: found.append(info(n).perturbed))
+    return any(found)
 
 
 def _tensor_outputs(node: fx.Node):
@@ -55,5 +93,5 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
             rec.perturbed = True
         elif node.op in ("call_function", "call_method", "call_module"):
             deps = node.all_input_nodes
-            rec.perturbed = bool(tm is not None and tm.dtype.is_floating_point and any(info(d).perturbed for d in deps))
+            rec.perturbed = any(info(d).perturbed for d in deps) and not _shape_only(node)
     return gm

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import math
+
 from bcpc import kernels
-from bcpc.domain import Bound, enclose
+from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
 from bcpc.rules._util import pick, unsupported
 
@@ -79,9 +81,66 @@ monotone(torch.sigmoid, lipschitz=0.25, name="sigmoid", spellings=(torch.sigmoid
 monotone(F.leaky_relu, lipschitz=lambda slope: max(1.0, float(slope)), name="leaky_relu",
          spellings=(F.leaky_relu, nn.LeakyReLU), params=("negative_slope",), defaults={"negative_slope": 0.01},
          check=_check_leaky)
-# softplus' derivative is sigmoid(beta * x) <= 1 for every beta > 0; above the threshold it is x.
-monotone(F.softplus, lipschitz=1.0, name="softplus", spellings=(F.softplus, nn.Softplus),
-         params=("beta", "threshold"), defaults={"beta": 1.0, "threshold": 20.0})
+
+# --- softplus -------------------------------------------------------------------------------
+#
+# torch computes softplus(x) = log1p(exp(beta x)) / beta for beta x <= threshold and x above it.
+# Both pieces have slope <= 1 (sigmoid(beta x) <= 1 and 1) and increase, but at x0 = threshold/beta
+# the function drops by jump = log1p(exp(-threshold)) / beta (from x0 + jump to just above x0):
+# ~2e-9 at the default threshold 20, 0.31 at threshold 1. So softplus is not monotone and not
+# Lipschitz; per coordinate |f(a) - f(b)| <= |a - b| + jump * [a, b straddle x0].
+
+def _softplus_jump(beta, threshold) -> float:
+    return math.log1p(math.exp(-threshold)) / beta
+
+
+def _straddles(lower, upper, x0):
+    return (lower <= x0) & (upper > x0)
+
+
+def softplus_ball(x: Bound, beta, threshold):
+    """radius_out = radius_in + jump * sqrt(k), k = coordinates whose box straddles the switch
+    point x0 = threshold / beta (all of them without a box): ||f(a') - f(a)|| <= ||a' - a|| +
+    ||jump * 1_k|| by the triangle inequality, since only a coordinate crossing x0 can jump."""
+    if x.radius is None:
+        return None
+    jump = _softplus_jump(beta, threshold)
+    if x.lower is None:
+        k = torch.full_like(x.radius, float(x.center[0].numel()))
+    else:
+        k = _straddles(x.lower, x.upper, threshold / beta).flatten(1).sum(1).to(x.radius.dtype)
+    return x.radius + jump * k.sqrt()
+
+
+def softplus_box(center, radius, x: Bound, beta, threshold) -> Bound:
+    """[f(l), f(u)] where the box does not straddle x0 (f increases on each piece); where it does,
+    [min(f(l), x0), max(f(x0), f(u))]: the right piece's infimum is x0, the left piece's maximum is
+    f(x0) = x0 + jump. Intersected with the output ball's box."""
+    x0 = threshold / beta
+    lo, hi = F.softplus(x.lower, beta, threshold), F.softplus(x.upper, beta, threshold)
+    s = _straddles(x.lower, x.upper, x0)
+    top = F.softplus(torch.full((), x0, dtype=x.lower.dtype, device=x.lower.device), beta, threshold)
+    lo = torch.where(s, torch.minimum(lo, torch.full_like(lo, x0)), lo)
+    hi = torch.where(s, torch.maximum(hi, top.expand_as(hi)), hi)
+    return bound(center, radius, lo, hi)
+
+
+def _softplus_adapter(module, args, kwargs):
+    if module is not None:
+        (x,) = args
+        return (x, float(module.beta), float(module.threshold)), {}
+    x, beta, threshold = pick(args, kwargs, ("input", "beta", "threshold"), {"beta": 1.0, "threshold": 20.0})
+    return (x, float(beta), float(threshold)), {}
+
+
+def _check_softplus(node):
+    beta = node.args[1]
+    if not beta > 0:
+        raise unsupported(node, f"softplus with beta={beta!r} is not supported", "Use beta > 0")
+
+
+register(F.softplus, ball=softplus_ball, box=softplus_box, family="activation", name="softplus",
+         spellings=((F.softplus, _softplus_adapter), (nn.Softplus, _softplus_adapter)), check=_check_softplus)
 # elu: x for x > 0, alpha (e^x - 1) below, derivative <= max(1, alpha).
 monotone(F.elu, lipschitz=lambda alpha: max(1.0, float(alpha)), name="elu", spellings=(F.elu, nn.ELU),
          params=("alpha",), defaults={"alpha": 1.0}, check=_check_elu)

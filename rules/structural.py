@@ -177,5 +177,19 @@ register(torch.flatten, ball=reshape_ball, box=flatten_box, family="reshape", na
          spellings=((torch.flatten, _flatten_adapter), ("flatten", _flatten_adapter), (nn.Flatten, _flatten_adapter)),
          check=_check_batch_kept)
 
+def _dropout_fn_adapter(module, args, kwargs):
+    """``F.dropout`` is the identity only when ``training`` is False at trace time: its default is
+    True, so ``F.dropout(h, 0.5)`` drops units in eval mode too (a random function)."""
+    x, p, training, inplace = pick(args, kwargs, ("input", "p", "training", "inplace"),
+                                   {"p": 0.5, "training": True, "inplace": False})
+    if training is not False:
+        from bcpc.errors import UnsupportedOpError
+        raise UnsupportedOpError(
+            f"F.dropout with training={training!r} drops units whatever the model's mode (its default is "
+            "training=True), so the model is random and no certificate holds. Write F.dropout(h, p, self.training) "
+            "or use nn.Dropout, and compile the model in eval mode")
+    return (x,), {}
+
+
 register_identity(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
-                  torch.nn.functional.dropout, "contiguous")
+                  (torch.nn.functional.dropout, _dropout_fn_adapter), "contiguous", "clone")

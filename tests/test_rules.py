@@ -54,7 +54,10 @@ def case(name):
     if name == "leaky_relu":
         return Lambda(lambda s, x: F.leaky_relu(s.lin(x), 0.2), 6), (4,), dict(lin=nn.Linear(4, 6))
     if name == "softplus":
-        return Lambda(lambda s, x: F.softplus(s.lin(x), beta=3.0), 6), (4,), dict(lin=nn.Linear(4, 6))
+        # threshold 1: the switch to the identity at x = threshold / beta drops the value by 0.1,
+        # inside the input range, so the jump is exercised (a monotone rule fails here)
+        return (Lambda(lambda s, x: F.softplus(s.lin(x), beta=3.0, threshold=1.0), 6), (4,),
+                dict(lin=nn.Linear(4, 6)))
     if name == "elu":
         return Lambda(lambda s, x: F.elu(s.lin(x), alpha=1.5), 6), (4,), dict(lin=nn.Linear(4, 6))
     if name == "add":
