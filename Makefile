@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# two workers (pytest-xdist) on the two cores; one test file per worker at a time (--dist loadfile),
+# so module fixtures and files a test module writes are never shared between workers
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: setup
 	$(BIN)/bcpc demo

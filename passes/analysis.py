@@ -47,7 +47,8 @@ def _describe(node: fx.Node) -> str:
         return f"module {node.target!r}"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
-    return getattr(node.target, "__module__", "") + "." + getattr(node.target, "__name__", str(node.target))
+    mod = (getattr(node.target, "__module__", None) or "").replace("_operator", "operator")
+    return mod + "." + getattr(node.target, "__name__", str(node.target))
 
 
 _STEP_NAMES = frozenset(["gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal",

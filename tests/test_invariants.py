@@ -30,7 +30,13 @@ def test_bcp_is_at_least_as_tight_as_both_baselines(arch, norm, eps, domain, see
     scale = 1 + m["bcp"][finite].abs().max()
     assert (m["bcp"][finite] >= m["ibp"][finite] - tol * scale).all()
     assert (m["bcp"][finite] >= m["lipschitz"][finite] - tol * scale).all()
-    # the lipschitz ball is the bcp ball: same radius at every node
+    # the bcp ball is inside the lipschitz ball at every node; the same ball where no rule reads the
+    # box for its radius (softplus counts the coordinates whose box straddles its threshold jump,
+    # which the lipschitz method, having no box, must take to be all of them)
     nb_lip = certs["lipschitz"].node_bounds(x, eps)
+    reads_box = any(isinstance(m, torch.nn.Softplus) or getattr(m, "name", "") == "softplus" for m in model.modules())
     for name, b in nb_bcp.items():
-        torch.testing.assert_close(b.radius, nb_lip[name].radius, rtol=1e-12, atol=0)
+        if reads_box:
+            assert (b.radius <= nb_lip[name].radius * (1 + 1e-12)).all(), name
+        else:
+            torch.testing.assert_close(b.radius, nb_lip[name].radius, rtol=1e-12, atol=0)
