@@ -84,6 +84,10 @@ class CertifiedModule(nn.Module):
         self._twin = None
         self._twin_key = None
         self._twin_state = None  # bcpc.state.Snapshot of the user's parameters the twin was built from
+        from bcpc.state import structure
+        #: the model's module tree and Python attributes at compile time: fx bakes attributes into
+        #: the graph, so a later change makes the graph another function (checked before sound results)
+        self._structure = structure(model)
         #: the runtime guard: compare the certification graph's clean logits with the user's model
         #: before returning any sound result (on by default; see bcpc.guard and docs/soundness.md)
         self.guard = True
@@ -211,6 +215,16 @@ class CertifiedModule(nn.Module):
                 "certificate computed now would not hold for single inputs. Call model.eval() (or cert.eval()) "
                 "before certifying.")
 
+    def _check_unchanged(self) -> None:
+        from bcpc.errors import GraphMismatchError
+        from bcpc.state import changes, structure
+        what = changes(self._structure, structure(self.model))
+        if what is not None:
+            raise GraphMismatchError(
+                f"the model changed after bcpc.compile: {what}. The compiled graph was traced from the model as it "
+                "was (torch.fx records Python attributes and submodules as they are at compile time), so it no longer "
+                "computes this model and no certificate is given. Compile again after changing the model.")
+
     # --- running --------------------------------------------------------------------------
 
     def _sound_graph(self, dtype: torch.dtype) -> fx.GraphModule:
@@ -250,6 +264,7 @@ class CertifiedModule(nn.Module):
         self._check_eps(eps, x.shape[0])
         if sound:
             self._check_eval_mode()
+            self._check_unchanged()
             gm = self._sound_graph(dtype or torch.float64)
             x = x.to(gm_dtype(gm))
             if isinstance(eps, Tensor):

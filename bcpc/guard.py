@@ -47,7 +47,15 @@ def excess(got: Tensor, want: Tensor, atol: float, rtol: float) -> Tensor:
     return torch.where(bad & ~(got == want).flatten(1).all(1), torch.full_like(out, float("inf")), out)
 
 
-def check(got: Tensor, want: Tensor, *, against: str, dtypes: tuple) -> None:
+_RUNTIME_CAUSES = ("Causes: the model changed after bcpc.compile (compile again); a forward that torch.fx cannot see "
+                   "(Python side effects, `h += ...` on a tensor that is also used elsewhere: write h = h + ...); or a "
+                   "bcpc bug (please report it with the model).")
+COMPILE_CAUSES = ("Causes: a forward that torch.fx cannot see (`h += ...` on a tensor that is also used elsewhere: "
+                  "write h = h + ...; Python side effects such as counters or random numbers); or a bcpc bug (please "
+                  "report it with the model).")
+
+
+def check(got: Tensor, want: Tensor, *, against: str, dtypes: tuple, causes: str = _RUNTIME_CAUSES) -> None:
     """Raise GraphMismatchError if ``got`` (compiled logits) and ``want`` (the model's) disagree."""
     if tuple(got.shape) != tuple(want.shape):
         raise GraphMismatchError(
@@ -61,9 +69,7 @@ def check(got: Tensor, want: Tensor, *, against: str, dtypes: tuple) -> None:
         raise GraphMismatchError(
             f"the compiled graph does not compute this model: on sample {i} of the batch its clean logits differ "
             f"from {against} by {d:.3g} (tolerance {atol:g} + {rtol:g} * max|logit|). No certificate is given. "
-            "Causes: the model changed after bcpc.compile (a Python attribute, a replaced submodule: compile "
-            "again); a forward that torch.fx cannot see (Python side effects, `h += ...` on a tensor that is "
-            "also used elsewhere: write h = h + ...); or a bcpc bug (please report it with the model).")
+            + causes)
 
 
 def _probe_inputs(example_input: Tensor, input_domain) -> Tensor:
@@ -95,4 +101,5 @@ def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_i
         got = graph(x)
     if not isinstance(want, Tensor):
         return  # the analysis has already refused a model that does not return one logits tensor
-    check(got, want, against="model(x) (checked at compile time, in eval mode)", dtypes=(dtype,))
+    check(got, want, against="model(x) (checked at compile time, in eval mode)", dtypes=(dtype,),
+          causes=COMPILE_CAUSES)

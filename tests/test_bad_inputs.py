@@ -91,6 +91,14 @@ def _attribute_changed():
     cert.certify(X, Y, 0.1)
 
 
+def _submodule_swapped():
+    model = _Net(lambda s, h: s.act(h)).eval()
+    model.act = nn.ReLU()
+    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
+    model.act = nn.Tanh()
+    cert.certify(X, Y, 0.1)
+
+
 def _dropout_training():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 3))
     bcpc.compile(model, example_input=torch.zeros(1, 4)).certify(X, Y, 0.1)
@@ -142,6 +150,7 @@ CASES = [
      errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
+    ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),
     ("eps negative", lambda t: _cert()[1].certify(X, Y, -0.1), errors.InvalidEpsilonError),
     ("eps NaN", lambda t: _cert()[1].certify(X, Y, float("nan")), errors.InvalidEpsilonError),
     ("eps not a number", lambda t: _cert()[1].certify(X, Y, "0.1"), errors.InvalidEpsilonError),

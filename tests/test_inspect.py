@@ -412,7 +412,8 @@ def run_doc_command(command, workdir: Path) -> str:
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m bcpc "$@"\n')
     wrapper.chmod(0o755)
     data = workdir / "data"
-    if not data.exists():
+    (ROOT / "data").mkdir(exist_ok=True)  # a fresh clone has none yet: the first command fetches MNIST into it
+    if not data.is_symlink() and not data.exists():
         data.symlink_to(ROOT / "data", target_is_directory=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))

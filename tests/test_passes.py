@@ -138,3 +138,48 @@ def test_compiled_module_shares_parameters_with_model():
     assert cert.model is model
     ids = {id(p) for p in cert.parameters()}
     assert all(id(p) in ids for p in model.parameters())
+
+
+class InPlace(nn.Module):
+    def forward(self, x):
+        h = x * 2
+        h.relu_()  # result not assigned: fx records a node nothing uses
+        return h + 1
+
+
+def test_functionalize_rewrites_in_place_ops_and_redirects_later_uses():
+    from bcpc.passes.functionalize import functionalize
+
+    gm = functionalize(trace(InPlace()), torch.zeros(1, 3))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert nodes["relu_"].op == "call_method" and nodes["relu_"].target == "relu"
+    assert nodes["add"].args[0] is nodes["relu_"]  # the later use reads the mutated value
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(gm(x), InPlace()(x.clone()))
+
+
+class MutatesAView(nn.Module):
+    def forward(self, x):
+        h = x * 2
+        v = h.view(h.size(0), -1)
+        h.relu_()
+        return v
+
+
+def test_functionalize_refuses_a_mutation_seen_through_a_view():
+    from bcpc.errors import UnsupportedOpError
+    from bcpc.passes.functionalize import functionalize
+
+    with pytest.raises(UnsupportedOpError, match="shares its memory"):
+        functionalize(trace(MutatesAView()), torch.zeros(1, 3))
+
+
+class Comparison(nn.Module):
+    def forward(self, x):
+        return x * (x > 0).float()
+
+
+def test_taint_follows_booleans_and_tuples():
+    gm = propagate_shapes(canonicalize(trace(Comparison())), torch.zeros(1, 3))
+    perturbed = {n.name for n in gm.graph.nodes if info(n).perturbed}
+    assert {"gt", "float_1", "mul"} <= perturbed

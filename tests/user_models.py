@@ -236,6 +236,9 @@ class Program(nn.Module):
             return torch.add(h, f(h))
         if s == "h.add(f(h))":
             return h.add(torch.sigmoid(f(h)))
+        if s == "h = h + f(maxmin(h))":  # the MaxMin (GroupSort-2) residual block of Lipschitz networks
+            a, b = h.chunk(2, 1)
+            return h + f(torch.cat([torch.max(a, b), torch.min(a, b)], 1))
         if s == "skip = h; h.relu_(); h + skip":
             h = f(h)
             skip = h
