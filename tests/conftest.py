@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, settings
 # and sized so that `make test` fits its time budget; "thorough" for long runs, "dev" for random
 # exploration (HYPOTHESIS_PROFILE=thorough / dev).
 settings.register_profile(
-    "ci", max_examples=20, deadline=None, derandomize=True, print_blob=True, database=None,
+    "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

@@ -65,7 +65,7 @@ def _check(model, cert, x, gen):
     STATS["attacked"] += 1
 
 
-@settings(max_examples=int(os.environ.get("BCPC_FUZZ_EXAMPLES", 120)))
+@settings(max_examples=int(os.environ.get("BCPC_FUZZ_EXAMPLES", 100)))
 @given(arch=user_models(), edit=st.sampled_from(WEIGHT_EDITS), seed=st.integers(0, 1000))
 def test_user_code_compiles_correctly_or_is_refused(arch, edit, seed):
     model, d = arch
