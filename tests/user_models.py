@@ -315,9 +315,10 @@ def edit_weights(model: nn.Module, how: str, gen: torch.Generator) -> None:
     elif how == "p.data.clamp_":
         p.data.clamp_(-0.05, 0.05)
     elif how == "optimizer step":
+        # random gradients: the user's own in-place ops may make its forward non-differentiable
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        loss = model(torch.randn(2, model.inp.in_features, generator=gen, dtype=torch.float64)).square().sum()
-        loss.backward()
+        for q in model.parameters():
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
         opt.step()
         opt.zero_grad()
     else:
