@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from bcpc import guard
 from bcpc import margins as margins_mod
-from bcpc.errors import (InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
+from bcpc.state import Snapshot, changes, structure
+from bcpc.errors import (GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
                          NonFiniteBoundError)
 
 #: A certified margin must exceed ``CERTIFY_ATOL + CERTIFY_RTOL * max|logit|`` (float64 run).
@@ -84,7 +85,6 @@ class CertifiedModule(nn.Module):
         self._twin = None
         self._twin_key = None
         self._twin_state = None  # bcpc.state.Snapshot of the user's parameters the twin was built from
-        from bcpc.state import structure
         #: the model's module tree and Python attributes at compile time: fx bakes attributes into
         #: the graph, so a later change makes the graph another function (checked before sound results)
         self._structure = structure(model)
@@ -216,8 +216,6 @@ class CertifiedModule(nn.Module):
                 "before certifying.")
 
     def _check_unchanged(self) -> None:
-        from bcpc.errors import GraphMismatchError
-        from bcpc.state import changes, structure
         what = changes(self._structure, structure(self.model))
         if what is not None:
             raise GraphMismatchError(
@@ -230,7 +228,6 @@ class CertifiedModule(nn.Module):
     def _sound_graph(self, dtype: torch.dtype) -> fx.GraphModule:
         """A copy of the propagation module in ``dtype`` (float64 by default), cached for the exact
         values of the parameters and buffers it was copied from (bcpc.state)."""
-        from bcpc.state import Snapshot
         if (self._twin is None or self._twin_key != dtype
                 or not self._twin_state.matches_module(self.propagation)):
             object.__setattr__(self, "_twin", None)  # free the old twin before copying

@@ -220,10 +220,7 @@ def functionalize(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphMo
             a = targets[0]
             raise _refuse(node, f"modifies its argument '{a.name}' in place",
                           "Write the out-of-place op and use its result")
-        if node.op == "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
-            arg = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        else:
-            arg = node.args[0]
+        arg = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if arg is None:
             raise _refuse(node, "modifies a tensor in place", "Write the out-of-place op")
         for other in targets:
