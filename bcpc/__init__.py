@@ -9,11 +9,11 @@ Architecture (details in docs/architecture.md):
 * ``rules/`` (installed as ``bcpc.rules``) – one module per op family, each op registered once
   with a ball and a box function.
 """
-from bcpc import errors
+from bcpc import errors, nn
 from bcpc.api import compile, parse_norm
 from bcpc.certified import CertifiedModule, CertifiedOutput
 from bcpc.domain import Bound
 from bcpc.inspect import inspect
 
-__all__ = ["compile", "parse_norm", "CertifiedModule", "CertifiedOutput", "Bound", "errors", "inspect"]
+__all__ = ["compile", "parse_norm", "CertifiedModule", "CertifiedOutput", "Bound", "errors", "inspect", "nn"]
 __version__ = "0.1.0"

@@ -53,7 +53,20 @@ def where(node: fx.Node) -> str:
             continue
         code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
         found = f"{line}: {code}" if code else line
-    return found or "<source unknown>"
+    return found or _module_path(node) or "<source unknown>"
+
+
+def _module_path(node: fx.Node) -> str:
+    """``module 'features.0.2' (torch.nn.ReLU6)``: the innermost module the node was traced in
+    (``nn.Sequential`` and other torch containers leave no source line of the user's)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    cls_name = getattr(cls, "__qualname__", str(cls))
+    mod = getattr(cls, "__module__", "") or ""
+    described = f"torch.nn.{cls_name}" if mod.startswith("torch.nn") else f"{mod}.{cls_name}"
+    return f"module '{path}' ({described})"
 
 
 _LIBRARY_ROOTS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,))

@@ -1,8 +1,9 @@
-"""Reference architectures: the paper's 4C3F and 6C2F, an MLP, and a small ResNet.
+"""Reference architectures: the paper's model zoo (4C3F, 6C2F, 8C2F, WRN), an MLP, and a small ResNet.
 
-4C3F and 6C2F follow the convex-adversarial / BCP code bases (Wong et al. 2018; Lee et al. 2020);
-their parameter counts match the paper's Table 2 (1,974,762 for MNIST 4C3F, 2,466,858 for
-CIFAR-10 4C3F, 2,250,378 for CIFAR-10 6C2F).
+4C3F, 6C2F, 8C2F and the WRN follow the convex-adversarial / BCP code bases (Wong et al. 2018;
+Lee et al. 2020); their parameter counts match the paper's Table 2 (1,974,762 for MNIST 4C3F,
+2,466,858 for CIFAR-10 4C3F, 2,250,378 for CIFAR-10 6C2F, 4,214,850 for CIFAR-10 WRN, 4,342,984
+for Tiny ImageNet 8C2F).
 """
 from __future__ import annotations
 
@@ -37,6 +38,84 @@ def conv_6c2f(in_channels: int = 3, image_size: int = 32, num_classes: int = 10)
         nn.Flatten(),
         nn.Linear(64 * side * side, 512), nn.ReLU(),
         nn.Linear(512, num_classes),
+    )
+
+
+def conv_8c2f(in_channels: int = 3, image_size: int = 64, num_classes: int = 200) -> nn.Sequential:
+    """conv 64-3/1, 64-3/1, 64-4/2, 128-3/1, 128-3/1, 128-4/2, 256-3/1, 256-4/2, fc 256, fc classes.
+
+    The paper's Tiny ImageNet 8C2F (``tinyimagenet()`` in the BCP code base, Lee et al. 2020): the
+    3x3 convolutions are padded by 1, the 4x4 stride-2 ones are unpadded, so a 64x64 input shrinks
+    to 31, 14 and 6 pixels and the first dense layer has 256*6*6 = 9216 inputs. 4,342,984
+    parameters at 3x64x64 and 200 classes, the paper's Table 2 figure. ReLU between layers.
+    """
+    side = image_size
+    for _ in range(3):
+        side = (side - 4) // 2 + 1
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 64, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(64, 64, 4, 2, 0), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(128, 128, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(128, 128, 4, 2, 0), nn.ReLU(),
+        nn.Conv2d(128, 256, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(256, 256, 4, 2, 0), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(256 * side * side, 256), nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+class ConvSkipBlock(nn.Module):
+    """``relu(skip(x) + conv2(relu(conv1(x))))`` with a convolutional skip, all convs biased, no BN.
+
+    One block of Wong et al.'s CIFAR ResNet: ``Dense(conv1), ReLU, Dense(skip, None, conv2), ReLU``
+    in convex_adversarial's ``DenseSequential``, where a ``Dense`` sums its convolutions applied to
+    the latest activations (here the block input and the inner ReLU output). Without downsampling
+    conv1 is 3x3/1 (pad 1) and skip 1x1/1; with it conv1 is 4x4/2 (pad 1) and skip 2x2/2 (pad 0),
+    both halving the side. conv2 is 3x3/1 (pad 1).
+    """
+
+    def __init__(self, cin: int, cout: int, downsample: bool = False):
+        super().__init__()
+        k_first, k_skip, stride = (4, 2, 2) if downsample else (3, 1, 1)
+        self.conv1 = nn.Conv2d(cin, cout, k_first, stride, 1)
+        self.skip = nn.Conv2d(cin, cout, k_skip, stride, 0)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv1(x).relu()
+        return (self.skip(x) + self.conv2(h)).relu()
+
+
+def wrn(in_channels: int = 3, image_size: int = 32, num_classes: int = 10, n: int = 1,
+        factor: int = 1) -> nn.Sequential:
+    """conv 16-3/1, then ConvSkipBlocks 16f, (16f) x n, 32f down, (32f) x (n-1), 64f down, (64f) x (n-1),
+    then fc 1000, fc classes (f = ``factor``; ReLU between).
+
+    The paper's CIFAR-10 "WRN": the residual network of Wong et al. 2018 ("Scaling provable
+    adversarial defenses"), ``cifar_model_resnet(N=1, factor=1)`` in convex_adversarial
+    (examples/problems.py), the model of the paper's WRN row (CAP, LMT and BCP are trained on it;
+    the BCP code base's argparser has the matching defaults ``resnet_N=1``, ``resnet_factor=1``).
+    The structure is rebuilt from that function: a stem conv, stage 1 of ``n + 1``
+    non-downsampling blocks, stages 2 and 3 opening with a downsampling block and ``n - 1`` more,
+    then ``Flatten`` and two dense layers on ``64f * (image_size/4)**2`` features. With the
+    defaults (``n=1``, ``factor=1``: blocks 16, 16, 32 down, 64 down) it has 4,214,850
+    parameters, exactly the paper's Table 2 figure; no other ``n``, ``factor`` in 1..3 x 1..11 does.
+    4.1 M of them are in the 4096 x 1000 dense layer.
+    """
+    w1, w2, w3 = 16 * factor, 32 * factor, 64 * factor
+    blocks = [ConvSkipBlock(16, w1)] + [ConvSkipBlock(w1, w1) for _ in range(n)]
+    blocks += [ConvSkipBlock(w1, w2, downsample=True)] + [ConvSkipBlock(w2, w2) for _ in range(n - 1)]
+    blocks += [ConvSkipBlock(w2, w3, downsample=True)] + [ConvSkipBlock(w3, w3) for _ in range(n - 1)]
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, 1, 1), nn.ReLU(),
+        *blocks,
+        nn.Flatten(),
+        nn.Linear(w3 * side * side, 1000), nn.ReLU(),
+        nn.Linear(1000, num_classes),
     )
 
 
@@ -117,6 +196,8 @@ ARCHITECTURES = {
     "mnist_4c3f": lambda: conv_4c3f(1, 28, 10),
     "cifar_4c3f": lambda: conv_4c3f(3, 32, 10),
     "cifar_6c2f": lambda: conv_6c2f(3, 32, 10),
+    "cifar_wrn": lambda: wrn(3, 32, 10),
+    "tiny_imagenet_8c2f": lambda: conv_8c2f(3, 64, 200),
     "mnist_mlp": lambda: mlp(784, (256, 256), 10),
     "mnist_small": lambda: conv_small(1, 28, 10),
     "resnet_small": lambda: resnet_small(3, 10),

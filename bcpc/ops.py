@@ -45,3 +45,29 @@ def batch_norm_scale_shift(x: Tensor, weight, bias, running_mean, running_var, t
     if bias is not None:
         shift = shift + bias
     return scale, shift
+
+
+def group_sort(x: Tensor, group_size: int, dim: int = 1, strided: bool = False, descending: bool = False) -> Tensor:
+    """GroupSort: sort the values of ``x`` within groups of ``group_size`` along ``dim``.
+
+    Groups are consecutive coordinates (``strided=False``: ``x.unflatten(dim, (n, k))`` sorted
+    along the last of the two) or every ``n``-th coordinate (``strided=True``:
+    ``x.unflatten(dim, (k, n))`` sorted along the first). ``group_size=2, strided=True,
+    descending=True`` is MaxMin as usually written: ``a, b = x.chunk(2, dim)``,
+    ``cat([max(a, b), min(a, b)], dim)``. The size of ``dim`` must be a multiple of ``group_size``.
+    """
+    dim = dim % x.dim()
+    size = x.shape[dim]
+    if group_size < 1 or size % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the size {size} of dim {dim}")
+    n = size // group_size
+    if strided:
+        grouped = x.unflatten(dim, (group_size, n))
+        return grouped.sort(dim, descending=descending).values.flatten(dim, dim + 1)
+    grouped = x.unflatten(dim, (n, group_size))
+    return grouped.sort(dim + 1, descending=descending).values.flatten(dim, dim + 1)
+
+
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` (the canonical dtype cast); ``dtype=None`` (a device move) returns ``x``."""
+    return x if dtype is None else x.to(dtype)

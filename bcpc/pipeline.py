@@ -1,6 +1,6 @@
 """The compiler pipeline: the one place that says which passes run, in which order.
 
-    trace -> functionalize -> canonicalize -> shapes -> analyze -> verify -> lower
+    trace -> functionalize -> canonicalize -> shapes -> patterns (-> shapes) -> analyze -> verify -> lower
 
 ``verify`` (bcpc.guard) checks that the canonical graph computes the user's ``model(x)``.
 
@@ -19,6 +19,7 @@ from bcpc.passes.analysis import Analysis, analyze
 from bcpc.passes.canonicalize import canonicalize
 from bcpc.passes.functionalize import functionalize
 from bcpc.passes.lower import Lowered, lower
+from bcpc.passes.patterns import rewrite_patterns
 from bcpc.passes.shapes import propagate_shapes
 from bcpc.passes.trace import trace
 from bcpc.rules import __all__ as RULE_FAMILIES  # importing the package fills the rule table
@@ -48,6 +49,9 @@ def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: flo
     _check(gm, debug)
     gm = propagate_shapes(gm, example_input)
     _check(gm, debug)
+    if rewrite_patterns(gm):  # rewrites that need the shapes; the new nodes need theirs
+        gm = propagate_shapes(gm, example_input)
+        _check(gm, debug)
     analysis = analyze(gm)
     _check(gm, debug)
     verify_compiled(gm, model, example_input, input_domain)

@@ -60,19 +60,54 @@ _TUPLE_NAMES = frozenset(["chunk", "split", "tensor_split", "unbind", "max", "mi
                           "getitem"])
 
 
+_REDUCTION_NAMES = frozenset(["sum", "mean", "max", "min", "amax", "amin", "prod", "norm", "logsumexp", "std", "var"])
+
+
 def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
     return getattr(node.target, "__name__", "")
 
 
-def _hint(node: fx.Node) -> str:
+_NORMALIZERS = frozenset(["layer_norm", "group_norm", "instance_norm", "normalize", "rms_norm", "local_response_norm",
+                          "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
+                          "LocalResponseNorm"])
+_SOFTMAX = frozenset(["softmax", "log_softmax", "Softmax", "LogSoftmax", "Softmax2d", "softmin", "Softmin"])
+_PRODUCTS = frozenset(["matmul", "bmm", "einsum", "baddbmm", "scaled_dot_product_attention", "MultiheadAttention",
+                       "TransformerEncoderLayer", "TransformerDecoderLayer", "Transformer", "TransformerEncoder",
+                       "bilinear", "Bilinear", "outer", "mm", "dot", "__matmul__"])
+
+
+def _known_refusal(name: str) -> str:
+    if name in _NORMALIZERS:
+        return (" Per-sample normalisation (LayerNorm, GroupNorm, InstanceNorm, F.normalize) divides by a statistic "
+                "of the input, which is not Lipschitz: near zero variance a tiny change of the input moves the "
+                "output arbitrarily far, so no sound global bound exists. Use BatchNorm (an affine map in eval mode), "
+                "or remove the normalisation.")
+    if name in _SOFTMAX:
+        return (" Return the logits: certification is about the margin between the predicted logit and the others, "
+                "and softmax / log_softmax do not change which class is predicted. Drop the final softmax (compile "
+                "the model without it) and apply it outside if you need probabilities.")
+    if name in _PRODUCTS:
+        return (" A product of two values that both depend on the input (attention scores, bilinear forms) has no "
+                "rule: its Lipschitz constant grows with the input's size. Certify a model whose products have one "
+                "constant factor (weights).")
+    return ""
+
+
+def _hint(node: fx.Node, module=None) -> str:
     """Why a perturbed node of this kind cannot be held constant, and what to write instead."""
-    name = _op_name(node)
+    name = type(module).__name__ if module is not None else _op_name(node)
+    known = _known_refusal(name)
+    if known:
+        return known
     if name in _STEP_NAMES:
         return (" It compares or rounds a value that depends on the input (or makes an integer/boolean of it): the "
                 "result changes inside the perturbation set, so it cannot be treated as a constant mask. Write the "
                 "activation itself (torch.relu(h) rather than h * (h > 0)).")
+    if name in _REDUCTION_NAMES and info(node).shape is not None and len(info(node).shape) <= 1:
+        return (" It reduces over every element, the batch included, so samples mix; give the dims, e.g. "
+                "h.sum(dim=1), h.mean(dim=(2, 3)), h.amax(dim=1).")
     if name in _TUPLE_NAMES or not info(node).is_tensor:
         return (" Its result (a tuple, a number or an item of one) is computed from the perturbed input, so every "
                 "value read from it is perturbed too and needs a rule.")
@@ -80,12 +115,15 @@ def _hint(node: fx.Node) -> str:
 
 
 def unsupported_node(gm: fx.GraphModule, node: fx.Node) -> UnsupportedOpError:
-    what = _describe(node)
+    what, module = _describe(node), None
     if node.op == "call_module":
-        what = f"{type(gm.get_submodule(node.target)).__name__} (module {node.target!r})"
+        module = gm.get_submodule(node.target)
+        cls = type(module)
+        path = f"torch.nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else f"{cls.__module__}.{cls.__qualname__}"
+        what = f"{path} (module {node.target!r})"
     ops = ", ".join(registry.supported_ops())
     return UnsupportedOpError(
-        f"node '{node.name}' calls {what}, which has no bound rule (at {where(node)}).{_hint(node)} "
+        f"node '{node.name}' calls {what}, which has no bound rule (at {where(node)}).{_hint(node, module)} "
         f"Supported ops: {ops}. To support it, add a rule with bcpc.registry.register(...) in a module "
         "under rules/ (see docs/adding-a-rule.md), or rewrite this line with supported ops."
     )

@@ -51,18 +51,23 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if hit is None:
             continue
         target, spelling = hit
-        info(node).spelling = registry.describe_spelling(spelling)
         try:
             if spelling.adapter is None:
                 args, kwargs = tuple(node.args), dict(node.kwargs)
             else:
-                args, kwargs = spelling.adapter(module, tuple(node.args), dict(node.kwargs))
+                adapted = spelling.adapter(module, tuple(node.args), dict(node.kwargs))
+                if adapted is None:  # this call is another op under the same name (x.max(dim)): left as is
+                    continue
+                args, kwargs = adapted
         except BcpcError as exc:
+            info(node).spelling = registry.describe_spelling(spelling)
             raise UnsupportedOpError(f"node '{node.name}' ({info(node).spelling}) at {where(node)}: {exc}") from exc
         except (TypeError, ValueError) as exc:
+            info(node).spelling = registry.describe_spelling(spelling)
             raise UnsupportedOpError(
                 f"node '{node.name}' ({info(node).spelling}) at {where(node)}: arguments not supported: {exc}"
             ) from exc
+        info(node).spelling = registry.describe_spelling(spelling)
         if target is registry.IDENTITY:
             node.replace_all_uses_with(args[0])
             graph.erase_node(node)

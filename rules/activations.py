@@ -144,3 +144,69 @@ register(F.softplus, ball=softplus_ball, box=softplus_box, family="activation", 
 # elu: x for x > 0, alpha (e^x - 1) below, derivative <= max(1, alpha).
 monotone(F.elu, lipschitz=lambda alpha: max(1.0, float(alpha)), name="elu", spellings=(F.elu, nn.ELU),
          params=("alpha",), defaults={"alpha": 1.0}, check=_check_elu)
+
+
+# --- clipping: clamp / clip / hardtanh / relu6 (constant bounds) -----------------------------
+#
+# clamp(x, lo, hi) = min(max(x, lo), hi) is nondecreasing and 1-Lipschitz in x for fixed lo, hi
+# (numbers, None, or tensors that do not depend on the input), whatever their order: so the ball
+# radius is unchanged and the box is [clamp(l), clamp(u)].
+
+def clamp_ball(x: Bound, lo=None, hi=None):
+    """radius unchanged (clamp is 1-Lipschitz)."""
+    return x.radius
+
+
+def clamp_box(center, radius, x: Bound, lo=None, hi=None) -> Bound:
+    """[clamp(l, lo, hi), clamp(u, lo, hi)] (nondecreasing; inside the output ball box)."""
+    return enclose(center, radius, torch.clamp(x.lower, lo, hi), torch.clamp(x.upper, lo, hi))
+
+
+def _clamp_adapter(module, args, kwargs):
+    x, lo, hi = pick(args, kwargs, ("input", "min", "max"), {"min": None, "max": None})
+    return (x, lo, hi), {}
+
+
+def _clamp_min_adapter(module, args, kwargs):
+    x, lo = pick(args, kwargs, ("input", "min"), {})
+    return (x, lo, None), {}
+
+
+def _clamp_max_adapter(module, args, kwargs):
+    x, hi = pick(args, kwargs, ("input", "max"), {})
+    return (x, None, hi), {}
+
+
+def _hardtanh_adapter(module, args, kwargs):
+    if module is not None:  # nn.Hardtanh and its subclass nn.ReLU6
+        (x,) = args
+        return (x, float(module.min_val), float(module.max_val)), {}
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    x, lo, hi = pick(args[:3], kwargs, ("input", "min_val", "max_val"), {"min_val": -1.0, "max_val": 1.0})
+    return (x, float(lo), float(hi)), {}
+
+
+def _relu6_adapter(module, args, kwargs):
+    (x,) = pick(args[:1], {k: v for k, v in kwargs.items() if k != "inplace"}, ("input",), {})
+    return (x, 0.0, 6.0), {}
+
+
+def _check_clamp(node):
+    from bcpc.rules._util import perturbed
+
+    for which, value in zip(("min", "max"), node.args[1:3]):
+        if perturbed(value):
+            raise unsupported(node, f"clamp's {which} '{value.name}' depends on the input",
+                              "Use torch.maximum / torch.minimum of the two values")
+    lo, hi = node.args[1:3]
+    if lo is None and hi is None:
+        raise unsupported(node, "clamp with neither min nor max", "Give at least one bound")
+
+
+register(torch.clamp, ball=clamp_ball, box=clamp_box, family="monotone", name="clamp", check=_check_clamp,
+         spellings=((torch.clamp, _clamp_adapter), (torch.clip, _clamp_adapter), ("clamp", _clamp_adapter),
+                    ("clip", _clamp_adapter), (torch.clamp_min, _clamp_min_adapter), ("clamp_min", _clamp_min_adapter),
+                    (torch.clamp_max, _clamp_max_adapter), ("clamp_max", _clamp_max_adapter),
+                    (F.hardtanh, _hardtanh_adapter), (nn.Hardtanh, _hardtanh_adapter), (F.relu6, _relu6_adapter)))
+# hardsigmoid: relu6(x + 3) / 6, nondecreasing with slope <= 1/6.
+monotone(F.hardsigmoid, lipschitz=1.0 / 6.0, name="hardsigmoid", spellings=(F.hardsigmoid, nn.Hardsigmoid))

@@ -1,0 +1,265 @@
+"""Patterns: rewrites of the canonical graph that need the shapes (runs after shapes, which then
+runs again when anything changed).
+
+1. *Tuple ops read item by item.* ``a, b = h.chunk(2, 1)`` (also ``split``, ``tensor_split``,
+   ``unbind``) becomes ``a = torch.narrow(h, 1, 0, n)``, ``b = torch.narrow(h, 1, n, n)``
+   (``torch.select`` for ``unbind``); ``h.max(dim)[0]`` / ``.values`` becomes ``torch.amax(h,
+   (dim,))`` (``min`` likewise) and ``h.sort(dim)[0]`` a :func:`bcpc.ops.group_sort` over the
+   whole dim. Items that stay tuples (indices: ``h.max(1)[1]``, ``argsort``) are not rewritten,
+   and the analysis refuses them.
+2. *MaxMin written by hand.* ``cat([max(a, b), min(a, b)], d)`` is a GroupSort of size 2:
+   with ``a``, ``b`` the two halves of one value ``x`` along ``d`` it is ``group_sort(x, 2, d,
+   strided=True, descending=True)``, otherwise the same of ``cat([a, b], d)``. The generic rules
+   of max, min and cat would give a radius ``sqrt(2)`` (unrelated ``a``, ``b``) or ``2`` (halves)
+   times larger; GroupSort keeps it (bcpc.rules.sorting).
+3. *GroupSort written by hand.* ``x.view(B, C // k, k).sort(-1)[0].view(B, C)`` (after step 1 a
+   reshape, a group_sort over the last dim and a reshape back) becomes ``group_sort(x, k, 1)``
+   (and the strided layout ``view(B, k, C // k)`` sorted along dim 1 likewise). This changes
+   the readability of the graph, not the bound: a reshape keeps the radius.
+4. *SiLU written by hand.* ``h * torch.sigmoid(h)`` becomes ``F.silu(h)`` (a product of two
+   perturbed values has no rule; the activation has).
+
+Every rewrite computes the same values (the verify step checks the whole graph against the
+model). Rewritten nodes keep the user's node name and source line.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from bcpc import ops
+from bcpc.meta import NodeInfo, info
+from bcpc.rules._util import pick
+
+_SPLITS = {"chunk": ("chunks", 0), "split": ("split_size_or_sections", 0), "tensor_split": ("indices_or_sections", 0),
+           "unbind": (None, 0)}
+_FUNCTION_NAMES = {torch.chunk: "chunk", torch.split: "split", torch.tensor_split: "tensor_split",
+                   torch.unbind: "unbind", torch.max: "max", torch.min: "min", torch.sort: "sort"}
+
+
+def _name(node: fx.Node):
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_NAMES.get(node.target)
+        except TypeError:
+            return None
+    return None
+
+
+def _item(user: fx.Node, node: fx.Node):
+    """The item a user reads from tuple ``node``: an int, "values", "indices", or None."""
+    if user.op != "call_function" or not user.args or user.args[0] is not node:
+        return None
+    if user.target is operator.getitem and isinstance(user.args[1], int):
+        return user.args[1]
+    if user.target is getattr and user.args[1] in ("values", "indices"):
+        return user.args[1]
+    return None
+
+
+def _constant(v) -> bool:
+    found = []
+    fx.node.map_arg(v, found.append)
+    return not found
+
+
+def _replace(graph: fx.Graph, old: fx.Node, target, args, kwargs=None) -> fx.Node:
+    with graph.inserting_before(old):
+        new = graph.call_function(target, tuple(args), dict(kwargs or {}))
+    rec = info(old)
+    new.meta = {k: v for k, v in old.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    # the same value as the old node: its shape and taint carry over (shapes runs again anyway)
+    new.meta["bcpc"] = NodeInfo(origin=rec.origin, spelling=rec.spelling, perturbed=rec.perturbed,
+                                shape=rec.shape, dtype=rec.dtype, is_tensor=rec.is_tensor)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+    new.name = old.name
+    return new
+
+
+def _split_items(graph: fx.Graph, node: fx.Node) -> bool:
+    name = _name(node)
+    x = node.args[0] if node.args else None
+    if name not in _SPLITS or not isinstance(x, fx.Node) or not info(x).is_tensor:
+        return False
+    rest = list(node.args[1:]), dict(node.kwargs)
+    if not _constant(rest):
+        return False
+    arg_name, default_dim = _SPLITS[name]
+    names = ("input", arg_name, "dim") if arg_name else ("input", "dim")
+    kwargs = {(arg_name if k in ("split_size", "sections", "indices") else k): v for k, v in node.kwargs.items()}
+    try:
+        vals = pick(tuple(node.args), kwargs, names, {"dim": default_dim})
+        meta = torch.empty(info(x).shape, device="meta")
+        parts = getattr(torch, name)(meta, *vals[1:])
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False  # torch would refuse it too; the run already succeeded, so leave it as it is
+    dim = int(vals[-1]) % len(info(x).shape)
+    items = [(_item(u, node), u) for u in list(node.users)]
+    if not items or any(i is None or isinstance(i, str) for i, _ in items):
+        return False
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + (p.shape[dim] if name != "unbind" else 1))
+    for i, user in items:
+        i = i % len(parts)
+        if name == "unbind":
+            _replace(graph, user, torch.select, (x, dim, i))
+        else:
+            _replace(graph, user, torch.narrow, (x, dim, starts[i], parts[i].shape[dim]))
+    graph.erase_node(node)
+    return True
+
+
+def _value_items(graph: fx.Graph, node: fx.Node) -> bool:
+    """``max(dim)`` / ``min(dim)`` / ``sort(dim)`` read for their values only."""
+    name = _name(node)
+    x = node.args[0] if node.args else None
+    if name not in ("max", "min", "sort") or not isinstance(x, fx.Node) or not info(x).is_tensor:
+        return False
+    if not _constant((list(node.args[1:]), dict(node.kwargs))):
+        return False
+    try:
+        if name == "sort":
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "stable"}
+            _, dim, descending = pick(tuple(node.args), kwargs, ("input", "dim", "descending"),
+                                      {"dim": -1, "descending": False})
+        else:
+            _, dim, keepdim = pick(tuple(node.args), dict(node.kwargs), ("input", "dim", "keepdim"),
+                                   {"keepdim": False})
+    except TypeError:
+        return False
+    if not isinstance(dim, int):
+        return False
+    values = [u for u in list(node.users) if _item(u, node) in (0, "values")]
+    if not values:
+        return False
+    dims = info(x).shape
+    for user in values:
+        if name == "sort":
+            _replace(graph, user, ops.group_sort, (x, dims[dim], dim % len(dims), False, bool(descending)))
+        else:
+            _replace(graph, user, torch.amax if name == "max" else torch.amin, (x, (int(dim),), bool(keepdim)))
+    if not node.users:
+        graph.erase_node(node)
+    return True
+
+
+def _halves(a: fx.Node, b: fx.Node, dim: int):
+    """``x`` if ``a``, ``b`` are ``narrow(x, dim, 0, n)`` and ``narrow(x, dim, n, n)`` covering x."""
+    if not all(isinstance(t, fx.Node) and t.target is torch.narrow for t in (a, b)):
+        return None
+    (x, da, sa, la), (x2, db, sb, lb) = a.args, b.args
+    if x is not x2 or not isinstance(x, fx.Node):
+        return None
+    n = len(info(x).shape)
+    if da % n != dim or db % n != dim or sa != 0 or sb != la or lb != la or info(x).shape[dim] != 2 * la:
+        return None
+    return x
+
+
+def _maxmin(graph: fx.Graph, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not torch.cat or len(node.args) < 2:
+        return False
+    tensors, dim = node.args[0], node.args[1]
+    if len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
+        return False
+    first, second = tensors
+    kinds = {first.target, second.target}
+    if kinds != {torch.maximum, torch.minimum} or len(first.args) != 2 or len(second.args) != 2:
+        return False
+    if set(first.args) != set(second.args) or first.kwargs or second.kwargs:
+        return False
+    a, b = first.args
+    if not all(isinstance(t, fx.Node) and info(t).is_tensor and info(t).shape == info(first).shape for t in (a, b)):
+        return False
+    ndim = len(info(node).shape)
+    dim = int(dim) % ndim
+    descending = first.target is torch.maximum
+    x = _halves(a, b, dim)
+    if x is not None:
+        _replace(graph, node, ops.group_sort, (x, 2, dim, True, descending))
+        return True
+    with graph.inserting_before(node):
+        joined = graph.call_function(torch.cat, ((a, b), dim))
+    joined.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    shape = list(info(a).shape)
+    shape[dim] *= 2
+    joined.meta["bcpc"] = NodeInfo(origin=info(node).origin, spelling="torch.cat", perturbed=True,
+                                   shape=tuple(shape), dtype=info(a).dtype, is_tensor=True)
+    _replace(graph, node, ops.group_sort, (joined, 2, dim, True, descending))
+    return True
+
+
+def _is_reshape(node) -> bool:
+    return isinstance(node, fx.Node) and node.target in (torch.reshape, torch.flatten)
+
+
+def _grouped_sort(graph: fx.Graph, node: fx.Node) -> bool:
+    """reshape -> group_sort over a whole split dim -> reshape back  ==>  one group_sort."""
+    if not _is_reshape(node):
+        return False
+    g = node.args[0]
+    if not (isinstance(g, fx.Node) and g.target is ops.group_sort and _is_reshape(g.args[0])):
+        return False
+    r = g.args[0]
+    x = r.args[0]
+    if not isinstance(x, fx.Node):
+        return False
+    xs, rs, out = tuple(info(x).shape), tuple(info(r).shape), tuple(info(node).shape)
+    _, k, d_r, strided, descending = g.args
+    if strided or out != xs or len(rs) != len(xs) + 1 or rs[d_r] != k:
+        return False
+    split = next((i for i in range(len(xs)) if xs[i] != rs[i]), len(xs) - 1)
+    if xs[:split] != rs[:split] or xs[split + 1:] != rs[split + 2:] or rs[split] * rs[split + 1] != xs[split]:
+        return False
+    if d_r == split + 1:
+        _replace(graph, node, ops.group_sort, (x, k, split, False, descending))
+    elif d_r == split:
+        _replace(graph, node, ops.group_sort, (x, k, split, True, descending))
+    else:
+        return False
+    return True
+
+
+def _squeeze_dims(graph: fx.Graph, node: fx.Node) -> bool:
+    """``x.squeeze()`` names its dims: the size-1 dims of the example (the batch is 2 there, so
+    never among them; a batch of 1 at run time then keeps its batch dim, and the run-time guard
+    would see the shape differ from the model's)."""
+    if node.op != "call_function" or node.target is not torch.squeeze or len(node.args) != 1 or node.kwargs:
+        return False
+    x = node.args[0]
+    dims = tuple(i for i, n in enumerate(info(x).shape) if n == 1 and i > 0)
+    _replace(graph, node, torch.squeeze, (x, dims))
+    return True
+
+
+def _silu(graph: fx.Graph, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not operator.mul or len(node.args) != 2:
+        return False
+    a, b = node.args
+    for h, s in ((a, b), (b, a)):
+        if isinstance(s, fx.Node) and s.target is torch.sigmoid and s.args[0] is h and not s.kwargs:
+            _replace(graph, node, F.silu, (h,))
+            return True
+    return False
+
+
+def rewrite_patterns(gm: fx.GraphModule) -> bool:
+    """Apply the rewrites until none applies; True if the graph changed (then re-run shapes)."""
+    graph = gm.graph
+    changed = False
+    for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu):
+        for node in list(graph.nodes):
+            if not getattr(node, "_erased", False) and info(node).perturbed:
+                changed |= step(graph, node)
+    if changed:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return changed
