@@ -1,0 +1,248 @@
+"""The ops of real models (issue 14): constants of the activation rules against a dense sampling,
+radius factors pinned to their hand-computed values, the patterns pass, and refusals that say why.
+
+Soundness of every rule is the generated test in tests/test_rules.py; this file pins tightness
+and the compile-time behaviour.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bcpc
+from bcpc import ops
+from bcpc.errors import UnsupportedOpError
+from bcpc.rules.smooth import CONSTANTS
+
+D = torch.float64
+
+
+# --- the constants of the unimodal activations ------------------------------------------------
+
+FUNCTIONS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+             "mish": F.mish, "hardswish": F.hardswish}
+
+
+@pytest.mark.parametrize("key", sorted(FUNCTIONS))
+def test_unimodal_constants_against_dense_sampling(key):
+    f, const = FUNCTIONS[key], CONSTANTS[key]
+    x = torch.linspace(-20, 20, 2_000_001, dtype=D, requires_grad=True)
+    y = f(x)
+    (slope,) = torch.autograd.grad(y.sum(), x)
+    steepest = float(slope.abs().max())
+    assert steepest <= const.lipschitz, "the Lipschitz constant must bound |f'| everywhere"
+    assert const.lipschitz - steepest < 1e-5, "and be tight"
+    y = y.detach()
+    assert float(y.min()) >= const.minimum - 1e-15 and float(y.min()) - const.minimum < 1e-9
+    assert abs(float(x.detach()[y.argmin()]) - const.argmin) < 1e-4
+    left, right = x.detach() <= const.argmin, x.detach() >= const.argmin
+    # decreasing left of the minimiser, increasing right of it (up to float64 rounding)
+    assert (y[left].diff() <= 1e-15).all() and (y[right].diff() >= -1e-15).all()
+
+
+def test_gelu_constant_is_the_closed_form():
+    # f'(sqrt 2) = Phi(sqrt 2) + sqrt 2 phi(sqrt 2) = (1 + erf 1) / 2 + e^-1 / sqrt(pi)
+    t = torch.tensor(math.sqrt(2.0), dtype=D, requires_grad=True)
+    (slope,) = torch.autograd.grad(F.gelu(t), t)
+    assert CONSTANTS["gelu"].lipschitz == pytest.approx(float(slope), rel=1e-11)
+
+
+def test_unimodal_box_holds_the_minimum():
+    model = nn.Sequential(nn.Linear(1, 1), nn.GELU(), nn.Linear(1, 2)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-0.75)  # the pre-activation straddles GELU's minimiser -0.7518
+    x = torch.zeros(1, 1, dtype=D) + 0.0
+    nb = bcpc.compile(model, "l2", example_input=x).node_bounds(x, 0.5)
+    gelu = nb["_1"]
+    assert gelu.lower.item() == pytest.approx(CONSTANTS["gelu"].minimum, abs=1e-12)
+    assert gelu.upper.item() == pytest.approx(max(F.gelu(torch.tensor(-1.25, dtype=D)).item(),
+                                                  F.gelu(torch.tensor(-0.25, dtype=D)).item()))
+
+
+# --- GroupSort / MaxMin: the radius passes unchanged --------------------------------------------
+
+class HandMaxMin(nn.Module):
+    def __init__(self, w1, w2):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6, bias=False), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.fc1.weight.copy_(w1)
+            self.fc2.weight.copy_(w2)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=1)
+        return self.fc2(torch.cat([torch.max(a, b), torch.min(a, b)], dim=1))
+
+
+class ModuleMaxMin(HandMaxMin):
+    def __init__(self, w1, w2):
+        super().__init__(w1, w2)
+        self.act = bcpc.nn.MaxMin()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("cls", [HandMaxMin, ModuleMaxMin])
+def test_maxmin_keeps_the_radius_exactly(cls):
+    """method="lipschitz" margin == clean margin - eps * sigma(W1) * ||w_y - w_j||: the factor of the
+    MaxMin layer is exactly 1 (generic max, min and cat rules would give 2 for the halves)."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(6, 4, dtype=D), torch.randn(3, 6, dtype=D)
+    model = cls(w1, w2).double().eval()
+    x = torch.rand(5, 4, dtype=D)
+    cert = bcpc.compile(model, "l2", example_input=x, method="lipschitz")
+    assert "group_sort" in cert.rules.values()
+    eps = 0.1
+    y = model(x).argmax(1)
+    margins = cert.margins(x, y, eps)
+    logits = model(x)
+    sigma = torch.linalg.matrix_norm(w1, 2).item()
+    for i in range(len(x)):
+        for j in range(3):
+            if j == y[i]:
+                continue
+            gap = (w2[y[i]] - w2[j]).norm().item()
+            expected = (logits[i, y[i]] - logits[i, j]).item() - eps * sigma * gap
+            assert margins[i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
+            assert margins[i, j].item() <= expected + 1e-12  # guaranteed bounds: never above
+
+
+def test_view_sort_flatten_is_one_group_sort():
+    class ViewSort(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = torch.sort(h.view(h.size(0), -1, 4), dim=2, descending=True)[0]
+            return self.fc2(h.reshape(h.size(0), -1))
+
+    model = ViewSort().double().eval()
+    x = torch.rand(3, 4, dtype=D)
+    cert = bcpc.compile(model, "l2", example_input=x)
+    calls = [n for n in cert.canonical.graph.nodes if n.target is ops.group_sort]
+    assert len(calls) == 1 and calls[0].args[1:] == (4, 1, False, True)
+    assert calls[0].args[0].target is torch.nn.functional.linear  # the sort reads fc1's output directly
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x))
+
+
+def test_hand_written_silu_becomes_the_activation():
+    class Swish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h * torch.sigmoid(h))
+
+    x = torch.rand(3, 4, dtype=D)
+    cert = bcpc.compile(Swish().double().eval(), "l2", example_input=x)
+    assert "silu" in cert.rules.values()
+
+
+# --- radius factors -------------------------------------------------------------------------
+
+class Reshaped(nn.Module):
+    def __init__(self, fn, head_in):
+        super().__init__()
+        self.fn = fn
+        self.head = nn.Linear(head_in, 2)
+
+    def forward(self, x):
+        return self.head(self.fn(x).flatten(1))
+
+
+@pytest.mark.parametrize("fn,head_in,factor", [
+    (lambda x: x.view(-1, 4, 3).mean(dim=2), 4, 1 / math.sqrt(3)),
+    (lambda x: x.view(-1, 4, 3).sum(dim=(1, 2), keepdim=True), 1, math.sqrt(12)),
+    (lambda x: x.view(-1, 4, 3).amax(dim=2), 4, 1.0),
+    (lambda x: x.view(-1, 12, 1).expand(-1, 12, 5), 60, math.sqrt(5)),
+    (lambda x: x.repeat(1, 3), 36, math.sqrt(3)),
+    (lambda x: F.interpolate(x.view(-1, 3, 2, 2), scale_factor=2), 48, 2.0),  # 4 copies of each value
+    (lambda x: F.pad(x.view(-1, 3, 4), (1, 2)), 21, 1.0),
+    (lambda x: x.view(-1, 3, 4).permute(0, 2, 1)[:, 1:, ::2], 6, 1.0),
+    (lambda x: torch.stack([x, x], dim=2), 24, math.sqrt(2)),
+])
+def test_layout_and_reduction_radius_factors(fn, head_in, factor):
+    x = torch.rand(2, 12, dtype=D)
+    model = Reshaped(fn, head_in).double().eval()
+    cert = bcpc.compile(model, "l2", example_input=x)
+    nb = cert.node_bounds(x, 0.3)
+    head_input = [n for n in cert.canonical.graph.nodes if n.target is torch.nn.functional.linear][-1].args[0]
+    assert nb[head_input.name].radius[0].item() == pytest.approx(0.3 * factor, rel=1e-12)
+
+
+def test_narrowing_cast_widens_the_radius_soundly():
+    class Half(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2).double()
+
+        def forward(self, x):
+            return self.fc(x.float().double())
+
+    x = torch.rand(2, 4, dtype=D)
+    nb = bcpc.compile(Half().eval(), "l2", example_input=x).node_bounds(x, 0.3)
+    cast = [b for name, b in nb.items() if b.center.dtype == torch.float32][0]
+    assert 0.3 < cast.radius[0].item() < 0.3 * (1 + 1e-6) + 1e-6
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+def _refusal(model, x):
+    with pytest.raises(UnsupportedOpError) as err:
+        bcpc.compile(model.double().eval(), "l2", example_input=x.double())
+    return str(err.value)
+
+
+def test_layernorm_inside_sequential_names_the_module_and_why():
+    msg = _refusal(nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.ReLU(), nn.LayerNorm(6)), nn.Linear(6, 2)),
+                   torch.rand(2, 4))
+    assert "torch.nn.LayerNorm (module '1.1')" in msg and "<source unknown>" not in msg
+    assert "not Lipschitz" in msg and "BatchNorm" in msg
+
+
+def test_relu6_inside_sequential_compiles():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.BatchNorm2d(2), nn.ReLU6()), nn.Flatten(),
+                          nn.Linear(8, 2)).double().eval()
+    cert = bcpc.compile(model, "l2", example_input=torch.rand(2, 1, 4, 4, dtype=D))
+    assert "clamp" in cert.rules.values()
+
+
+@pytest.mark.parametrize("final,words", [(nn.Softmax(dim=1), "Return the logits"),
+                                         (nn.LogSoftmax(dim=1), "Return the logits")])
+def test_final_softmax_is_refused_with_the_reason(final, words):
+    assert words in _refusal(nn.Sequential(nn.Linear(4, 3), final), torch.rand(2, 4))
+
+
+def test_attention_product_is_refused_with_the_reason():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = x.view(-1, 2, 4)
+            scores = self.q(h) @ self.k(h).transpose(1, 2)
+            return self.head((scores @ h).mean(1))
+
+    msg = _refusal(Attention(), torch.rand(2, 8))
+    assert "operator.matmul" in msg and "both depend on the input" in msg
+
+
+@pytest.mark.parametrize("fn,words", [
+    (lambda h: h.max(dim=1)[1].double().unsqueeze(1) * h, "tuple"),  # the argmax indices
+    (lambda h: h.sum().expand(h.size(0), 1) + h, "mixes"),
+    (lambda h: h[0:1].expand(2, -1), "batch"),
+    (lambda h: h.view(-1, 2, 4).permute(1, 0, 2).reshape(-1, 8), "batch"),
+    (lambda h: F.interpolate(h.view(-1, 2, 2, 2), scale_factor=2, mode="bicubic").flatten(1)[:, :8], "negative"),
+])
+def test_layout_refusals_say_why(fn, words):
+    msg = _refusal(Reshaped(lambda x: fn(x[:, :8] * 1.0 + 0.0), 8), torch.rand(2, 12))
+    assert words in msg
