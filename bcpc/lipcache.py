@@ -11,7 +11,8 @@ returns
 * ``sound=True`` – a guaranteed *upper* bound (exact float64 SVD for dense layers; for
   convolutions the true norm certified by a Cholesky factorisation when the operator's smaller
   side has at most ``bcpc.lipschitz.EXACT_MAX_DIM`` coordinates, else Gram iteration on the FFT
-  blocks of the kernel; bcpc.lipschitz), cached against an exact copy of the weight it was
+  blocks of the kernel; a transposed convolution is bounded as the adjoint convolution on its
+  output size, bcpc.lipschitz.conv_transpose_sigma_upper), cached against an exact copy of the weight it was
   computed from (bcpc.state), so certifying a data set computes it once and any change of the
   weight's values (an optimizer step, ``load_state_dict``, an edit through ``.data``) invalidates it.
 """
@@ -26,13 +27,20 @@ from torch import Tensor, nn
 from bcpc import lipschitz
 from bcpc.state import same_tensor_values
 
+_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+_CONV_TRANSPOSE = {"conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d,
+                   "conv_transpose3d": F.conv_transpose3d}
+#: The linear maps a LipschitzConstant knows; conv kinds take ``stride, padding, dilation, groups``,
+#: transposed ones also ``output_padding`` (bcpc.lipschitz.conv_transpose_sigma_upper).
+KINDS = ("linear",) + tuple(_CONV) + tuple(_CONV_TRANSPOSE)
+
 
 class LipschitzConstant(nn.Module):
     """Spectral norm of one linear map ``v -> op(v, weight)`` (no bias), estimate or bound."""
 
     def __init__(self, kind: str, in_shape: tuple, params: dict, n_iter: int = 1, init_iter: int = 50):
         super().__init__()
-        if kind not in ("linear", "conv1d", "conv2d"):
+        if kind not in KINDS:
             raise ValueError(f"unknown linear map kind {kind!r}")
         self.kind = kind
         self.in_shape = tuple(int(s) for s in in_shape)
@@ -52,7 +60,11 @@ class LipschitzConstant(nn.Module):
         p = self.params
         if self.kind == "linear":
             return lambda v: F.linear(v, weight)
-        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        if self.kind in _CONV_TRANSPOSE:
+            conv_t = _CONV_TRANSPOSE[self.kind]
+            return lambda v: conv_t(v, weight, None, p["stride"], p["padding"], p["output_padding"], p["groups"],
+                                    p["dilation"])
+        conv = _CONV[self.kind]
         return lambda v: conv(v, weight, None, p["stride"], p["padding"], p["dilation"], p["groups"])
 
     def forward(self, weight: Tensor, sound: bool) -> Tensor:
@@ -85,6 +97,12 @@ class LipschitzConstant(nn.Module):
                 w = weight.detach()
                 if self.kind == "linear":
                     value = lipschitz.dense_sigma_upper(w)
+                elif self.kind in _CONV_TRANSPOSE:
+                    p = self.params
+                    value = lipschitz.conv_transpose_sigma_upper(
+                        w, self.in_shape[1:], p["stride"], p["padding"], p["output_padding"], p["groups"],
+                        p["dilation"], exact_max_dim=lipschitz.EXACT_MAX_DIM,
+                    )
                 else:
                     p = self.params
                     value = lipschitz.conv_sigma_upper(

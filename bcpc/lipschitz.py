@@ -44,6 +44,8 @@ __all__ = [
     "SAFETY",
     "EXACT_MAX_DIM",
     "conv_sigma_upper",
+    "conv_transpose_output_size",
+    "conv_transpose_sigma_upper",
     "dense_sigma_upper",
     "exact_sigma_upper",
     "explicit_matrix",
@@ -532,6 +534,102 @@ def conv_sigma_upper(
             if exact is not None:
                 return torch.minimum(exact, circular)
         return circular
+
+
+def conv_transpose_output_size(
+    input_size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, ...]:
+    """Spatial output size of a transposed convolution: ``(n - 1) s - 2 p + dl (k - 1) + op + 1`` per dim."""
+    return tuple((n - 1) * s - 2 * p + dl * (k - 1) + op + 1
+                 for n, k, s, p, op, dl in zip(input_size, kernel_size, stride, padding, output_padding, dilation))
+
+
+def conv_transpose_sigma_upper(
+    weight: torch.Tensor,
+    input_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    output_padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    dilation: int | Sequence[int] = 1,
+    *,
+    n_iter: int = 12,
+    explicit_max_entries: int = 2**20,
+    exact_max_dim: int = EXACT_MAX_DIM,
+) -> torch.Tensor:
+    """Guaranteed upper bound on the l2 norm of ``x -> conv_transpose_nd(x, weight, None, stride, ...)``.
+
+    Valid for inputs with spatial size ``input_size`` (1-D, 2-D or 3-D); arguments in
+    ``F.conv_transpose*d`` order. ``weight`` is ``(Cin, Cout / groups, *k)``. The result is a
+    0-dim float64 tensor including ``1 + SAFETY`` once; no gradient flows.
+
+    Derivation, per spatial dimension (``k, s, p, op, dl, n`` the kernel size, stride,
+    padding, output padding, dilation and input size of the transposed conv; channels as in
+    the conv, where the same weight tensor reads as ``(out = Cin, in / groups = Cout / groups,
+    *k)``):
+
+    1. The transposed conv ``T`` sends input ``j`` through tap ``t`` to output position
+       ``o = j s - p + t dl`` and drops ``o`` outside ``[0, N)``,
+       ``N = (n - 1) s - 2 p + dl (k - 1) + op + 1``. The last ``op`` positions are the part
+       of the far border that the padding would otherwise crop: they receive every tap that
+       lands there (zero rows where none does), so they are ordinary output positions.
+    2. The conv ``C = conv_nd(., weight, None, s, p, dl, groups)`` on inputs of size ``N``
+       (zero padding ``p``) has ``n' = (N + 2 p - dl (k - 1) - 1) // s + 1 = n + op // s``
+       outputs, and its output ``j`` reads input ``o = j s - p + t dl`` through tap ``t``
+       exactly where ``0 <= o < N``. So for ``j < n`` the entry ``(j, o)`` of ``C`` is the
+       entry ``(o, j)`` of ``T``: ``T^T = P C`` with ``P`` keeping the first ``n`` outputs.
+    3. torch requires ``op < max(s, dl)``. When ``op < s`` in every dimension, ``n' = n``,
+       ``P = I`` and ``T = C^T``: ``sigma(T) = sigma(C)``, bounded by :func:`conv_sigma_upper`
+       on input size ``N`` with the same tightness as a conv. Otherwise (``s <= op < dl``)
+       ``sigma(T) = sigma(P C) <= sigma(C)`` (``P`` is a row selection), still a guaranteed
+       bound; the result is then the smaller of it and a bound on ``T`` itself (its explicit
+       matrix and an exact SVD up to ``explicit_max_entries`` entries, else
+       :func:`exact_sigma_upper` up to ``exact_max_dim`` coordinates on the smaller side).
+    """
+    if weight.dim() < 3:
+        raise ValueError(f"conv_transpose weight must be (Cin, Cout/groups, *kernel), got shape {tuple(weight.shape)}")
+    d = weight.dim() - 2
+    n = _as_tuple(input_size, d, "input_size")
+    s = _as_tuple(stride, d, "stride")
+    p = _as_tuple(padding, d, "padding")
+    op = _as_tuple(output_padding, d, "output_padding")
+    dl = _as_tuple(dilation, d, "dilation")
+    k = tuple(weight.shape[2:])
+    if min(s) < 1 or min(dl) < 1 or min(p) < 0 or min(op) < 0 or min(n) < 1:
+        raise ValueError(f"invalid conv_transpose geometry: input={n} stride={s} padding={p} "
+                         f"output_padding={op} dilation={dl}")
+    if any(o >= max(si, di) for o, si, di in zip(op, s, dl)):
+        raise ValueError(f"output_padding {op} must be smaller than stride {s} or dilation {dl}")
+    size = conv_transpose_output_size(n, k, s, p, op, dl)
+    if min(size) < 1:
+        raise ValueError(f"conv_transpose output size {size} is empty (input={n} kernel={k} stride={s} padding={p})")
+    if all(o < si for o, si in zip(op, s)):  # step 3: T = C^T exactly
+        return conv_sigma_upper(weight, size, s, p, dl, groups, n_iter=n_iter,
+                                explicit_max_entries=explicit_max_entries, exact_max_dim=exact_max_dim)
+    with torch.no_grad():
+        w = weight.detach().to(torch.float64)
+        bound = conv_sigma_upper(w, size, s, p, dl, groups, n_iter=n_iter, explicit_max_entries=0, exact_max_dim=0)
+        cin, cout = w.shape[0], w.shape[1] * groups
+        in_numel, out_numel = cin * math.prod(n), cout * math.prod(size)
+        fn = lambda v: _CONV_T[d](v, w, None, s, p, op, groups, dl)  # noqa: E731
+        if in_numel * out_numel <= explicit_max_entries:
+            basis = torch.eye(in_numel, dtype=w.dtype, device=w.device).reshape(in_numel, cin, *n)
+            return torch.minimum(bound, dense_sigma_upper(fn(basis).reshape(in_numel, out_numel)))
+        if min(in_numel, out_numel) <= exact_max_dim:
+            ext = tuple(di * (ki - 1) + 1 for di, ki in zip(dl, k))
+            # inputs j, j' share an output only if |j - j'| s <= ext - 1; outputs share an input only
+            # if they are at most ext - 1 apart
+            reach = (tuple(-(-e // si) - 1 for e, si in zip(ext, s)) if in_numel <= out_numel
+                     else tuple(e - 1 for e in ext))
+            exact = exact_sigma_upper(fn, (cin, *n), device=w.device, reach=reach)
+            if exact is not None:
+                return torch.minimum(bound, exact)
+        return bound
 
 
 # --------------------------------------------------------------------------------------------

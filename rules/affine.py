@@ -1,4 +1,4 @@
-"""Affine ops: Linear, Conv1d/2d, BatchNorm (eval and training mode), scaling by constants.
+"""Affine ops: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm (eval and training mode), scaling by constants.
 
 For ``y = A a + b`` with input enclosure (ball ``c, r``; box ``[l, u]``), DESIGN.md §2:
 
@@ -9,7 +9,9 @@ For ``y = A a + b`` with input enclosure (ball ``c, r``; box ``[l, u]``), DESIGN
 
 ``sigma`` comes from the Lipschitz cache (bcpc.lipcache): an estimate in training, a guaranteed
 bound on the certification path. For convolutions the row norms depend on the output position
-(zero padding cuts the kernel at the borders): ``sqrt(conv(ones, W**2))``.
+(zero padding cuts the kernel at the borders): ``sqrt(conv(ones, W**2))``, and likewise
+``sqrt(conv_transpose(ones, W**2))`` for a transposed convolution, whose ``sigma`` is that of
+the adjoint convolution on the transposed output size (derivation in ``conv_transpose_ball``).
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ register(
 # --- Convolutions ---------------------------------------------------------------------------
 
 def _conv(nd: int):
-    return F.conv1d if nd == 1 else F.conv2d
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
 
 
 def conv_ball(x: Bound, weight, bias, stride, padding, dilation, groups, *, sigma):
@@ -189,11 +191,110 @@ def _conv_lipschitz(nd):
     return make
 
 
-for _nd, _target, _module in ((1, F.conv1d, nn.Conv1d), (2, F.conv2d, nn.Conv2d)):
+for _nd, _target, _module in ((1, F.conv1d, nn.Conv1d), (2, F.conv2d, nn.Conv2d), (3, F.conv3d, nn.Conv3d)):
     register(
         _target, ball=conv_ball, box=conv_box, family="affine", name=f"conv{_nd}d",
         spellings=((_module, _conv_module_adapter(_nd)), (_target, _conv_fn_adapter(_nd))),
         lipschitz=_conv_lipschitz(_nd), check=_check_weight_not_perturbed,
+    )
+
+
+# --- Transposed convolutions ------------------------------------------------------------------
+
+def _conv_transpose(nd: int):
+    return {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+
+
+def conv_transpose_ball(x: Bound, weight, bias, stride, padding, output_padding, groups, dilation, *, sigma):
+    """radius_out = sigma(T) * radius_in, T the transposed conv on the input's spatial size.
+
+    The transposed conv is the adjoint of ``conv_nd(., weight, stride, padding, dilation, groups)``
+    on inputs of the transposed conv's *output* size ``N = (n - 1) s - 2 p + dl (k - 1) + op + 1``
+    (the weight ``(Cin, Cout / groups, *k)`` is that conv's ``(out, in / groups, *k)``): the conv's
+    output ``j`` reads position ``j s - p + t dl`` through tap ``t`` exactly where the transposed
+    conv writes input ``j`` through tap ``t``, the ``op`` extra positions included (they are the
+    far border the padding would otherwise crop). With ``op < s`` the conv has exactly ``n``
+    outputs and ``T = C^T``, so ``sigma(T) = sigma(C)``; with ``s <= op < dl`` it has more and
+    ``T^T`` is a row selection of ``C``, so ``sigma(T) <= sigma(C)``. ``sigma`` comes from
+    bcpc.lipschitz.conv_transpose_sigma_upper on the certification path (a guaranteed bound) and
+    from power iteration on ``T`` in training (an estimate)."""
+    return _scale_ball(x, sigma)
+
+
+def conv_transpose_box(center, radius, x: Bound, weight, bias, stride, padding, output_padding, groups,
+                       dilation) -> Bound:
+    """IA box ``T m + b ± |T| rad`` ∩ per-output-position row-norm box ``T c + b ± ||T_i||_2 r``
+    (inside the output ball box).
+
+    Every entry of ``T`` is one weight or zero (for a fixed input position, distinct taps land on
+    distinct outputs), so ``|T|`` is the transposed conv with ``|W|`` and the squared row norms are
+    the transposed conv of ones with ``W**2``; output positions no tap reaches get row norm 0
+    (raised to the smallest normal number, which only widens the box) and their IA box is the bias."""
+    conv_t = _conv_transpose(weight.dim() - 2)
+
+    def apply(a, w, b):
+        return conv_t(a, w, b, stride, padding, output_padding, groups, dilation)
+
+    def rownorm(w_sq):
+        ones = torch.ones((1,) + tuple(x.center.shape[1:]), dtype=weight.dtype, device=weight.device)
+        sums = apply(ones, w_sq, None)  # clamped as in conv_box: sqrt's gradient at 0 is inf
+        return sums.clamp_min(torch.finfo(sums.dtype).tiny).sqrt()[0]
+
+    return _affine_box(center, radius, x, lambda a, b: apply(a, weight, b), lambda a, w_abs: apply(a, w_abs, None),
+                       bias, rownorm, weight, per_channel=True)
+
+
+def _conv_transpose_params(nd, stride, padding, output_padding, dilation, what):
+    if any(isinstance(v, str) for v in (padding, output_padding)):
+        raise UnsupportedOpError(f"{what} with padding={padding!r}: transposed convolutions take numeric padding only")
+    return ntuple(stride, nd), ntuple(padding, nd), ntuple(output_padding, nd), ntuple(dilation, nd)
+
+
+def _conv_transpose_module_adapter(nd):
+    def adapt(module, args, kwargs):
+        name = type(module).__name__
+        if module.padding_mode != "zeros":
+            raise UnsupportedOpError(
+                f"{name} with padding_mode={module.padding_mode!r} is not supported; "
+                "only zero padding has a rule (use padding_mode='zeros')")
+        x, output_size = pick(args, kwargs, ("input", "output_size"), {"output_size": None})
+        if output_size is not None:
+            raise UnsupportedOpError(
+                f"{name} called with output_size={output_size!r}: the output size must be fixed by the "
+                "module; construct it with the matching output_padding and call it without output_size")
+        s, p, op, d = _conv_transpose_params(nd, module.stride, module.padding, module.output_padding,
+                                             module.dilation, name)
+        b = Attr("bias") if module.bias is not None else None
+        return (x, Attr("weight"), b, s, p, op, int(module.groups), d), {}
+    return adapt
+
+
+def _conv_transpose_fn_adapter(nd):
+    def adapt(module, args, kwargs):
+        x, w, b, s, p, op, g, d = pick(
+            args, kwargs, ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+            {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1})
+        s, p, op, d = _conv_transpose_params(nd, s, p, op, d, f"functional conv_transpose{nd}d")
+        return (x, w, b, s, p, op, int(g), d), {}
+    return adapt
+
+
+def _conv_transpose_lipschitz(nd):
+    def make(args, in_shape):
+        _, _, _, stride, padding, output_padding, groups, dilation = args
+        mod = LipschitzConstant(f"conv_transpose{nd}d", in_shape,
+                                dict(stride=stride, padding=padding, output_padding=output_padding,
+                                     dilation=dilation, groups=groups))
+        return mod, 1
+    return make
+
+
+for _nd, _target, _module in ((1, F.conv_transpose1d, nn.ConvTranspose1d), (2, F.conv_transpose2d, nn.ConvTranspose2d),
+                              (3, F.conv_transpose3d, nn.ConvTranspose3d)):
+    register(
+        _target, ball=conv_transpose_ball, box=conv_transpose_box, family="affine", name=f"conv_transpose{_nd}d",
+        spellings=((_module, _conv_transpose_module_adapter(_nd)), (_target, _conv_transpose_fn_adapter(_nd))),
+        lipschitz=_conv_transpose_lipschitz(_nd), check=_check_weight_not_perturbed,
     )
 
 
