@@ -193,3 +193,23 @@ def bind(fn: Callable, args: tuple, kwargs: dict) -> dict:
     ba = sig.bind(*args, **kwargs)
     ba.apply_defaults()
     return dict(ba.arguments)
+
+
+def _first_line(fn) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return " ".join(doc.split("\n\n")[0].split()).replace("|", "\\|")
+
+
+def ops_table() -> str:
+    """Markdown table of every rule: name, family, the spellings that reach it, ball and box
+    (first paragraph of their docstrings). docs/ops.md is this table (tests/test_ops_table.py)."""
+    import bcpc.rules  # noqa: F401  (fills the table)
+
+    lines = ["| rule | family | spellings | ball | box |", "|---|---|---|---|---|"]
+    for rule in sorted(rules(), key=lambda r: (r.family, r.name)):
+        names = sorted({describe_spelling(s) for s in rule.spellings})
+        spelled = ", ".join(f"`{n}`" for n in names)
+        lines.append(f"| `{rule.name}` | {rule.family} | {spelled} | {_first_line(rule.ball)} | {_first_line(rule.box)} |")
+    removed = sorted(describe_spelling(s) for (_, _), (t, s) in _SPELLINGS.items() if t is IDENTITY)
+    lines += ["", "Removed by the pipeline (the identity in eval mode): " + ", ".join(f"`{n}`" for n in removed) + "."]
+    return "\n".join(lines) + "\n"

@@ -51,11 +51,6 @@ class _Net(nn.Module):
         return self.b(self.body(self, self.a(x)))
 
 
-def _chunk(s, h):
-    a, b = h.chunk(2, 1)
-    return torch.cat([torch.max(a, b), torch.min(a, b)], 1)
-
-
 def _view_then_mutate(s, h):
     v = h.view(h.size(0), -1)
     h.relu_()
@@ -136,7 +131,23 @@ CASES = [
      errors.TraceError),
     ("BatchNorm in training mode at certification", lambda t: _train_mode(), errors.ModelModeError),
     ("Dropout in training mode at certification", lambda t: _dropout_training(), errors.ModelModeError),
-    ("tuple-returning op of a perturbed value (h.chunk)", lambda t: _compile(_chunk), errors.UnsupportedOpError),
+    ("indices of a perturbed value (h.max(1)[1], an argmax)",
+     lambda t: _compile(lambda s, h: h * h.max(1)[1].unsqueeze(1).float()), errors.UnsupportedOpError),
+    ("LayerNorm inside nn.Sequential",
+     lambda t: bcpc.compile(nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.LayerNorm(6)), nn.Linear(6, 3)),
+                            example_input=torch.rand(1, 4)), errors.UnsupportedOpError),
+    ("a final softmax", lambda t: bcpc.compile(nn.Sequential(nn.Linear(4, 3), nn.Softmax(1)),
+                                               example_input=torch.rand(1, 4)), errors.UnsupportedOpError),
+    ("a product of two perturbed values (attention scores)",
+     lambda t: _compile(lambda s, h: (h.unsqueeze(2) @ h.unsqueeze(1)).sum(2)), errors.UnsupportedOpError),
+    ("a reduction over the batch too (h.sum())", lambda t: _compile(lambda s, h: h + h.sum()),
+     errors.UnsupportedOpError),
+    ("slicing the batch dimension (h[0:1])", lambda t: _compile(lambda s, h: h[0:1].expand(h.size(0), -1)),
+     errors.UnsupportedOpError),
+    ("bicubic resampling (negative weights)",
+     lambda t: _compile(lambda s, h: torch.nn.functional.interpolate(h.view(-1, 1, 2, 3), size=(2, 3),
+                                                                      mode="bicubic").flatten(1)),
+     errors.UnsupportedOpError),
     ("comparison mask of a perturbed value (h * (h > 0))", lambda t: _compile(lambda s, h: h * (h > 0)),
      errors.UnsupportedOpError),
     ("in-place op on a tensor whose view is used later", lambda t: _compile(_view_then_mutate),

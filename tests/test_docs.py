@@ -14,7 +14,12 @@ def python_blocks(path: Path) -> list:
 
 
 @pytest.mark.parametrize("path", [p for p in FILES if python_blocks(p)], ids=lambda p: p.name)
-def test_python_blocks_run(path, capsys):
+def test_python_blocks_run(path, capsys, monkeypatch):
+    from bcpc import registry
+
+    # the pages register example rules (softsign, softshrink): keep them out of the other tests
+    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))
+    monkeypatch.setattr(registry, "_SPELLINGS", dict(registry._SPELLINGS))
     namespace: dict = {"__name__": f"doc_{path.stem}"}
     for i, block in enumerate(python_blocks(path)):
         try:
