@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
+import bcpc.nn
+
 # (family, spelling) pairs; each is implemented in Program.step.
 ACTIVATION_SPELLINGS = [
     "nn.ReLU", "nn.ReLU(inplace)", "nn.ReLU(inplace) unassigned", "F.relu", "F.relu(inplace)", "torch.relu",
@@ -20,7 +22,13 @@ ACTIVATION_SPELLINGS = [
     "nn.LeakyReLU(0.1, inplace)", "F.leaky_relu(h, 0.2)", "F.elu(h)", "nn.ELU(inplace)",
     "nn.Softplus(threshold=1)", "F.softplus(h, beta=2)", "nn.Softplus",
     "h.clamp(min=0)", "h.clamp_(min=0) unassigned",
+    "nn.GELU", "F.gelu(h, approximate='tanh')", "nn.SiLU(inplace)", "h * torch.sigmoid(h)", "F.mish", "nn.Hardswish",
+    "nn.ReLU6(inplace)", "F.hardtanh(h, -0.5, 0.5)", "h.clip(-1, 1)", "F.hardsigmoid", "bcpc.nn.MaxMin",
+    "bcpc.nn.GroupSort(2)",
 ]
+LAYOUT_SPELLINGS = ["transpose round trip", "h.flip(1)", "torch.roll(h, 1, 1)", "slices cat", "pad crop",
+                    "expand mean", "stack amax", "cast round trip", "upsample stride", "movedim round trip",
+                    "unsqueeze squeeze", "narrow cat", "h + h.sum(1, keepdim=True)", "h.view(B, -1, 2).sort(2)"]
 SCALE_SPELLINGS = ["h * 2", "2 * h", "h.mul(0.5)", "h.mul_(3) unassigned", "h *= 3", "h / 4", "h.div_(2) unassigned",
                    "h + 1", "h.add_(1) unassigned", "h += 1", "h - 0.5", "h.sub_(1) unassigned", "-h", "h.neg_()"]
 TUPLE_SPELLINGS = ["chunk maxmin", "split maxmin", "h.max(1) keepdim", "h.sort(1)[0]", "h.topk(2)", "unbind cat",
@@ -61,14 +69,30 @@ class Program(nn.Module):
             "nn.LeakyReLU(0.1, inplace)": nn.LeakyReLU(0.1, inplace=True), "nn.ELU(inplace)": nn.ELU(inplace=True),
             "nn.Softplus(threshold=1)": nn.Softplus(threshold=1.0), "nn.Softplus": nn.Softplus(),
             "nn.Dropout": nn.Dropout(0.3), "nn.Dropout(inplace)": nn.Dropout(0.3, inplace=True),
+            "nn.GELU": nn.GELU(), "nn.SiLU(inplace)": nn.SiLU(inplace=True), "nn.Hardswish": nn.Hardswish(),
+            "nn.ReLU6(inplace)": nn.ReLU6(inplace=True), "bcpc.nn.MaxMin": bcpc.nn.MaxMin(),
+            "bcpc.nn.GroupSort(2)": bcpc.nn.GroupSort(2),
         }
         return table.get(spelling, nn.Identity())
 
     def activation(self, i, s, h):
         m = self.mods[i]
         if s in ("nn.ReLU", "nn.ReLU(inplace)", "nn.Tanh", "nn.LeakyReLU(0.1, inplace)", "nn.ELU(inplace)",
-                 "nn.Softplus(threshold=1)", "nn.Softplus"):
+                 "nn.Softplus(threshold=1)", "nn.Softplus", "nn.GELU", "nn.SiLU(inplace)", "nn.Hardswish",
+                 "nn.ReLU6(inplace)", "bcpc.nn.MaxMin", "bcpc.nn.GroupSort(2)"):
             return m(h)
+        if s == "F.gelu(h, approximate='tanh')":
+            return F.gelu(h, approximate="tanh")
+        if s == "h * torch.sigmoid(h)":
+            return h * torch.sigmoid(h)
+        if s == "F.mish":
+            return F.mish(h)
+        if s == "F.hardtanh(h, -0.5, 0.5)":
+            return F.hardtanh(h, -0.5, 0.5)
+        if s == "h.clip(-1, 1)":
+            return h.clip(-1, 1)
+        if s == "F.hardsigmoid":
+            return F.hardsigmoid(h)
         if s == "nn.ReLU(inplace) unassigned":
             m(h)
             return h
@@ -198,6 +222,38 @@ class Program(nn.Module):
             return h
         raise AssertionError(s)
 
+    def layout(self, s, h):
+        w = self.w
+        if s == "transpose round trip":
+            return h.view(-1, 2, w // 2).transpose(1, 2).reshape(h.size(0), -1)
+        if s == "h.flip(1)":
+            return h.flip(1)
+        if s == "torch.roll(h, 1, 1)":
+            return torch.roll(h, 1, 1)
+        if s == "slices cat":
+            return torch.cat([h[:, 1:], h[:, :1]], 1)
+        if s == "pad crop":
+            return F.pad(h, (1, 2))[:, 1:-2]
+        if s == "expand mean":
+            return h.unsqueeze(2).expand(-1, -1, 3).mean(2)
+        if s == "stack amax":
+            return torch.stack([h, 0.5 * h], 2).amax(2)
+        if s == "cast round trip":
+            return h.float().double()
+        if s == "upsample stride":
+            return F.interpolate(h.unsqueeze(1), scale_factor=2).view(h.size(0), 2 * w)[:, ::2]
+        if s == "movedim round trip":
+            return h.view(-1, 2, w // 2).movedim(1, 2).flatten(1)
+        if s == "unsqueeze squeeze":
+            return h.unsqueeze(-1).squeeze(-1)
+        if s == "narrow cat":
+            return torch.cat([h.narrow(1, 0, 2), h.narrow(1, 2, w - 2)], 1)
+        if s == "h + h.sum(1, keepdim=True)":
+            return h + h.sum(1, keepdim=True)
+        if s == "h.view(B, -1, 2).sort(2)":
+            return h.view(h.size(0), -1, 2).sort(2, descending=True)[0].view(h.size(0), -1)
+        raise AssertionError(s)
+
     def mask(self, s, h):
         if s == "h * (h > 0).float()":
             return h * (h > 0).float()
@@ -261,6 +317,8 @@ class Program(nn.Module):
                 h = self.view(s, h)
             elif family == "mask":
                 h = self.mask(s, h)
+            elif family == "layout":
+                h = self.layout(s, h)
             elif family == "dropout":
                 h = self.dropout(i, s, h)
             elif family == "skip":
@@ -271,10 +329,11 @@ class Program(nn.Module):
 FAMILIES = {
     "linear": ["Linear"], "activation": ACTIVATION_SPELLINGS, "scale": SCALE_SPELLINGS, "tuple": TUPLE_SPELLINGS,
     "view": VIEW_SPELLINGS, "mask": MASK_SPELLINGS, "dropout": DROPOUT_SPELLINGS, "skip": SKIP_SPELLINGS,
+    "layout": LAYOUT_SPELLINGS,
 }
 # weights of the families in a draw: mostly what compiles, enough of the rest to test refusals
-_FAMILY_DRAW = ["linear"] * 3 + ["activation"] * 4 + ["scale"] * 2 + ["skip"] * 2 + ["view"] * 2 + ["tuple", "mask",
-                                                                                                      "dropout"]
+_FAMILY_DRAW = (["linear"] * 3 + ["activation"] * 4 + ["scale"] * 2 + ["skip"] * 2 + ["view"] * 2 + ["layout"] * 2
+                + ["tuple", "mask", "dropout"])
 
 
 @st.composite
