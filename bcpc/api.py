@@ -9,7 +9,7 @@ from torch import nn
 
 from bcpc import pipeline
 from bcpc.certified import CertifiedModule
-from bcpc.errors import ConfigError, InputDomainError, InvalidInputError
+from bcpc.errors import ConfigError, InputDomainError, InvalidInputError, UnsupportedOpError
 from bcpc.meta import info
 from bcpc.passes.lower import METHODS
 
@@ -34,6 +34,23 @@ def parse_norm(norm) -> float:
     if not (value >= 1):  # also rejects NaN
         raise ConfigError(f"unsupported norm p={value}: the perturbation set must be an l_p ball with p >= 1")
     return value
+
+
+def _check_one_dtype(model: nn.Module) -> None:
+    """Certification runs a float64 copy of the whole model: parameters and buffers of several
+    floating dtypes (a float32 layer inside a float64 model, with casts between) cannot be copied
+    that way, so such a model is refused here, not with a torch dtype error at certify."""
+    by_dtype: dict = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            by_dtype.setdefault(t.dtype, []).append(name)
+    if len(by_dtype) > 1:
+        parts = "; ".join(f"{str(d).replace('torch.', '')}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                          for d, names in by_dtype.items())
+        raise UnsupportedOpError(
+            f"the model's parameters have several floating dtypes ({parts}). bcpc certifies with a float64 copy "
+            "of the whole model, which a mixed-precision model with casts between its layers cannot run. Convert "
+            "the model to one dtype (model.float() or model.double()) before bcpc.compile.")
 
 
 def compile(
@@ -90,6 +107,7 @@ def compile(
         if backend not in _dynamo.list_backends(exclude_tags=()):
             raise ConfigError(f"unknown torch.compile backend {backend!r}; choose one of "
                               f"{', '.join(_dynamo.list_backends())} (or None for eager)")
+    _check_one_dtype(model)
     compiled = pipeline.run(model, example_input, method=method, norm=p, input_domain=(lo, hi),
                             lipschitz_iters=lipschitz_iters, debug=debug)
     num_classes = info(compiled.analysis.output).shape[1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import types
+
 import torch
 from torch import Tensor, nn
 
@@ -58,18 +60,84 @@ _SKIP_ATTRIBUTES = frozenset(["training", "_parameters", "_buffers", "_modules",
                               "_backward_pre_hooks", "_backward_hooks"])
 
 
-def _freeze(value):
+def _freeze(value, depth: int = 0):
     """A comparable stand-in for an attribute value: primitives by value, containers item by item,
-    tensors by a copy of their values, anything else by identity."""
+    tensors by a copy of their values, plain objects (``SimpleNamespace``, dataclasses, argparse
+    namespaces, config objects) by their attributes, anything else by identity."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
         return value
     if isinstance(value, torch.Tensor):
         return _TensorValue(value)
+    if depth > 4:
+        return ("object", type(value).__qualname__, id(value))
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__,) + tuple(_freeze(v) for v in value)
+        return (type(value).__name__,) + tuple(_freeze(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return ("dict",) + tuple((k, _freeze(v)) for k, v in value.items())
+        return ("dict",) + tuple((k, _freeze(v, depth + 1)) for k, v in value.items())
+    if _plain_object(value):
+        return ("object", type(value).__qualname__, id(value)) + tuple(
+            (k, _freeze(v, depth + 1)) for k, v in sorted(vars(value).items()) if not k.startswith("__"))
     return ("object", type(value).__qualname__, id(value))
+
+
+def _plain_object(value) -> bool:
+    """An instance holding data in its ``__dict__`` (not a module, function, class or tensor)."""
+    return (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type, types.FunctionType,
+                                                                  types.MethodType, types.ModuleType,
+                                                                  types.BuiltinFunctionType)))
+
+
+def _data(value) -> bool:
+    """A value forward may read as data (traced into the graph as a constant)."""
+    return not isinstance(value, (type, types.FunctionType, types.MethodType, types.ModuleType,
+                                  types.BuiltinFunctionType, nn.Module)) and not callable(value)
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _function_data(fn) -> tuple:
+    """Globals and closure cells a function reads that hold data: fx bakes their values into the
+    graph at trace time, so a later change must be seen."""
+    fn = getattr(fn, "__func__", fn)
+    if not isinstance(fn, types.FunctionType):
+        return ()
+    out = []
+    for name in sorted(_code_names(fn.__code__)):
+        if name in fn.__globals__ and _data(fn.__globals__[name]):
+            out.append((f"global {name!r} read by {fn.__qualname__}", _freeze(fn.__globals__[name])))
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if _data(value):
+            out.append((f"closure variable {name!r} of {fn.__qualname__}", _freeze(value)))
+    return tuple(out)
+
+
+def _class_data(cls) -> tuple:
+    """Class attributes holding data and the data globals of the methods, for the user's classes
+    (torch's own are not user state)."""
+    out = []
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch"):
+            continue
+        for name, value in sorted(vars(klass).items()):
+            if name.startswith("__"):
+                continue
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if isinstance(value, types.FunctionType):
+                out.extend(_function_data(value))
+            elif _data(value) and not isinstance(value, property):
+                out.append((f"class attribute {klass.__qualname__}.{name}", _freeze(value)))
+    return tuple(out)
 
 
 class _TensorValue:
@@ -89,8 +157,23 @@ def structure(module: nn.Module) -> list:
     out = []
     for name, m in module.named_modules():
         attrs = tuple((k, _freeze(v)) for k, v in sorted(m.__dict__.items()) if k not in _SKIP_ATTRIBUTES)
-        out.append((name, type(m), id(m), attrs))
+        functions = tuple(item for v in m.__dict__.values() if isinstance(v, types.FunctionType)
+                          for item in _function_data(v))  # e.g. a lambda stored as an attribute
+        out.append((name, type(m), id(m), attrs + functions + _class_data(type(m))))
     return out
+
+
+def _render(frozen) -> str:
+    """A :func:`_freeze` record as the user would write the value."""
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "object":
+        fields = ", ".join(f"{k}={_render(v)}" for k, v in frozen[3:])
+        return f"{frozen[1]}({fields})" if len(frozen) > 3 else f"<{frozen[1]} object>"
+    if isinstance(frozen, tuple) and frozen and frozen[0] in ("tuple", "list"):
+        inner = ", ".join(_render(v) for v in frozen[1:])
+        return f"({inner})" if frozen[0] == "tuple" else f"[{inner}]"
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "dict":
+        return "{" + ", ".join(f"{k!r}: {_render(v)}" for k, v in frozen[1:]) + "}"
+    return repr(frozen)
 
 
 def changes(before: list, after: list) -> Optional[str]:
@@ -101,11 +184,18 @@ def changes(before: list, after: list) -> Optional[str]:
         for n in sorted(set(was) | set(now)):
             if was.get(n) != now.get(n):
                 return f"submodule {n or '<root>'!r} was {was.get(n, 'absent')}, now {now.get(n, 'absent')}"
+        for (n, _, i, _), (_, _, j, _) in zip(before, after):
+            if i != j:
+                return f"submodule {n or '<root>'!r} was replaced by another {was[n]} object"
         return "a submodule was replaced by another object"
     for (name, _, _, a), (_, _, _, b) in zip(before, after):
         if a != b:
             da, db = dict(a), dict(b)
             for k in sorted(set(da) | set(db)):
                 if da.get(k, "absent") != db.get(k, "absent"):
-                    return f"attribute {k!r} of {name or 'the model'} was {da.get(k, 'absent')!r}, now {db.get(k, 'absent')!r}"
+                    what = k if " " in k else f"attribute {k!r}"
+                    if isinstance(da.get(k), _TensorValue) and isinstance(db.get(k), _TensorValue):
+                        return f"the values of the tensor {what} of {name or 'the model'} changed"
+                    return (f"{what} of {name or 'the model'} was {_render(da.get(k, 'absent'))}, "
+                            f"now {_render(db.get(k, 'absent'))}")
     return None

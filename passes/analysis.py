@@ -101,6 +101,18 @@ def _hint(node: fx.Node, module=None) -> str:
     known = _known_refusal(name)
     if known:
         return known
+    if name in ("round", "floor", "ceil", "trunc", "int", "long", "short", "byte", "bool", "item", "tolist"):
+        return (" It rounds a value that depends on the input or makes an integer of it: a step function, which "
+                "changes inside the perturbation set and has no Lipschitz bound. Remove it, or apply it outside "
+                "the certified model.")
+    if name in ("max", "min", "sort", "argsort", "argmax", "argmin") and not info(node).is_tensor:
+        return (" Its indices (item 1, .indices) are integers that change inside the perturbation set; only the "
+                "values (item 0, .values) have a rule: h.max(1)[0], h.amax(1), h.sort(1)[0].")
+    if name in ("topk", "kthvalue", "median", "mode"):
+        return (f" {name} has no rule; the sorted values have one: h.sort(dim, descending=True)[0].narrow(dim, 0, k) "
+                "gives the top k.")
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in ("T", "mT", "H", "mH"):
+        return " Write the transpose explicitly: h.transpose(-2, -1) (the batch dimension must stay first)."
     if name in _STEP_NAMES:
         return (" It compares or rounds a value that depends on the input (or makes an integer/boolean of it): the "
                 "result changes inside the perturbation set, so it cannot be treated as a constant mask. Write the "

@@ -100,20 +100,51 @@ def _split_items(graph: fx.Graph, node: fx.Node) -> bool:
     except (TypeError, ValueError, RuntimeError, IndexError):
         return False  # torch would refuse it too; the run already succeeded, so leave it as it is
     dim = int(vals[-1]) % len(info(x).shape)
-    items = [(_item(u, node), u) for u in list(node.users)]
-    if not items or any(i is None or isinstance(i, str) for i, _ in items):
+    users = list(node.users)
+    items = [(_item(u, node), u) for u in users if not _joins_whole(u, node)]
+    wholes = [u for u in users if _joins_whole(u, node)]
+    if not users or any(i is None or isinstance(i, str) for i, _ in items):
         return False
     starts = [0]
     for p in parts:
         starts.append(starts[-1] + (p.shape[dim] if name != "unbind" else 1))
+
+    def part(i, before):
+        with graph.inserting_before(before):
+            if name == "unbind":
+                return graph.call_function(torch.select, (x, dim, i))
+            return graph.call_function(torch.narrow, (x, dim, starts[i], parts[i].shape[dim]))
+
     for i, user in items:
         i = i % len(parts)
         if name == "unbind":
             _replace(graph, user, torch.select, (x, dim, i))
         else:
             _replace(graph, user, torch.narrow, (x, dim, starts[i], parts[i].shape[dim]))
+    for user in wholes:  # torch.cat(h.chunk(2, 1), 1): the items, spelled out
+        join = torch.stack if user.target is torch.stack else torch.cat
+        pieces = []
+        for i in range(len(parts)):
+            piece = part(i, user)
+            shape = list(info(x).shape)
+            if name == "unbind":
+                del shape[dim]
+            else:
+                shape[dim] = parts[i].shape[dim]
+            piece.meta = {k: v for k, v in user.meta.items() if k in ("stack_trace", "nn_module_stack")}
+            piece.meta["bcpc"] = NodeInfo(origin=info(user).origin, perturbed=info(x).perturbed, shape=tuple(shape),
+                                          dtype=info(x).dtype, is_tensor=True)
+            pieces.append(piece)
+        join_dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
+        _replace(graph, user, join, (tuple(pieces), int(join_dim)))
     graph.erase_node(node)
     return True
+
+
+def _joins_whole(user: fx.Node, node: fx.Node) -> bool:
+    """``torch.cat(t, d)`` / ``torch.stack(t, d)`` of the whole tuple ``t``."""
+    return (user.op == "call_function" and user.target in (torch.cat, torch.concat, torch.concatenate, torch.stack)
+            and bool(user.args) and user.args[0] is node and len(node.users) >= 1)
 
 
 def _value_items(graph: fx.Graph, node: fx.Node) -> bool:

@@ -15,6 +15,10 @@ restored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
@@ -71,12 +75,19 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
     example = torch.cat([example_input[:1], example_input[:1]], dim=0)
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     try:
-        with torch.no_grad():
+        # ShapeProp prints the model's traceback itself before re-raising: keep it for the
+        # failure message below, and let a successful run's output (warnings) through
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as printed:
             ShapeProp(gm).propagate(example)
+        sys.stderr.write(printed.getvalue())
     except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None:  # ShapeProp wraps the model's own error with node metadata
+            cause = cause.__cause__
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise GraphStructureError(
             f"running the model on the example input (shape {tuple(example_input.shape[1:])} per sample) failed: "
-            f"{type(exc).__name__}: {exc}. Pass an example_input / input_shape the model accepts."
+            f"{type(cause).__name__}: {first}. Pass an example_input / input_shape the model accepts."
         ) from exc
     finally:
         with torch.no_grad():

@@ -312,6 +312,8 @@ def stack_box(center, radius, tensors, dim) -> Bound:
 
 def _stack_adapter(module, args, kwargs):
     tensors, d = pick(args, kwargs, ("tensors", "dim"), {"dim": 0})
+    if isinstance(tensors, torch.fx.Node):
+        return None  # the whole tuple of an unbind/chunk: the patterns pass spells out its items
     return (tuple(tensors), int(d)), {}
 
 

@@ -109,6 +109,8 @@ def cat_box(center, radius, tensors, dim) -> Bound:
 
 def _cat_adapter(module, args, kwargs):
     tensors, dim = pick(args, kwargs, ("tensors", "dim"), {"dim": 0})
+    if isinstance(tensors, torch.fx.Node):
+        return None  # the whole tuple of a chunk/split: the patterns pass spells out its items
     return (tuple(tensors), int(dim)), {}
 
 

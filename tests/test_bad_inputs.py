@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,43 @@ def _submodule_swapped():
     cert.certify(X, Y, 0.1)
 
 
+LIMIT = 0.5  # read by _Global.forward: fx bakes its value into the graph
+
+
+class _Global(nn.Module):
+    threshold = 0.1  # a class attribute, also baked in
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.cfg = types.SimpleNamespace(scale=2.0)
+
+    def forward(self, x):
+        return self.b(self.a(x).clamp(-LIMIT, LIMIT) * self.cfg.scale + self.threshold)
+
+
+def _python_value_changed(what):
+    global LIMIT
+    model = _Global().eval()
+    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
+    if what == "global":
+        LIMIT = 0.7
+    elif what == "class":
+        _Global.threshold = 0.2
+    else:
+        model.cfg.scale = 3.0
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        LIMIT, _Global.threshold = 0.5, 0.1
+
+
+def _mixed_dtypes():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3).double())
+    bcpc.compile(model, example_input=torch.rand(1, 4))
+
+
 def _dropout_training():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 3))
     bcpc.compile(model, example_input=torch.zeros(1, 4)).certify(X, Y, 0.1)
@@ -162,6 +200,13 @@ CASES = [
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
     ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),
+    ("a global read by forward changed after compile", lambda t: _python_value_changed("global"),
+     errors.GraphMismatchError),
+    ("a class attribute read by forward changed after compile", lambda t: _python_value_changed("class"),
+     errors.GraphMismatchError),
+    ("a field of a config object (SimpleNamespace) changed after compile",
+     lambda t: _python_value_changed("object"), errors.GraphMismatchError),
+    ("parameters of two floating dtypes (mixed precision)", lambda t: _mixed_dtypes(), errors.UnsupportedOpError),
     ("eps negative", lambda t: _cert()[1].certify(X, Y, -0.1), errors.InvalidEpsilonError),
     ("eps NaN", lambda t: _cert()[1].certify(X, Y, float("nan")), errors.InvalidEpsilonError),
     ("eps not a number", lambda t: _cert()[1].certify(X, Y, "0.1"), errors.InvalidEpsilonError),

@@ -131,6 +131,18 @@ def test_view_sort_flatten_is_one_group_sort():
     torch.testing.assert_close(cert(x, 0.1).logits, model(x))
 
 
+@pytest.mark.parametrize("fn", [lambda h: torch.cat(h.chunk(2, 1), 1) - h,
+                                lambda h: torch.stack(h.view(-1, 2, 4).unbind(1), 1).flatten(1),
+                                lambda h: torch.cat(torch.split(h, [3, 5], 1), dim=1)])
+def test_whole_tuple_of_a_split_is_spelled_out(fn):
+    model = Reshaped(lambda x: fn(x[:, :8] * 1.0), 8).double().eval()
+    x = torch.rand(3, 12, dtype=D)
+    cert = bcpc.compile(model, "l2", example_input=x)
+    torch.testing.assert_close(cert(x, 0.0).logits, model(x))
+    assert not any(n.target in (torch.chunk, torch.split, torch.unbind, "chunk", "unbind")
+                   for n in cert.canonical.graph.nodes)
+
+
 def test_hand_written_silu_becomes_the_activation():
     class Swish(nn.Module):
         def __init__(self):
