@@ -14,6 +14,16 @@ def is_bound(a) -> bool:
     return isinstance(a, Bound)
 
 
+def lower_of(a):
+    """The box's lower end of a Bound argument; a constant argument is its own box."""
+    return a.lower if is_bound(a) else a
+
+
+def upper_of(a):
+    """The box's upper end of a Bound argument; a constant argument is its own box."""
+    return a.upper if is_bound(a) else a
+
+
 def ntuple(v, n: int) -> tuple:
     """``3 -> (3, 3)``; tuples and lists pass through as tuples of ints."""
     if isinstance(v, (tuple, list)):

@@ -28,7 +28,8 @@ from torch import nn
 from bcpc import ops
 from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
-from bcpc.rules._util import is_bound, perturbed, pick, shape, unsupported
+from bcpc.rules._util import is_bound, lower_of, perturbed, pick, shape, unsupported, upper_of
+from bcpc.rules.structural import cat_ball
 from bcpc.rules.pooling import schur_sigma_upper
 
 _COPIES: dict = {}
@@ -297,17 +298,13 @@ selection(repeat, name="repeat", copies=True, check=_check_repeat, spellings=(("
 
 def stack_ball(tensors, dim):
     """radius_out = sqrt(sum_i r_i^2) over the perturbed parts (as cat: squared norms add)."""
-    radii = [t.radius for t in tensors if is_bound(t)]
-    if any(r is None for r in radii):
-        return None
-    return torch.stack(radii).square().sum(0).sqrt()
+    return cat_ball(tensors, dim)
 
 
 def stack_box(center, radius, tensors, dim) -> Bound:
     """The stacked boxes (a constant part is its own box)."""
-    lo = torch.stack([t.lower if is_bound(t) else t for t in tensors], dim)
-    hi = torch.stack([t.upper if is_bound(t) else t for t in tensors], dim)
-    return enclose(center, radius, lo, hi)
+    return enclose(center, radius, torch.stack([lower_of(t) for t in tensors], dim),
+                   torch.stack([upper_of(t) for t in tensors], dim))
 
 
 def _stack_adapter(module, args, kwargs):

@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from bcpc import nn as bnn
 from bcpc import ops
 from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
+from bcpc.rules._util import lower_of as _lo, upper_of as _hi
 from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, pick, shape, unsupported
 
 
@@ -63,7 +63,7 @@ def _check_group_sort(node):
 
 register(ops.group_sort, ball=group_sort_ball, box=group_sort_box, family="sorting", name="group_sort",
          spellings=((ops.group_sort, _group_sort_adapter),), check=_check_group_sort)
-_ = bnn  # bcpc.nn.GroupSort / MaxMin call ops.group_sort (fx-wrapped), so they need no spelling
+# bcpc.nn.GroupSort / MaxMin call ops.group_sort, which torch.fx.wrap keeps one call: no module spelling needed
 
 
 # --- max / min --------------------------------------------------------------------------------
@@ -75,14 +75,6 @@ def _pair_radius(a, b):
     if len(radii) == 1:
         return radii[0]
     return (radii[0].square() + radii[1].square()).sqrt()
-
-
-def _lo(a):
-    return a.lower if is_bound(a) else a
-
-
-def _hi(a):
-    return a.upper if is_bound(a) else a
 
 
 def maximum_ball(a, b):

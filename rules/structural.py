@@ -16,6 +16,7 @@ from torch import nn
 
 from bcpc.domain import Bound, enclose
 from bcpc.registry import register, register_identity
+from bcpc.rules._util import lower_of as _lo, upper_of as _hi
 from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, pick, shape, unsupported
 
 
@@ -27,14 +28,6 @@ def _radius_sum(*xs):
     for r in radii[1:]:
         out = out + r
     return out
-
-
-def _lo(a):
-    return a.lower if is_bound(a) else a
-
-
-def _hi(a):
-    return a.upper if is_bound(a) else a
 
 
 def add_ball(a, b):
