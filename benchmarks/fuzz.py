@@ -5,7 +5,7 @@ Runs ``tests/test_fuzz.py::test_user_code_compiles_correctly_or_is_refused`` wit
 error type), attacked (compiled models checked twice: as built and after a weight edit) and how
 many violated soundness (must be 0). The figures in docs/soundness.md come from:
 
-    python benchmarks/fuzz.py --n 2000
+    python benchmarks/fuzz.py --n 1500
 """
 from __future__ import annotations
 
