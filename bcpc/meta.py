@@ -69,4 +69,5 @@ def _module_path(node: fx.Node) -> str:
     return f"module '{path}' ({described})"
 
 
-_LIBRARY_ROOTS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,))
+# torch's frames and bcpc's own (bcpc.nn.GroupSort's forward): the user's line is the call site
+_LIBRARY_ROOTS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
