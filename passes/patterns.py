@@ -71,9 +71,14 @@ def _constant(v) -> bool:
 def _replace(graph: fx.Graph, old: fx.Node, target, args, kwargs=None) -> fx.Node:
     with graph.inserting_before(old):
         new = graph.call_function(target, tuple(args), dict(kwargs or {}))
+    return _adopt(graph, old, new)
+
+
+def _adopt(graph: fx.Graph, old: fx.Node, new: fx.Node) -> fx.Node:
+    """``new`` takes the place of ``old``: its uses, name, source line, shape and taint (the same
+    value; shapes runs again anyway)."""
     rec = info(old)
     new.meta = {k: v for k, v in old.meta.items() if k in ("stack_trace", "nn_module_stack")}
-    # the same value as the old node: its shape and taint carry over (shapes runs again anyway)
     new.meta["bcpc"] = NodeInfo(origin=rec.origin, spelling=rec.spelling, perturbed=rec.perturbed,
                                 shape=rec.shape, dtype=rec.dtype, is_tensor=rec.is_tensor)
     old.replace_all_uses_with(new)
@@ -116,24 +121,15 @@ def _split_items(graph: fx.Graph, node: fx.Node) -> bool:
             return graph.call_function(torch.narrow, (x, dim, starts[i], parts[i].shape[dim]))
 
     for i, user in items:
-        i = i % len(parts)
-        if name == "unbind":
-            _replace(graph, user, torch.select, (x, dim, i))
-        else:
-            _replace(graph, user, torch.narrow, (x, dim, starts[i], parts[i].shape[dim]))
+        _adopt(graph, user, part(i % len(parts), user))
     for user in wholes:  # torch.cat(h.chunk(2, 1), 1): the items, spelled out
         join = torch.stack if user.target is torch.stack else torch.cat
         pieces = []
         for i in range(len(parts)):
             piece = part(i, user)
-            shape = list(info(x).shape)
-            if name == "unbind":
-                del shape[dim]
-            else:
-                shape[dim] = parts[i].shape[dim]
             piece.meta = {k: v for k, v in user.meta.items() if k in ("stack_trace", "nn_module_stack")}
-            piece.meta["bcpc"] = NodeInfo(origin=info(user).origin, perturbed=info(x).perturbed, shape=tuple(shape),
-                                          dtype=info(x).dtype, is_tensor=True)
+            piece.meta["bcpc"] = NodeInfo(origin=info(user).origin, perturbed=info(x).perturbed,
+                                          shape=tuple(parts[i].shape), dtype=info(x).dtype, is_tensor=True)
             pieces.append(piece)
         join_dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
         _replace(graph, user, join, (tuple(pieces), int(join_dim)))
@@ -144,7 +140,7 @@ def _split_items(graph: fx.Graph, node: fx.Node) -> bool:
 def _joins_whole(user: fx.Node, node: fx.Node) -> bool:
     """``torch.cat(t, d)`` / ``torch.stack(t, d)`` of the whole tuple ``t``."""
     return (user.op == "call_function" and user.target in (torch.cat, torch.concat, torch.concatenate, torch.stack)
-            and bool(user.args) and user.args[0] is node and len(node.users) >= 1)
+            and bool(user.args) and user.args[0] is node)
 
 
 def _value_items(graph: fx.Graph, node: fx.Node) -> bool:

@@ -19,7 +19,7 @@ import math
 from bcpc import kernels
 from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
-from bcpc.rules._util import pick, unsupported
+from bcpc.rules._util import perturbed, pick, unsupported
 
 
 def monotone(target, *, lipschitz, name, spellings, params=(), defaults=None, check=None, box_pair=None):
@@ -192,8 +192,6 @@ def _relu6_adapter(module, args, kwargs):
 
 
 def _check_clamp(node):
-    from bcpc.rules._util import perturbed
-
     for which, value in zip(("min", "max"), node.args[1:3]):
         if perturbed(value):
             raise unsupported(node, f"clamp's {which} '{value.name}' depends on the input",

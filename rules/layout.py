@@ -27,9 +27,10 @@ from torch import nn
 
 from bcpc import ops
 from bcpc.domain import Bound, bound, enclose
+from bcpc.meta import info
 from bcpc.registry import register
 from bcpc.rules._util import is_bound, lower_of, perturbed, pick, shape, unsupported, upper_of
-from bcpc.rules.structural import cat_ball
+from bcpc.rules.structural import cat_ball, tensors_dim_adapter
 from bcpc.rules.pooling import schur_sigma_upper
 
 _COPIES: dict = {}
@@ -90,9 +91,7 @@ def _batch_check(extra):
 
 
 def info_is_tensor(a) -> bool:
-    from bcpc.meta import info
-
-    return is_bound(a) or (hasattr(a, "meta") and info(a).is_tensor)
+    return is_bound(a) or (isinstance(a, torch.fx.Node) and info(a).is_tensor)
 
 
 def _norm_dim(node, d) -> int:
@@ -307,13 +306,6 @@ def stack_box(center, radius, tensors, dim) -> Bound:
                    torch.stack([upper_of(t) for t in tensors], dim))
 
 
-def _stack_adapter(module, args, kwargs):
-    tensors, d = pick(args, kwargs, ("tensors", "dim"), {"dim": 0})
-    if isinstance(tensors, torch.fx.Node):
-        return None  # the whole tuple of an unbind/chunk: the patterns pass spells out its items
-    return (tuple(tensors), int(d)), {}
-
-
 def _check_stack(node):
     tensors, d = node.args
     if int(d) % (len(shape(node))) == 0:
@@ -321,7 +313,7 @@ def _check_stack(node):
 
 
 register(torch.stack, ball=stack_ball, box=stack_box, family="merge", name="stack", check=_check_stack,
-         spellings=((torch.stack, _stack_adapter),))
+         spellings=((torch.stack, tensors_dim_adapter),))
 
 
 # --- padding --------------------------------------------------------------------------------

@@ -100,10 +100,12 @@ def cat_box(center, radius, tensors, dim) -> Bound:
     return enclose(center, radius, torch.cat([_lo(t) for t in tensors], dim), torch.cat([_hi(t) for t in tensors], dim))
 
 
-def _cat_adapter(module, args, kwargs):
+def tensors_dim_adapter(module, args, kwargs):
+    """``(tensors, dim)`` of ``torch.cat`` / ``torch.stack``; None for the whole tuple of a
+    chunk/split/unbind (one node), which the patterns pass spells out item by item."""
     tensors, dim = pick(args, kwargs, ("tensors", "dim"), {"dim": 0})
     if isinstance(tensors, torch.fx.Node):
-        return None  # the whole tuple of a chunk/split: the patterns pass spells out its items
+        return None
     return (tuple(tensors), int(dim)), {}
 
 
@@ -116,7 +118,7 @@ def _check_cat(node):
 
 
 register(torch.cat, ball=cat_ball, box=cat_box, family="merge", name="cat",
-         spellings=((torch.cat, _cat_adapter), (torch.concat, _cat_adapter), (torch.concatenate, _cat_adapter)),
+         spellings=((torch.cat, tensors_dim_adapter), (torch.concat, tensors_dim_adapter), (torch.concatenate, tensors_dim_adapter)),
          check=_check_cat)
 
 

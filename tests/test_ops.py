@@ -54,7 +54,7 @@ def test_unimodal_box_holds_the_minimum():
     with torch.no_grad():
         model[0].weight.fill_(1.0)
         model[0].bias.fill_(-0.75)  # the pre-activation straddles GELU's minimiser -0.7518
-    x = torch.zeros(1, 1, dtype=D) + 0.0
+    x = torch.zeros(1, 1, dtype=D)
     nb = bcpc.compile(model, "l2", example_input=x).node_bounds(x, 0.5)
     gelu = nb["_1"]
     assert gelu.lower.item() == pytest.approx(CONSTANTS["gelu"].minimum, abs=1e-12)
