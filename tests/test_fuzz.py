@@ -65,7 +65,11 @@ def _check(model, cert, x, gen):
     STATS["attacked"] += 1
 
 
-@settings(max_examples=int(os.environ.get("BCPC_FUZZ_EXAMPLES", 100)))
+# 100 models in make test; the thorough profile's 400; BCPC_FUZZ_EXAMPLES overrides both
+_EXAMPLES = 400 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 100
+
+
+@settings(max_examples=int(os.environ.get("BCPC_FUZZ_EXAMPLES", _EXAMPLES)))
 @given(arch=user_models(), edit=st.sampled_from(WEIGHT_EDITS), seed=st.integers(0, 1000))
 def test_user_code_compiles_correctly_or_is_refused(arch, edit, seed):
     model, d = arch
