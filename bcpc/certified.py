@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bcpc import guard
+from bcpc import guard, losses
 from bcpc import margins as margins_mod
 from bcpc.state import Snapshot, changes, structure
 from bcpc.errors import (GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
@@ -306,17 +306,19 @@ class CertifiedModule(nn.Module):
         out = self.forward(x, eps, y, sound=sound)
         return margins_mod.worst_logits(out.logits, out.margins, out.labels)
 
-    def loss(self, x: Tensor, y: Tensor, eps, lam: float = 1.0) -> Tensor:
-        """Certified training loss (paper eq. 13): ``(1 - lam) CE(z, y) + lam CE(zw, y)``.
+    def loss(self, x: Tensor, y: Tensor, eps, lam: float = 1.0, kind: str = "bcp", hinge_margin: float = 1.0) -> Tensor:
+        """Certified training loss; ``kind="bcp"`` is the paper's eq. 13,
+        ``(1 - lam) CE(z, y) + lam CE(zw, y)``; ``"trades"`` and ``"hinge"`` are in :mod:`bcpc.losses`.
 
         Uses the Lipschitz-cache estimates (not a guarantee); differentiable w.r.t. the model.
+
+        Example::
+
+            loss = cert.loss(x, y, eps=1.58, lam=1.0)   # or kind="trades", lam=1.5
+            loss.backward()
         """
         out = self.forward(x, eps, y, sound=False)
-        zw = margins_mod.worst_logits(out.logits, out.margins, y)
-        clean = F.cross_entropy(out.logits, y)
-        if lam == 0:
-            return clean
-        return (1 - lam) * clean + lam * F.cross_entropy(zw, y)
+        return losses.certified_loss(kind, out.logits, out.margins, y, lam, hinge_margin)
 
     @staticmethod
     def threshold(logits: Tensor) -> Tensor:

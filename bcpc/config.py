@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Optional
 import yaml
 
 from bcpc.errors import ConfigError
+from bcpc.losses import LOSSES
 
 
 @dataclass
@@ -45,6 +48,19 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (plus one at every epoch end)
     threads: Optional[int] = None  # torch.set_num_threads
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh
+    # --- the recipe beyond the paper (defaults: the paper's) ---
+    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL, GloRo) | hinge (multi-class hinge on the margins, BCOP)
+    lam: float = 1.0  # the final lam (trades: the KL weight, may exceed 1)
+    lam_schedule: str = "ramp"  # ramp (0 -> lam with the eps ramp) | constant (lam from the first certified step)
+    eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps)
+    eps_start: float = 0.01  # log ramp: the first certified step's eps, as a fraction of eps
+    hinge_margin: float = 1.0  # hinge: the margin kappa each certified margin is pushed above
+    lr_schedule: str = "step"  # step (x lr_decay_factor at lr_decay_epochs) | exp (geometric lr -> lr_final)
+    lr_final: float = 1e-6  # exp: the learning rate of the last epoch
+    lr_decay_start: Optional[float] = None  # exp: the epoch the decay starts (default: half of epochs)
+    eval_method: str = "bcp"  # the sound certificate of validation, best.pt selection and evaluation
+    late_method: Optional[str] = None  # switch the training bound to this method ...
+    late_method_epoch: Optional[int] = None  # ... from this (0-indexed) epoch on
 
     @property
     def run_dir(self) -> Path:
@@ -71,10 +87,25 @@ class TrainConfig:
                 "ramp_epochs", "batch_size", "lr", "lr_decay_epochs", "lr_decay_factor", "weight_decay",
                 "grad_clip", "lipschitz_iters", "seed", "train_subset")
         values = {k: getattr(self, k) for k in keys}
+        defaults = TrainConfig()
+        for k in RECIPE_KEYS:  # only where set: fingerprints of runs older than these keys stay valid
+            if getattr(self, k) != getattr(defaults, k):
+                values[k] = getattr(self, k)
         if self.init_from is not None:  # the starting weights are part of the trained function
             values["init_from_sha256"] = self.init_sha256()
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: settings added after the paper's recipe (they enter the fingerprint only when not at the default)
+RECIPE_KEYS = ("loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "lr_schedule",
+               "lr_final", "lr_decay_start", "late_method", "late_method_epoch")
+
+#: the choices of the string-valued settings
+CHOICES = {"loss": LOSSES, "lam_schedule": ("ramp", "constant"),
+           "eps_schedule": ("linear", "log"), "lr_schedule": ("step", "exp")}
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _file_sha256(path: Path) -> str:
@@ -101,6 +132,8 @@ def _check_type(name: str, value, hint) -> object:
         hint = [a for a in args if a is not type(None)][0]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; every user writes it
     if hint in (float, int, str, bool):
         if isinstance(value, bool) and hint is not bool:
             raise ConfigError(f"config key {name!r} must be {hint.__name__}, got a boolean")
@@ -121,7 +154,11 @@ def from_dict(data: dict, source: str = "config") -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        hints_ = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hints_.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints_)}; valid keys: {', '.join(sorted(known))}")
     values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
     cfg = TrainConfig(**values)
     validate(cfg, source)
@@ -134,12 +171,23 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
 
     if cfg.model not in ARCHITECTURES:
         raise ConfigError(f"{source}: unknown model {cfg.model!r}; available: {', '.join(ARCHITECTURES)}")
-    if cfg.method not in METHODS:
-        raise ConfigError(f"{source}: unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    for key in ("method", "eval_method", "late_method"):
+        value = getattr(cfg, key)
+        if value is not None and value not in METHODS:
+            raise ConfigError(f"{source}: unknown {key} {value!r}; choose one of {', '.join(METHODS)}")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"{source}: unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(choices)}")
+    if (cfg.late_method is None) != (cfg.late_method_epoch is None):
+        raise ConfigError(f"{source}: late_method and late_method_epoch go together (set both or neither)")
+    if not 0 < cfg.eps_start <= 1:
+        raise ConfigError(f"{source}: eps_start must be in (0, 1] (a fraction of eps), got {cfg.eps_start}")
+    if cfg.lr_schedule == "exp" and not 0 < cfg.lr_final <= cfg.lr:
+        raise ConfigError(f"{source}: lr_final must be in (0, lr] for lr_schedule exp, got {cfg.lr_final}")
     for key in ("epochs", "batch_size", "checkpoint_every", "lipschitz_iters"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1")
-    for key in ("eps", "lr", "warmup_epochs", "ramp_epochs", "weight_decay"):
+    for key in ("eps", "lr", "warmup_epochs", "ramp_epochs", "weight_decay", "lam", "hinge_margin"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{source}: {key} must be >= 0")
     if cfg.input_domain is not None and len(cfg.input_domain) != 2:

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 from torch import nn
 
+from bcpc.nn import MaxMin
 
-def conv_4c3f(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Sequential:
-    """conv 32-3/1, conv 32-4/2, conv 64-3/1, conv 64-4/2, fc 512, fc 512, fc classes (ReLU between)."""
+#: the activations the reference architectures take (``activation=``)
+ACTIVATIONS = {"relu": nn.ReLU, "maxmin": MaxMin}
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def conv_4c3f(in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
+              activation: str = "relu") -> nn.Sequential:
+    """conv 32-3/1, conv 32-4/2, conv 64-3/1, conv 64-4/2, fc 512, fc 512, fc classes, with
+    ``activation`` between: ReLU (the paper's) or MaxMin (GloRo's 4C3F-MinMax, same parameters)."""
     side = image_size // 4
+    act = _activation(activation)
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, 1, 1), nn.ReLU(),
-        nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(),
-        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(in_channels, 32, 3, 1, 1), act(),
+        nn.Conv2d(32, 32, 4, 2, 1), act(),
+        nn.Conv2d(32, 64, 3, 1, 1), act(),
+        nn.Conv2d(64, 64, 4, 2, 1), act(),
         nn.Flatten(),
-        nn.Linear(64 * side * side, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(64 * side * side, 512), act(),
+        nn.Linear(512, 512), act(),
         nn.Linear(512, num_classes),
     )
 
@@ -119,14 +133,16 @@ def wrn(in_channels: int = 3, image_size: int = 32, num_classes: int = 10, n: in
     )
 
 
-def conv_small(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Sequential:
+def conv_small(in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
+               activation: str = "relu") -> nn.Sequential:
     """conv 16-4/2, conv 32-4/2, fc 100, fc classes: the fast model of ``bcpc demo``."""
     side = image_size // 4
+    act = _activation(activation)
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 4, 2, 1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
+        nn.Conv2d(in_channels, 16, 4, 2, 1), act(),
+        nn.Conv2d(16, 32, 4, 2, 1), act(),
         nn.Flatten(),
-        nn.Linear(32 * side * side, 100), nn.ReLU(),
+        nn.Linear(32 * side * side, 100), act(),
         nn.Linear(100, num_classes),
     )
 
@@ -194,11 +210,13 @@ def resnet18_like(in_channels: int = 3, num_classes: int = 10) -> ResNet:
 
 ARCHITECTURES = {
     "mnist_4c3f": lambda: conv_4c3f(1, 28, 10),
+    "mnist_4c3f_minmax": lambda: conv_4c3f(1, 28, 10, activation="maxmin"),
     "cifar_4c3f": lambda: conv_4c3f(3, 32, 10),
     "cifar_6c2f": lambda: conv_6c2f(3, 32, 10),
     "cifar_wrn": lambda: wrn(3, 32, 10),
     "tiny_imagenet_8c2f": lambda: conv_8c2f(3, 64, 200),
     "mnist_mlp": lambda: mlp(784, (256, 256), 10),
     "mnist_small": lambda: conv_small(1, 28, 10),
+    "mnist_small_minmax": lambda: conv_small(1, 28, 10, activation="maxmin"),
     "resnet_small": lambda: resnet_small(3, 10),
 }

@@ -40,18 +40,42 @@ FORMAT = "bcpc-checkpoint-v1"
 
 
 def schedule(cfg: TrainConfig, step: int, steps_per_epoch: int) -> tuple:
-    """``(eps, lam)`` at a global step: 0 during warm-up, then a linear ramp to ``(cfg.eps, 1)``."""
+    """``(eps, lam)`` at a global step: 0 during warm-up, then a ramp to ``(cfg.eps, cfg.lam)``.
+
+    The eps ramp is linear (the paper's) or, with ``eps_schedule: log``, geometric from
+    ``eps_start * eps`` (GloRo's); lam ramps linearly with it, or is ``cfg.lam`` from the first
+    certified step on (``lam_schedule: constant``)."""
     epoch = step / steps_per_epoch
     if epoch < cfg.warmup_epochs:
         return 0.0, 0.0
-    if cfg.ramp_epochs == 0:
-        return cfg.eps, 1.0
-    frac = min(1.0, (epoch - cfg.warmup_epochs) / cfg.ramp_epochs)
-    return cfg.eps * frac, frac
+    frac = 1.0 if cfg.ramp_epochs == 0 else min(1.0, (epoch - cfg.warmup_epochs) / cfg.ramp_epochs)
+    if cfg.eps_schedule == "log":
+        eps = cfg.eps * cfg.eps_start ** (1.0 - frac)
+    else:
+        eps = cfg.eps * frac
+    lam = cfg.lam if cfg.lam_schedule == "constant" else cfg.lam * frac
+    return eps, lam
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of a (0-indexed) epoch: step decays, or (``lr_schedule: exp``) constant
+    until ``lr_decay_start`` (default: half-way) and then geometric down to ``lr_final`` at the
+    last epoch (GloRo: 1e-3 -> 1e-6 over the second half)."""
+    if cfg.lr_schedule == "exp":
+        start = cfg.epochs / 2 if cfg.lr_decay_start is None else cfg.lr_decay_start
+        if epoch < start:
+            return cfg.lr
+        span = cfg.epochs - 1 - start
+        t = 1.0 if span <= 0 else min(1.0, (epoch - start) / span)
+        return cfg.lr * (cfg.lr_final / cfg.lr) ** t
     return cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if epoch >= e)
+
+
+def method_at(cfg: TrainConfig, epoch: int) -> str:
+    """The bound the training loss uses in a (0-indexed) epoch (``late_method`` from its epoch on)."""
+    if cfg.late_method is not None and epoch >= cfg.late_method_epoch:
+        return cfg.late_method
+    return cfg.method
 
 
 def epoch_order(cfg: TrainConfig, epoch: int, n: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -65,17 +89,21 @@ def epoch_order(cfg: TrainConfig, epoch: int, n: int, rank: int = 0, world: int 
 
 
 class CertifiedLoss(nn.Module):
-    """The training objective as a module, so DistributedDataParallel can wrap it: eq. 13 through
-    the certifying module, or plain cross-entropy while ``lam == 0`` (warm-up)."""
+    """The training objective as a module, so DistributedDataParallel can wrap it: ``cfg.loss``
+    through the certifying module of the current method, or plain cross-entropy while
+    ``lam == 0`` (warm-up). ``certs`` maps each method the run trains with to its certifying
+    module (all share the model's parameters)."""
 
-    def __init__(self, cert):
+    def __init__(self, certs: dict, kind: str = "bcp", hinge_margin: float = 1.0):
         super().__init__()
-        self.cert = cert
+        self.certs = nn.ModuleDict(certs)
+        self.kind, self.hinge_margin = kind, hinge_margin
+        self.model = next(iter(certs.values())).model
 
-    def forward(self, x, y, eps: float, lam: float):
+    def forward(self, x, y, eps: float, lam: float, method: str):
         if lam == 0.0:
-            return F.cross_entropy(self.cert.model(x), y)
-        return self.cert.loss(x, y, eps, lam)
+            return F.cross_entropy(self.model(x), y)
+        return self.certs[method].loss(x, y, eps, lam, kind=self.kind, hinge_margin=self.hinge_margin)
 
 
 @dataclass
@@ -124,14 +152,41 @@ def init_distributed() -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
 
 
-def build(cfg: TrainConfig, example: torch.Tensor):
-    """Model (seeded init) and its certifying module."""
+def build(cfg: TrainConfig, example: torch.Tensor, method: Optional[str] = None):
+    """Model (seeded init) and its certifying module for ``method`` (default: the evaluation
+    certificate, ``cfg.eval_method``)."""
     torch.manual_seed(cfg.seed)
     model = ARCHITECTURES[cfg.model]()
-    cert = bcpc.compile(model, cfg.norm, example_input=example[:1],
+    return model, compile_for(cfg, model, example, method or cfg.eval_method)
+
+
+def compile_for(cfg: TrainConfig, model: nn.Module, example: torch.Tensor, method: str):
+    """A certifying module of ``model`` with ``method`` and the run's norm, domain and iterations."""
+    return bcpc.compile(model, cfg.norm, example_input=example[:1],
                         input_domain=tuple(cfg.input_domain) if cfg.input_domain else None,
-                        method=cfg.method, lipschitz_iters=cfg.lipschitz_iters)
-    return model, cert
+                        method=method, lipschitz_iters=cfg.lipschitz_iters)
+
+
+def training_certs(cfg: TrainConfig, model: nn.Module, eval_cert, example: torch.Tensor) -> dict:
+    """One certifying module per method the training loss uses (the evaluation one reused), with
+    the Lipschitz caches (power-iteration vectors) of all of them tied to the first's buffers, so
+    a late method switch continues the same iteration and the checkpoint holds one state."""
+    methods = [cfg.method] + ([cfg.late_method] if cfg.late_method not in (None, cfg.method) else [])
+    certs = {m: eval_cert if m == cfg.eval_method else compile_for(cfg, model, example, m) for m in methods}
+    first = certs[cfg.method].propagation.lip
+    for m in methods[1:]:
+        for name, module in certs[m].propagation.lip.named_children():
+            if hasattr(first, name):  # ibp has no ball, so no caches of its own
+                module.u = getattr(first, name).u
+    return certs
+
+
+def load_lip_state(cert, state: dict) -> None:
+    """The Lipschitz caches of a checkpoint into ``cert`` (its keys; a cache the checkpoint's
+    training method did not have, e.g. after ibp, keeps its fresh vector)."""
+    own = cert.propagation.lip.state_dict()
+    own.update({k: v for k, v in state.items() if k in own})
+    cert.propagation.lip.load_state_dict(own)
 
 
 @torch.no_grad()
@@ -170,11 +225,11 @@ class FitResult:
     seconds: float = 0.0
 
 
-def _state(cfg, model, cert, opt, step, epoch, best, history) -> dict:
+def _state(cfg, model, lip_owner, opt, step, epoch, best, history) -> dict:
     return {
         "format": FORMAT,
         "model_state": model.state_dict(),
-        "lip_state": cert.propagation.lip.state_dict(),
+        "lip_state": lip_owner.propagation.lip.state_dict(),
         "optimizer": opt.state_dict(),
         "step": step,
         "epoch": epoch,
@@ -252,12 +307,13 @@ def _init_weights(cfg: TrainConfig, model, cert, device) -> None:
     if source != cfg.model:
         raise ConfigError(f"init_from: {cfg.init_from} holds a {source!r} model, this run trains {cfg.model!r}")
     checkpoint.load_model_state(model, ckpt["model_state"], str(cfg.init_from))
-    cert.propagation.lip.load_state_dict(ckpt["lip_state"])
+    load_lip_state(cert, ckpt["lip_state"])
 
 
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps: Optional[int] = None,
-        log=print) -> FitResult:
+        log=print, resume_hint: str = "resume with --resume") -> FitResult:
     """Train per ``cfg``; ``max_steps`` stops early (after checkpointing) — for tests and time slicing.
+    ``resume_hint`` is what an interrupted run tells the user about continuing it.
 
     Under ``torchrun`` (WORLD_SIZE > 1) this is data-parallel: DistributedDataParallel all-reduces
     the gradients and broadcasts buffers (the Lipschitz cache's power-iteration vectors, BatchNorm
@@ -284,7 +340,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     x_val, y_val = data.load(cfg.dataset, cfg.data_root, "val")
     if cfg.val_subset:
         x_val, y_val = x_val[:cfg.val_subset], y_val[:cfg.val_subset]
-    model, cert = build(cfg, x_train)
+    model, cert = build(cfg, x_train)  # cert: the sound evaluation certificate (cfg.eval_method)
+    certs = training_certs(cfg, model, cert, x_train)
+    lip_owner = certs[cfg.method]  # its Lipschitz caches are the ones checkpointed
+    for c in certs.values():
+        c.to(ctx.device)
     cert.to(ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     spe = len(x_train) // cfg.batch_size
@@ -296,7 +356,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         ckpt = checkpoint.load(last, map_location=ctx.device)
         check_compatible(ckpt, cfg, str(last))
         checkpoint.load_model_state(model, ckpt["model_state"], str(last))
-        cert.propagation.lip.load_state_dict(ckpt["lip_state"])
+        lip_owner.propagation.lip.load_state_dict(ckpt["lip_state"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best, history = int(ckpt["step"]), dict(ckpt["best"]), list(ckpt["history"])
         torch.set_rng_state(ckpt["rng"].cpu())
@@ -304,11 +364,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     elif not resume and last.exists():
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another run name")
     elif cfg.init_from is not None:
-        _init_weights(cfg, model, cert, ctx.device)
+        _init_weights(cfg, model, lip_owner, ctx.device)
         log(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256()[:16]}...)")
     if ctx.main:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    objective = CertifiedLoss(cert)
+    objective = CertifiedLoss(certs, cfg.loss, cfg.hinge_margin)
     if ctx.world > 1:
         objective = DistributedDataParallel(objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                             else None, broadcast_buffers=True)
@@ -326,25 +386,28 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                                          "was (finite), not overwritten")
         if ctx.main:
             with interrupts.deferred(reraise):
-                checkpoint.save(_state(cfg, model, cert, opt, step, epoch, best, history), last)
+                checkpoint.save(_state(cfg, model, lip_owner, opt, step, epoch, best, history), last)
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()
-    cert.train()
+    for c in certs.values():
+        c.train()
     interrupts.install()
+    val_note = {}  # the last validation figures, shown on the bar
     try:
         while step < stop_at:
             epoch = step // spe
             order = epoch_order(cfg, epoch, len(x_train), ctx.rank, ctx.world)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch)
+            method = method_at(cfg, epoch)
             run_loss, run_n = 0.0, 0
             while step < stop_at and step // spe == epoch:
                 b = step % spe
                 idx = order[b * local_bs:(b + 1) * local_bs]
                 xb, yb = x_train[idx].to(ctx.device), y_train[idx].to(ctx.device)
                 eps, lam = schedule(cfg, step, spe)
-                loss = objective(xb, yb, eps, lam)
+                loss = objective(xb, yb, eps, lam, method)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # the gradient norm (clipped to grad_clip if set) decides, on every rank alike (the
@@ -374,7 +437,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 run_n += 1
                 bar.update(1)
                 if step % 20 == 0 and progress:
-                    bar.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", eps=f"{eps:.3f}", lam=f"{lam:.2f}")
+                    bar.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", eps=f"{eps:.3f}", lam=f"{lam:.2f}",
+                                    **val_note)
                 if step % cfg.checkpoint_every == 0:
                     save_last(epoch)
             if step // spe > epoch or step == total:  # finished an epoch: validate, checkpoint
@@ -386,6 +450,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                        "skipped_steps": skipped,
                        "elapsed_s": round(time.time() - t0, 1)}
                 history.append(row)
+                val_note = {"val": f"{100 * row['val_clean_acc']:.1f}/{100 * row['val_verified_acc']:.1f}%"}
                 key = (row["val_verified_acc"], row["val_clean_acc"])
                 improved = not best or key > (best["val_verified_acc"], best["val_clean_acc"])
                 if improved:
@@ -396,7 +461,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                     if improved:
                         with interrupts.deferred():
                             checkpoint.save({"format": FORMAT, "model_state": model.state_dict(),
-                                             "lip_state": cert.propagation.lip.state_dict(),
+                                             "lip_state": lip_owner.propagation.lip.state_dict(),
                                              "config": cfg.to_dict(), "fingerprint": cfg.fingerprint(),
                                              "metrics": row}, run_dir / "best.pt")
                 log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} eps {eps:.3f} lam {lam:.2f} | "
@@ -407,7 +472,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     except KeyboardInterrupt:
         interrupted = True
         save_last(step // spe, reraise=False)  # a second Ctrl-C must not cut this last write short
-        log(f"interrupted: checkpoint written to {last} at step {step}; resume with --resume")
+        log(f"interrupted: checkpoint written to {last} at step {step}; {resume_hint}")
     finally:
         bar.close()
         interrupts.restore()
@@ -427,6 +492,6 @@ def load_trained(path, map_location="cpu"):
     shape = {"mnist": (1, 1, 28, 28), "cifar10": (1, 3, 32, 32)}[cfg.dataset]
     model, cert = build(cfg, torch.zeros(shape))
     checkpoint.load_model_state(model, ckpt["model_state"], str(path))
-    cert.propagation.lip.load_state_dict(ckpt["lip_state"])
+    load_lip_state(cert, ckpt["lip_state"])
     model.eval()
     return model, cert, cfg, ckpt

@@ -1,0 +1,46 @@
+"""Certified training objectives, each a function of the clean logits and the certified margins.
+
+Every loss reads the (B, C) margin lower bounds ``m[b, j] <= z_y - z_j`` (``+inf`` at ``j == y``)
+that one forward of the certifying module gives, and the worst-translated logits built from them
+(paper eq. 2: ``zw_y = z_y``, ``zw_j = z_y - m_j``), and mixes a clean term with a certified
+term by ``lam``:
+
+- ``"bcp"`` — the paper's eq. 13: ``(1 - lam) CE(z, y) + lam CE(zw, y)``.
+- ``"trades"`` — GloRo's TRADES-style loss: ``CE(z, y) + lam KL(softmax(z) || softmax(zw))``; the
+  clean term is never down-weighted, and ``lam`` may exceed 1 (GloRo uses 1.5-3).
+- ``"hinge"`` — a multi-class hinge on the certified margins (BCOP's margin loss):
+  ``(1 - lam) CE(z, y) + lam * sum_{j != y} relu(kappa - m_j) / C``, zero once every margin is
+  certified with room ``kappa``.
+
+``lam == 0`` is plain cross-entropy for every loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bcpc import margins as margins_mod
+
+LOSSES = ("bcp", "trades", "hinge")
+
+
+def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: float,
+                   hinge_margin: float = 1.0) -> Tensor:
+    """The training objective ``kind`` (one of :data:`LOSSES`) from one certified forward."""
+    clean = F.cross_entropy(logits, y)
+    if lam == 0:
+        return clean
+    if kind == "bcp":
+        zw = margins_mod.worst_logits(logits, margins, y)
+        return (1 - lam) * clean + lam * F.cross_entropy(zw, y)
+    if kind == "trades":
+        zw = margins_mod.worst_logits(logits, margins, y)
+        log_p = F.log_softmax(logits, dim=1)
+        kl = F.kl_div(F.log_softmax(zw, dim=1), log_p, reduction="batchmean", log_target=True)
+        return clean + lam * kl
+    if kind == "hinge":
+        own = F.one_hot(y, margins.shape[1]).bool()
+        gap = torch.relu(hinge_margin - margins).masked_fill(own, 0.0)
+        return (1 - lam) * clean + lam * gap.sum(dim=1).mean() / margins.shape[1]
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
