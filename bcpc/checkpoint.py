@@ -44,9 +44,18 @@ def remove_stale_temporaries(folder) -> list:
 
 
 def load(path, map_location="cpu") -> dict:
+    """The dict a checkpoint file holds, loaded with ``weights_only=True`` (plain data only).
+
+    Raises :class:`~bcpc.errors.CheckpointError` for a missing file, a folder, a file that is not
+    a complete ``torch.save`` archive, pickled code, or a top level that is not a dict."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        example = path / ("best.pt" if "best.pt" in inside or not inside else inside[0])
+        found = f" (it holds {', '.join(inside[:4])})" if inside else " (it holds no .pt file)"
+        raise CheckpointError(f"checkpoint {path} is a directory{found}; pass the .pt file inside, e.g. {example}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index sits at the end
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated (not a complete torch.save archive); "
                               "use an earlier checkpoint")
@@ -61,6 +70,35 @@ def load(path, map_location="cpu") -> dict:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); use an earlier checkpoint") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} is not a bcpc checkpoint (top level is {type(obj).__name__})")
+    return obj
+
+
+def kind(obj: dict) -> str:
+    """What a loaded checkpoint dict is: ``"bcpc"`` (written by ``bcpc train``: ``format`` and
+    ``model_state``), ``"state_dict"`` (a plain ``model.state_dict()``: tensors only) or ``"other"``."""
+    from bcpc.train import FORMAT
+
+    if obj.get("format") == FORMAT and "model_state" in obj:
+        return "bcpc"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return "state_dict"
+    return "other"
+
+
+def load_bcpc(path, map_location="cpu") -> dict:
+    """:func:`load`, then insist on a bcpc training checkpoint; a plain state_dict gets a message
+    that says how to certify it anyway (``--model MODULE:FACTORY --weights FILE``)."""
+    obj = load(path, map_location)
+    what = kind(obj)
+    if what == "state_dict":
+        raise CheckpointError(
+            f"{path} is a plain state_dict (weights only, no model or training config), not a bcpc checkpoint: "
+            f"give the model that builds it too, --model pkg.module:factory --weights {path}")
+    if what == "other":
+        keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
+        raise CheckpointError(f"{path} is not a bcpc checkpoint (no 'format'/'model_state'; top-level keys: {keys}); "
+                              "for a state_dict inside another dict, save that state_dict on its own and pass "
+                              "--model pkg.module:factory --weights FILE")
     return obj
 
 

@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     train_subset: Optional[int] = None  # use the first N training images (demo / tests)
     val_subset: Optional[int] = 1000  # validation images certified after each epoch
+    val_every: int = 1  # validate (and update best.pt) every this many epochs, and after the last
     checkpoint_every: int = 500  # steps between checkpoints (plus one at every epoch end)
     threads: Optional[int] = None  # torch.set_num_threads
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh
@@ -180,11 +181,13 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(choices)}")
     if (cfg.late_method is None) != (cfg.late_method_epoch is None):
         raise ConfigError(f"{source}: late_method and late_method_epoch go together (set both or neither)")
+    if cfg.late_method_epoch is not None and cfg.late_method_epoch < 1:
+        raise ConfigError(f"{source}: late_method_epoch must be >= 1 (to train with one method throughout, set method)")
     if not 0 < cfg.eps_start <= 1:
         raise ConfigError(f"{source}: eps_start must be in (0, 1] (a fraction of eps), got {cfg.eps_start}")
     if cfg.lr_schedule == "exp" and not 0 < cfg.lr_final <= cfg.lr:
         raise ConfigError(f"{source}: lr_final must be in (0, lr] for lr_schedule exp, got {cfg.lr_final}")
-    for key in ("epochs", "batch_size", "checkpoint_every", "lipschitz_iters"):
+    for key in ("epochs", "batch_size", "checkpoint_every", "lipschitz_iters", "val_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1")
     for key in ("eps", "lr", "warmup_epochs", "ramp_epochs", "weight_decay", "lam", "hinge_margin"):

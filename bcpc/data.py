@@ -198,3 +198,134 @@ def load(name: str, root="data", split: str = "train"):
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     return DATASETS[name](root, split)
+
+
+# --- the user's own data (``--data FILE.npz`` or ``--data FOLDER``) -------------------------
+
+#: ``--data`` values that name a built-in dataset rather than a path
+BUILTIN = tuple(DATASETS)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(spec: str, root="data", split: str = "test", n=None, progress: bool = False):
+    """``(x, y, meta)`` for a ``--data`` value: a built-in dataset name (``mnist``, ``cifar10``:
+    ``split`` of the copy under ``root``), an ``.npz`` file (:func:`from_npz`) or an image folder
+    (:func:`from_image_folder`). ``n`` keeps the first ``n`` images. ``meta`` describes the source
+    for a report: ``source``, ``path``, ``split`` where the source has splits, ``sha256`` of a file,
+    ``classes`` of a folder. Raises :class:`~bcpc.errors.DatasetError`."""
+    if spec in DATASETS:
+        x, y = load(spec, root, split)
+        meta = {"source": spec, "path": str(root), "split": split}
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            x, y, meta = from_image_folder(path, split, n=n, progress=progress)
+        elif path.is_file():
+            x, y, meta = from_npz(path, split)
+        else:
+            raise DatasetError(f"--data {spec}: no such file or folder; give an .npz file (arrays x, y), an image "
+                               f"folder (one subfolder per class) or one of {', '.join(BUILTIN)}")
+    if n:
+        x, y = x[:n], y[:n]
+    return x, y, meta
+
+
+def from_npz(path, split: str = "test"):
+    """``(x, y, meta)`` from an ``.npz`` (``numpy.savez``) file holding ``x`` (images, ``(N, C, H, W)``
+    or any per-sample shape the model takes; float, or uint8 scaled to [0, 1]) and ``y`` (``(N,)``
+    integer labels); or ``<split>_x`` / ``<split>_y`` (bcpc's own ``mnist.npz`` cache)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise DatasetError(f"{path} holds object arrays (pickled data); save plain numeric arrays: "
+                               "np.savez(path, x=images, y=labels)") from None
+        raise DatasetError(f"{path} is not a readable .npz file ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path} is not an .npz file written by numpy.savez ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    meta = {"source": "npz", "path": str(path), "sha256": file_sha256(path)}
+    if "x" in arrays and "y" in arrays:
+        x, y = arrays["x"], arrays["y"]
+    elif f"{split}_x" in arrays and f"{split}_y" in arrays:
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        meta["split"] = split
+    else:
+        raise DatasetError(f"{path} holds the arrays {sorted(arrays) or 'none'}; expected x (the images, one per "
+                           "row: N x C x H x W) and y (N integer labels), as np.savez(path, x=images, y=labels) "
+                           "writes them")
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise DatasetError(f"{path}: x has shape {x.shape} and y {y.shape}; expected x of shape (N, ...) and y of "
+                           "shape (N,), one label per image")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: y has dtype {y.dtype}; labels must be integers (class indices)")
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    else:
+        raise DatasetError(f"{path}: x has dtype {x.dtype}; images must be floats (or uint8, scaled to [0, 1])")
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)), meta
+
+
+def from_image_folder(root, split: str = "test", n=None, progress: bool = False):
+    """``(x, y, meta)`` from a folder with one subfolder of images per class (torchvision's
+    ``ImageFolder`` layout; labels are the class folders in sorted order). Where ``root/<split>``
+    exists it is used. Images are read with Pillow as 8-bit grayscale (all single-band) or RGB,
+    scaled to [0, 1], shape ``(N, C, H, W)``; they must all have one size. The order takes the
+    first image of every class, then the second, ...: the first ``n`` images cover the classes."""
+    root = Path(root)
+    meta = {"source": "image-folder", "path": str(root)}
+    if (root / split).is_dir():
+        root = root / split
+        meta.update(path=str(root), split=split)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DatasetError(f"reading the image folder {root} needs Pillow, which is not installed (pip install "
+                           "pillow; bcpc[plots] brings it); or convert the images to an .npz file with arrays x "
+                           "(N x C x H x W floats in [0, 1]) and y (N labels)") from None
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [sorted(p for p in (root / c).iterdir() if p.suffix.lower() in extensions) for c in classes]
+    if not classes or not any(files):
+        raise DatasetError(f"{root} holds no images in class subfolders; expected {root}/<class>/<image>.png "
+                           "(one subfolder per class, labels in sorted order), or an .npz file")
+    order = [(label, group[i]) for i in range(max(map(len, files))) for label, group in enumerate(files)
+             if i < len(group)]
+    if n:
+        order = order[:n]
+    images = []
+    with Image.open(order[0][1]) as first:
+        size = first.size
+    gray = all(_bands(p) == 1 for _, p in order)
+    from tqdm.auto import tqdm
+
+    for label, p in tqdm(order, disable=not progress or len(order) < 1000, desc="images", unit="img"):
+        with Image.open(p) as img:
+            if img.size != size:
+                raise DatasetError(f"the images in {root} differ in size: {order[0][1].name} is {size[0]}x{size[1]}, "
+                                   f"{p.relative_to(root)} is {img.size[0]}x{img.size[1]}; resize them to one size")
+            images.append(np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8))
+    x = np.stack(images).astype(np.float32) / 255.0
+    x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    y = np.array([label for label, _ in order], dtype=np.int64)
+    meta["classes"] = classes
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), meta
+
+
+def _bands(path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return len(img.getbands())

@@ -178,6 +178,7 @@ def training_certs(cfg: TrainConfig, model: nn.Module, eval_cert, example: torch
         for name, module in certs[m].propagation.lip.named_children():
             if hasattr(first, name):  # ibp has no ball, so no caches of its own
                 module.u = getattr(first, name).u
+                module._warm = True  # the vector is warmed (and checkpointed) by the first method's caches
     return certs
 
 
@@ -248,7 +249,8 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
         old = ckpt.get("config", {})
         diff = [f"{k}: checkpoint {old.get(k)!r} vs config {v!r}" for k, v in cfg.to_dict().items()
                 if k in old and old.get(k) != v and k not in ("name", "out_dir", "data_root", "val_subset",
-                                                                "checkpoint_every", "threads", "eps_eval")]
+                                                                "checkpoint_every", "threads", "eps_eval", "val_every",
+                                                                "eval_method")]
         raise CheckpointError(f"{source} was written by a different run configuration: {'; '.join(diff) or 'unknown'}."
                               " Resume with the config it was trained with, or start a new run (another name)")
 
@@ -441,7 +443,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                                     **val_note)
                 if step % cfg.checkpoint_every == 0:
                     save_last(epoch)
-            if step // spe > epoch or step == total:  # finished an epoch: validate, checkpoint
+            finished = step // spe > epoch or step == total
+            if finished and ((epoch + 1) % cfg.val_every == 0 or step == total):  # validate, checkpoint
                 metrics = accuracy(cert, x_val, y_val, cfg.target_eps_eval, ctx=ctx)
                 (mean_loss,) = ctx.sum([float(run_loss) / max(1, run_n) / ctx.world])
                 eps, lam = schedule(cfg, step - 1, spe)

@@ -1,0 +1,129 @@
+"""The training recipe beyond the paper (issue 15): MinMax 4C3F, TRADES and hinge losses, lam and
+eps ramp shapes, exponential lr decay, the evaluation certificate and a late method switch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bcpc
+from bcpc import checkpoint, config, losses, margins
+from bcpc.errors import ConfigError
+from bcpc.models import ARCHITECTURES
+from bcpc.train import fit, load_trained, lr_at, method_at, schedule
+from tests.fixtures import tiny_mnist
+from tests.test_train import small_cfg
+
+
+def test_minmax_4c3f_has_the_4c3f_parameters_and_maxmin_activations():
+    relu, minmax = ARCHITECTURES["mnist_4c3f"](), ARCHITECTURES["mnist_4c3f_minmax"]()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(relu) == count(minmax) == 1_974_762
+    assert sum(isinstance(m, bcpc.nn.MaxMin) for m in minmax.modules()) == 6
+    assert not any(isinstance(m, torch.nn.ReLU) for m in minmax.modules())
+
+
+def test_log_ramp_is_geometric_from_eps_start_and_lam_constant():
+    cfg = config.TrainConfig(eps=2.0, warmup_epochs=0, ramp_epochs=4, eps_schedule="log", eps_start=0.01,
+                             lam=1.5, lam_schedule="constant")
+    spe = 10
+    assert schedule(cfg, 0, spe) == pytest.approx((0.02, 1.5))
+    assert schedule(cfg, 20, spe) == pytest.approx((0.2, 1.5))  # half-way: the geometric mean
+    assert schedule(cfg, 40, spe) == pytest.approx((2.0, 1.5))
+    assert schedule(cfg, 400, spe) == pytest.approx((2.0, 1.5))
+    eps = [schedule(cfg, s, spe)[0] for s in range(50)]
+    assert eps == sorted(eps)
+    ramp = config.TrainConfig(eps=2.0, warmup_epochs=1, ramp_epochs=2, lam=0.5)
+    assert schedule(ramp, 20, spe) == pytest.approx((1.0, 0.25))  # lam ramps to cfg.lam
+
+
+def test_exponential_lr_decay_over_the_second_half():
+    cfg = config.TrainConfig(epochs=11, lr=1e-3, lr_schedule="exp", lr_final=1e-6)
+    rates = [lr_at(cfg, e) for e in range(11)]
+    assert rates[:6] == [1e-3] * 6  # constant until epoch 5.5
+    assert rates[-1] == pytest.approx(1e-6)
+    assert all(a > b for a, b in zip(rates[5:], rates[6:]))
+    ratios = [b / a for a, b in zip(rates[6:], rates[7:])]
+    assert max(ratios) == pytest.approx(min(ratios))  # geometric
+    late = config.TrainConfig(epochs=10, lr=1e-3, lr_schedule="exp", lr_final=1e-5, lr_decay_start=7)
+    assert [lr_at(late, e) for e in (6, 7, 8, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
+
+
+def test_losses_match_their_formulas():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    m = torch.rand(6, 4, dtype=torch.float64) * 2 - 0.5
+    m[torch.arange(6), y] = math.inf
+    zw = margins.worst_logits(logits, m, y)
+    ce = F.cross_entropy(logits, y)
+    bcp = losses.certified_loss("bcp", logits, m, y, 0.3)
+    assert bcp == pytest.approx(float(0.7 * ce + 0.3 * F.cross_entropy(zw, y)))
+    p = logits.softmax(1)
+    kl = (p * (p.log() - zw.log_softmax(1))).sum(1).mean()
+    assert losses.certified_loss("trades", logits, m, y, 1.5) == pytest.approx(float(ce + 1.5 * kl))
+    finite = m.masked_fill(torch.isinf(m), 0)
+    hinge = (torch.relu(0.7 - finite) * (~torch.isinf(m))).sum(1).mean() / 4
+    assert losses.certified_loss("hinge", logits, m, y, 1.0, hinge_margin=0.7) == pytest.approx(float(hinge))
+    for kind in losses.LOSSES:
+        assert losses.certified_loss(kind, logits, m, y, 0.0) == pytest.approx(float(ce))
+    # all margins certified with room: the hinge term vanishes, TRADES' KL stays >= 0
+    big = torch.full_like(m, 10.0)
+    assert losses.certified_loss("hinge", logits, big, y, 1.0) == 0
+    assert losses.certified_loss("trades", logits, m, y, 1.0) >= ce
+    with pytest.raises(ValueError, match="unknown loss"):
+        losses.certified_loss("focal", logits, m, y, 1.0)
+
+
+def test_config_accepts_yaml_exponents_and_suggests_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: mnist_small\nlr: 3e-4\nlr_final: 1E-6\n")
+    cfg = config.load(p)
+    assert cfg.lr == 3e-4 and cfg.lr_final == 1e-6
+    p.write_text("model: mnist_small\nlearning_rate: 3e-4\nramp_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"'ramp_epoch' \(did you mean 'ramp_epochs'\?\)"):
+        config.load(p)
+    p.write_text("model: mnist_small\nlr: fast\n")
+    with pytest.raises(ConfigError, match="'lr' must be float"):
+        config.load(p)
+    for bad, msg in [("loss: focal", "unknown loss 'focal'"), ("eps_schedule: cosine", "unknown eps_schedule"),
+                     ("late_method: bcp", "late_method and late_method_epoch go together"),
+                     ("eval_method: crown", "unknown eval_method"), ("eps_start: 0", "eps_start must be in"),
+                     ("lr_schedule: exp\nlr_final: 1.0", "lr_final must be in")]:
+        p.write_text(f"model: mnist_small\n{bad}\n")
+        with pytest.raises(ConfigError, match=msg):
+            config.load(p)
+
+
+def test_recipe_keys_enter_the_fingerprint_only_when_set():
+    base = config.TrainConfig()
+    assert config.TrainConfig(val_every=5, eval_method="bcp").fingerprint() == base.fingerprint()
+    for key, value in [("loss", "trades"), ("lam", 1.5), ("eps_schedule", "log"), ("lr_schedule", "exp")]:
+        assert config.TrainConfig(**{key: value}).fingerprint() != base.fingerprint(), key
+
+
+def test_training_with_the_global_bound_certifies_with_bcp_and_switches_late(tmp_path):
+    """method lipschitz trains on the ball alone; validation, best.pt and load_trained certify with
+    BCP (eval_method); late_method switches the loss's bound for the last epoch, continuing the
+    same power iteration; the run resumes across the switch."""
+    tiny_mnist(tmp_path / "d")
+    kw = dict(model="mnist_small_minmax", method="lipschitz", late_method="bcp", late_method_epoch=1, loss="trades",
+              lam=1.5, lam_schedule="constant", eps_schedule="log", lr_schedule="exp", lr_final=1e-5)
+    assert method_at(small_cfg(tmp_path, **kw), 0) == "lipschitz" and method_at(small_cfg(tmp_path, **kw), 1) == "bcp"
+    full = fit(small_cfg(tmp_path, name="full", **kw), progress=False, log=lambda *_: None)
+    part = small_cfg(tmp_path, name="part", **kw)
+    fit(part, progress=False, max_steps=13, log=lambda *_: None)  # stops after the switch (10 steps/epoch)
+    second = fit(part, resume=True, progress=False, log=lambda *_: None)
+    a = checkpoint.load(full.run_dir / "last.pt")
+    b = checkpoint.load(second.run_dir / "last.pt")
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    for k in a["lip_state"]:
+        assert torch.equal(a["lip_state"][k], b["lip_state"][k]), k
+    model, cert, cfg, _ = load_trained(full.run_dir / "best.pt")
+    assert cert.method == "bcp" and cfg.method == "lipschitz"
+    x = torch.rand(8, 1, 28, 28)
+    y = model(x).argmax(1)
+    glob = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), method="lipschitz")
+    # BCP's margins are never below the global bound's (the box can only tighten the ball)
+    assert (cert.margins(x, y, 0.3) >= glob.margins(x, y, 0.3) - 1e-9).all()
