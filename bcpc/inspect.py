@@ -242,9 +242,44 @@ def _output_section(cert, x, y, eps, sound) -> dict:
     return section
 
 
+def _reuse_certification_bounds(cert) -> None:
+    """Hand the guaranteed layer norms of the float64 certification copy to the model's own
+    Lipschitz caches (which ``lipschitz_table`` reads), instead of computing each exact norm twice.
+    Sound: a float32 weight converts to float64 exactly, and every guaranteed bound is computed in
+    float64 from the float64 values (bcpc.lipschitz), so both computations get the same numbers;
+    each handed-over bound stays keyed to the exact weight values it belongs to."""
+    twin = cert._twin
+    if twin is None:
+        return
+    for lip_name, weight_name in cert._lowered.lipschitz.values():
+        if not weight_name:
+            continue
+        own, copy = cert.propagation.lip.get_submodule(lip_name), twin.lip.get_submodule(lip_name)
+        weight, copy_weight = cert.model.get_parameter(weight_name), twin.model.get_parameter(weight_name)
+        if copy._bound is None or not torch.equal(copy._bound_weight, copy_weight.detach()):
+            continue
+        if torch.equal(weight.detach().to(copy_weight.dtype), copy_weight.detach()):
+            own._bound_weight, own._bound = weight.detach().clone(), copy._bound
+
+
+def _guaranteed_bounds(cert, progress: bool) -> None:
+    """The guaranteed norm of every layer of the model itself, one progress step per layer."""
+    from tqdm.auto import tqdm
+
+    layers = [(origin, lip, cert.model.get_parameter(weight))
+              for origin, (lip, weight) in cert.lipschitz_modules.items() if weight]
+    with tqdm(layers, disable=not progress, desc="guaranteed layer norms", unit="layer", leave=False,
+              dynamic_ncols=True) as bar:
+        for origin, lip, weight in bar:
+            bar.set_postfix_str(f"{origin}: {lip.kind} {'x'.join(map(str, lip.in_shape))}", refresh=True)
+            with torch.no_grad():
+                lip.upper(weight)
+
+
 def build_report(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, eps=None,
-                 sound: bool = True) -> Report:
-    """Collect everything :func:`inspect` renders (see the module docstring)."""
+                 sound: bool = True, progress: bool = False) -> Report:
+    """Collect everything :func:`inspect` renders (see the module docstring); ``progress`` shows
+    a bar while the guaranteed layer norms are computed (seconds per layer for large convolutions)."""
     if x is None and (y is not None or eps is not None):
         raise InvalidInputError("inspect: eps and y describe an input; pass the input too: "
                                 "inspect(cert, x, y, eps=...)")
@@ -266,6 +301,10 @@ def build_report(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tenso
                     margins_at=an.last_affine.name if an.last_affine is not None else None)
     nodes = _recorded_nodes(cert)
     names = {n.name for n in nodes}
+    if x is not None and sound:  # the certification copy needs the exact norms anyway: compute them once
+        cert.prepare(progress=progress)
+        _reuse_certification_bounds(cert)
+    _guaranteed_bounds(cert, progress)
     lip = _lipschitz_rows(cert)
     for n in nodes:
         rec = info(n)
@@ -535,7 +574,7 @@ def render(report: Report, format: str = "table", cert=None):
 
 
 def inspect(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, eps=None,
-            format: str = "table", sound: bool = True):
+            format: str = "table", sound: bool = True, progress: bool = False):
     """What the compiler did, per node, and (with an input) where the bound gets loose.
 
     Args:
@@ -547,15 +586,32 @@ def inspect(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = 
             ``"networkx"`` (a ``networkx.DiGraph``).
         sound: bounds on the certification path (float64, guaranteed Lipschitz bounds; default)
             or on the training path (model dtype, power-iteration estimates). tau is always sound.
+        progress: a progress bar (stderr) while the guaranteed layer norms are computed.
 
     The Lipschitz estimates are read from the cache without advancing it; a cache never used
     before is warmed up once, as the first training step would.
+
+    Returns:
+        the rendering: a ``str`` for every format but ``"networkx"`` (a ``networkx.DiGraph``).
+
+    Raises:
+        ConfigError: an unknown ``format``.
+        InvalidInputError: ``y`` or ``eps`` without ``x``; ``x`` of the wrong shape or dtype.
+        InvalidEpsilonError: ``x`` without ``eps``, or an invalid ``eps``.
+        InputDomainError, ModelModeError, GraphMismatchError: as ``cert.certify``.
+
+    Example::
+
+        cert = bcpc.compile(model, "l2", input_shape=(1, 28, 28), input_domain=(0.0, 1.0))
+        print(bcpc.inspect(cert))                        # per node: op, rule, shape, Lipschitz
+        print(bcpc.inspect(cert, x, y, eps=1.58))        # + bound sizes, certified margins, tau
+        data = bcpc.inspect(cert, x, y, eps=1.58, format="yaml")
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown inspect format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "code":
         return cert.code
-    return render(build_report(cert, x, y, eps, sound), format, cert)
+    return render(build_report(cert, x, y, eps, sound, progress=progress), format, cert)
 
 
 # --- command-line helpers (``bcpc inspect``) -----------------------------------------------
@@ -653,16 +709,84 @@ def load_weights(model, path) -> tuple:
     return cfg, lip
 
 
-def check_input_shape(model, shape: tuple, spec: str = "the model") -> None:
-    """Run ``model`` once on zeros of ``shape`` so a wrong shape fails here, in one line."""
+#: square image sides tried for a convolutional model whose input shape is not given (MNIST,
+#: CIFAR, Tiny ImageNet, ImageNet): the first one the model runs on is taken
+COMMON_SIDES = (28, 32, 64, 224)
+
+
+def shape_text(shape) -> str:
+    return ",".join(map(str, shape))
+
+
+def _first_weight_layer(model):
+    """``(name, module)`` of the first Linear or Conv layer in registration order, or ``(None, None)``."""
+    from torch import nn
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            return name, m
+    return None, None
+
+
+def _fails(model, shape: tuple):
+    """None where ``model`` runs on a batch of two zero inputs of ``shape``, else the exception."""
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
+    device = param.device if param is not None else None
     try:
         with torch.no_grad():
-            model(torch.zeros((2,) + tuple(shape), dtype=dtype))
-    except Exception as exc:
-        raise InvalidInputError(f"--input-shape {','.join(map(str, shape))} does not fit {spec}: "
-                                f"{type(exc).__name__}: {_first_line(exc)}") from None
+            model(torch.zeros((2,) + tuple(shape), dtype=dtype, device=device))
+    except Exception as exc:  # any error of the user's forward means "not this shape"
+        return exc
+    return None
+
+
+def guess_input_shape(model) -> Optional[tuple]:
+    """A per-sample input shape ``model`` runs on, read off its first layer: a Linear layer's
+    ``in_features`` (also as a square 1- or 3-channel image of that size), or a convolution's
+    input channels at the first side of :data:`COMMON_SIDES` that works. None if nothing fits."""
+    from torch import nn
+
+    _, layer = _first_weight_layer(model)
+    if layer is None:
+        return None
+    if isinstance(layer, nn.Linear):
+        f = layer.in_features
+        candidates = [(f,)] + [(c, s, s) for c in (1, 3) for s in [math.isqrt(f // c)] if c * s * s == f]
+    else:
+        dims = layer.weight.dim() - 2
+        candidates = [(layer.in_channels,) + (s,) * dims for s in COMMON_SIDES]
+    return next((c for c in candidates if _fails(model, c) is None), None)
+
+
+def _first_layer_note(model, shape: tuple) -> str:
+    from torch import nn
+
+    name, layer = _first_weight_layer(model)
+    if isinstance(layer, nn.modules.conv._ConvNd) and shape[0] != layer.in_channels:
+        return (f"; its first layer {name!r} ({type(layer).__name__}) takes {layer.in_channels} channel"
+                f"{'s' if layer.in_channels != 1 else ''}, not {shape[0]}")
+    if isinstance(layer, nn.Linear) and math.prod(shape) != layer.in_features and len(shape) == 1:
+        return f"; its first layer {name!r} (Linear) takes {layer.in_features} features, not {shape[0]}"
+    return ""
+
+
+def check_input_shape(model, shape: tuple, spec: str = "the model", given: Optional[str] = None) -> None:
+    """Run ``model`` once on zeros of ``shape`` so a wrong shape fails here, in one line that
+    says which shape the model takes (:func:`guess_input_shape`) instead of torch's message.
+    ``given`` names where the shape came from (default: ``--input-shape S``)."""
+    exc = _fails(model, shape)
+    if exc is None:
+        return
+    given = given or f"--input-shape {shape_text(shape)}"
+    expected = guess_input_shape(model)
+    if expected is not None:
+        raise InvalidInputError(f"{given} does not fit {spec}: it expects input shape {shape_text(expected)} per "
+                                f"sample (no batch dimension), got {shape_text(shape)}"
+                                f"{_first_layer_note(model, shape)}")
+    raise InvalidInputError(f"{given} does not fit {spec}, which fails on it ({type(exc).__name__}: "
+                            f"{_first_line(exc)}); give the per-sample shape the model takes, without the batch "
+                            "dimension")
 
 
 def compile_checked(model, norm, shape: tuple, domain, lip_state=None, checkpoint=None, debug: bool = False):

@@ -5,6 +5,8 @@
 * :func:`pgd_margin` – adversarial points from projected gradient descent on the margin;
 * :func:`pgd_ce_last` – the attack of the BCP paper's code (cross-entropy, last iterate), for
   like-for-like comparisons with its published PGD accuracy;
+* :func:`apgd_robust` – APGD-CE then APGD-T (AutoAttack's gradient components, via the
+  ``torchattacks`` package), the field's standard robust-accuracy attack;
 * :func:`record_activations` – every node's value when the *original* model runs on a point;
 * :func:`check_soundness` – pushes points through the original model and checks, node by node,
   that each value lies in its certified box and ball, and that no margin falls below its certified
@@ -155,6 +157,48 @@ def pgd_ce_last(model: nn.Module, x: Tensor, y: Tensor, eps, steps: int = 100,
             adv = adv.detach() + alpha.reshape(shape) * step
             adv = _clip_domain(x + _project(adv - x, e, 2.0), domain)
     return adv.detach()
+
+
+#: how to install the optional attack package beside the CPU torch (its declared dependencies
+#: would pull a CUDA build of torch)
+TORCHATTACKS_INSTALL = "pip install scipy && pip install --no-deps torchattacks==3.5.1"
+
+
+def apgd_robust(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: float = 2.0, steps: int = 100,
+                restarts: int = 1, seed: int = 0) -> Tensor:
+    """(B,) bool: still correctly classified after APGD-CE and then APGD-T (targeted, DLR loss,
+    every other class as a target) at radius ``eps`` — AutoAttack's two gradient attacks
+    (Croce & Hein 2020) as the ``torchattacks`` package implements them, run on float32 copies of
+    the inputs in [0, 1] (the package clips to that box). A point counts as robust only if neither
+    attack finds an adversarial example; APGD-T only runs on the points APGD-CE left."""
+    try:
+        import torchattacks
+    except ImportError:
+        raise ImportError(f"the APGD attack needs the torchattacks package: {TORCHATTACKS_INSTALL}") from None
+    if norm not in (2.0, math.inf):
+        raise ValueError(f"APGD supports the l2 and linf norms, not l{norm:g}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError("APGD (torchattacks) works on inputs in [0, 1]; these inputs leave that box")
+    name = "L2" if norm == 2.0 else "Linf"
+    model = model.eval()
+    with torch.no_grad():
+        robust = model(x).argmax(1) == y
+    n_classes = int(model(x[:1]).shape[1])
+    attacks = [torchattacks.APGD(model, norm=name, eps=float(eps), steps=steps, n_restarts=restarts, seed=seed,
+                                 loss="ce"),
+               torchattacks.APGDT(model, norm=name, eps=float(eps), steps=steps, n_restarts=restarts, seed=seed,
+                                  n_classes=n_classes)]
+    for attack in attacks:
+        idx = robust.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        adv = attack(x[idx].float(), y[idx])
+        with torch.no_grad():
+            delta = (adv.double() - x[idx].double()).flatten(1).norm(p=2 if norm == 2.0 else math.inf, dim=1)
+            if (delta > eps * (1 + 1e-5) + 1e-6).any():
+                raise AssertionError("torchattacks returned a point outside the eps-ball")
+            robust[idx] = model(adv.to(x.dtype)).argmax(1) == y[idx]
+    return robust
 
 
 class _Recorder(fx.Interpreter):

@@ -127,3 +127,31 @@ def test_training_with_the_global_bound_certifies_with_bcp_and_switches_late(tmp
     glob = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), method="lipschitz")
     # BCP's margins are never below the global bound's (the box can only tighten the ball)
     assert (cert.margins(x, y, 0.3) >= glob.margins(x, y, 0.3) - 1e-9).all()
+
+
+def test_apgd_finds_what_pgd_finds_and_never_breaks_a_certificate():
+    """APGD-CE + APGD-T (torchattacks) on a small model: the points it leaves robust are a subset of
+    the clean-correct ones, it is at least about as strong as bcpc's PGD, and no input certified at
+    eps is broken by it (a broken certificate would be a soundness bug)."""
+    pytest.importorskip("torchattacks")
+    from bcpc.testing import apgd_robust, margin_of, pgd_margin
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 32), bcpc.nn.MaxMin(),
+                                torch.nn.Linear(32, 4))
+    x = torch.rand(64, 1, 6, 6)
+    y = model(x).argmax(1)
+    y[:8] = (y[:8] + 1) % 4  # some misclassified inputs: never robust
+    robust = apgd_robust(model, x, y, 0.5, steps=30)
+    assert not robust[:8].any()
+    clean = model(x).argmax(1) == y
+    assert (robust <= clean).all() and robust.sum() < clean.sum()
+    pgd = margin_of(model(pgd_margin(model, x, y, 0.5, steps=30, domain=(0.0, 1.0))), y) > 0
+    assert robust.sum() <= (pgd & clean).sum() + 2
+    cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
+    for eps in (0.05, 0.1, 0.2):
+        certified = cert.certify(x, y, eps)
+        assert certified.any()
+        assert apgd_robust(model, x[certified], y[certified], eps, steps=30).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        apgd_robust(model, x + 2, y, 0.5)
