@@ -103,8 +103,8 @@ def compile(
 
         cert = bcpc.compile(conv_small().eval(), "l2", input_shape=(1, 28, 28), input_domain=(0.0, 1.0))
         x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
-        cert.certify(x, y, eps=0.1)                  # tensor([...]) of bool, sound
-        cert.prepare(progress=True)                  # optional: the one-off guaranteed layer norms now
+        cert.prepare(progress=True)                  # optional: the one-off guaranteed layer norms, now
+        cert.certify(x, y, eps=0.1)                  # (4,) bool, sound
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"bcpc.compile expects a torch.nn.Module, got {type(model).__name__}")

@@ -491,7 +491,8 @@ class CertifiedModule(nn.Module):
         gm = self._sound_graph(dtype or torch.float64)
         layers = [(origin, gm.lip.get_submodule(lip), gm.model.get_parameter(weight))
                   for origin, (lip, weight) in self._lowered.lipschitz.items() if weight]
-        with tqdm(layers, disable=not progress, desc="guaranteed layer norms", unit="layer", leave=False,
+        layers = [(origin, lip, w) for origin, lip, w in layers if not lip.has_upper(w)]  # the ones left to compute
+        with tqdm(layers, disable=not progress or not layers, desc="guaranteed layer norms", unit="layer", leave=False,
                   dynamic_ncols=True) as bar:
             for origin, lip, weight in bar:
                 bar.set_postfix_str(f"{origin}: {lip.kind} {'x'.join(map(str, lip.in_shape))}", refresh=True)

@@ -92,8 +92,8 @@ def load_bcpc(path, map_location="cpu") -> dict:
     what = kind(obj)
     if what == "state_dict":
         raise CheckpointError(
-            f"{path} is a plain state_dict (weights only, no model or training config), not a bcpc checkpoint: "
-            f"give the model that builds it too, --model pkg.module:factory --weights {path}")
+            f"{path} is a plain state_dict, not a bcpc checkpoint (no model, no config): pass the model that builds "
+            f"it too, --model pkg.module:factory --weights {path}")
     if what == "other":
         keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
         raise CheckpointError(f"{path} is not a bcpc checkpoint (no 'format'/'model_state'; top-level keys: {keys}); "

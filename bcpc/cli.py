@@ -23,9 +23,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 EXAMPLES = """examples:
   bcpc train --config configs/mnist_4c3f.yaml            # certified training (paper Algorithm 1)
@@ -128,7 +127,6 @@ class Setup:
     data: dict
     cfg: object = None  # the run's TrainConfig, for a bcpc checkpoint
     setup_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _shape(shape) -> str:
@@ -250,10 +248,11 @@ def _setup(args, progress: bool) -> Setup:
     elif cfg_dict and cfg_dict.get("eps") is not None:
         eps = cfg_dict.get("eps_eval") or cfg_dict["eps"]
     else:
-        raise InvalidEpsilonError(f"--eps is required with --model: a state_dict does not record the radius to "
-                                  f"certify (e.g. --eps 0.5 for an l2 ball of radius 0.5)")
+        raise InvalidEpsilonError("--eps is required with --model: a state_dict does not record the radius to "
+                                  "certify (e.g. --eps 0.5 for an l2 ball of radius 0.5)")
     cert._check_eps(eps, 1)
     cert.prepare(progress=progress)
+    cert.certify(x[:1], y[:1], eps)  # the first call's one-off work (kernel compilation, the guard) is set-up too
     return Setup(cert=cert, x=x, y=y, eps=float(eps), model=_model_section(meta, cert), data=dmeta, cfg=cfg,
                  setup_s=time.perf_counter() - _T0)
 
@@ -261,10 +260,8 @@ def _setup(args, progress: bool) -> Setup:
 def _threat(cert, eps) -> dict:
     from bcpc import report
 
-    out = {"norm": report.norm_name(cert.norm), "input_domain": report.domain(*cert.input_domain)}
-    if eps is not None:
-        out["eps"] = float(eps)
-    return out
+    return {"norm": report.norm_name(cert.norm), "eps": None if eps is None else float(eps),
+            "input_domain": report.domain(*cert.input_domain)}
 
 
 def _runtime(cert, setup_s: float, run_s: float, n: int, processes: int = 1) -> dict:
@@ -294,6 +291,31 @@ def _emit(args, rep: dict, plots: bool = False) -> None:
     print(report.to_json(rep) if args.json else report.render_text(rep), end="", flush=True)
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _radii(text: str) -> list:
+    """``--eps-curve 0.5,1,1.58`` -> [0.5, 1.0, 1.58]."""
+    try:
+        radii = [float(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of radii, e.g. 0.5,1,1.58") from None
+    if any(not math.isfinite(e) or e < 0 for e in radii):
+        raise argparse.ArgumentTypeError(f"{text!r}: every radius must be a number >= 0")
+    return radii
+
+
 def _attack(steps: int, step_size: float, restarts: int, **extra) -> dict:
     return {"pgd_steps": steps, "pgd_step_size": step_size, "pgd_restarts": restarts, "pgd_loss": "margin",
             "pgd_keeps": "worst point seen", **extra}
@@ -311,7 +333,7 @@ def cmd_evaluate(args) -> int:
     ctx = init_distributed()  # under torchrun: shard the batches, sum the counts
     progress = not args.no_progress and ctx.main
     s = _setup(args, progress)
-    curve = [float(e) for e in args.eps_curve.split(",")] if args.eps_curve else []
+    curve = args.eps_curve
     t0 = time.perf_counter()
     raw = evaluate(s.cert, s.x, s.y, s.eps, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps_curve=curve,
                    batch_size=args.batch_size, tightness_n=args.tightness_n if ctx.main else 0,
@@ -320,13 +342,12 @@ def cmd_evaluate(args) -> int:
     ctx.close()
     if not ctx.main:
         return 0
-    n = raw["n"]
-    results = {"clean_pct": report.pct(raw["clean_acc"] * n, n),
-               "pgd_pct": report.pct(raw["pgd_acc"] * n, n) if raw["pgd_acc"] is not None else None,
-               "pgd_paper_attack_pct": report.pct(raw["pgd_acc_paper_attack"] * n, n)
-               if "pgd_acc_paper_attack" in raw else None,
-               "certified": round(raw["verified_acc"] * n), "verified_pct": report.pct(raw["verified_acc"] * n, n),
-               "verified_pct_vs_eps": {e: report.pct(v * n, n) for e, v in raw["verified_acc_vs_eps"].items()}}
+    n, percent = raw["n"], report.percent
+    results = {"clean_pct": percent(raw["clean_acc"]),
+               "pgd_pct": percent(raw["pgd_acc"]) if raw["pgd_acc"] is not None else None,
+               "pgd_paper_attack_pct": percent(raw["pgd_acc_paper_attack"]) if "pgd_acc_paper_attack" in raw else None,
+               "certified": round(raw["verified_acc"] * n), "verified_pct": percent(raw["verified_acc"]),
+               "verified_pct_vs_eps": {e: percent(v) for e, v in raw["verified_acc_vs_eps"].items()}}
     details = None
     tight = raw.get("tightness")
     if tight:
@@ -355,8 +376,8 @@ def _plot_compare(args) -> int:
         if rep["command"] != "evaluate":
             raise ConfigError(f"{path} is a {rep['command']} report; --plot-compare overlays evaluate reports")
     names = [Path(p).parent.name if Path(p).name == "report.json" else Path(p).stem for p in args.plot_compare]
-    labels = [f"{name} ({r['data'].get('split', r['data']['source'])}, n={r['data']['n']:,})"
-              for name, r in zip(names, reports)]
+    labels = [f"{name}{'' if name == r['model']['name'] else ' (' + r['model']['name'] + ')'}, "
+              f"{r['data'].get('split', r['data']['source'])}, n={r['data']['n']:,}" for name, r in zip(names, reports)]
     out = Path(args.out or "compare.png")
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--out {out}: --plot-compare draws an image; give a .png, .svg or .pdf path")
@@ -387,8 +408,6 @@ def cmd_certify(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    import torch
-
     from bcpc import report
     from bcpc.evaluate import audit_all
 
@@ -399,11 +418,11 @@ def cmd_audit(args) -> int:
                     sphere_samples=args.samples, batch_size=args.batch_size, seed=args.seed, progress=progress)
     run_s = time.perf_counter() - t0
     n = int(s.x.shape[0])
+    finite = (lambda v: None if math.isinf(v) else report.num(v))  # inf: nothing was attacked
     results = {"certified": rep.certified, "verified_pct": report.pct(rep.certified, n), "attacked": rep.attacked,
-               "violations": rep.violations,
-               "min_gap": None if math.isinf(rep.min_gap) else report.num(rep.min_gap),
-               "min_attacked_margin": None if math.isinf(rep.min_attacked_margin) else report.num(rep.min_attacked_margin)}
-    step = float(2.5 * torch.as_tensor(s.eps) / args.pgd_steps) if args.pgd_steps else 0.0  # pgd_margin's default
+               "violations": rep.violations, "min_gap": finite(rep.min_gap),
+               "min_attacked_margin": finite(rep.min_attacked_margin)}
+    step = 2.5 * s.eps / args.pgd_steps if args.pgd_steps else 0.0  # bcpc.testing.pgd_margin's default
     out = report.build("audit", model=s.model, data=s.data, threat=_threat(s.cert, s.eps), method=s.cert.method,
                        attack=_attack(args.pgd_steps, report.num(step), args.pgd_restarts, samples=args.samples),
                        runtime=_runtime(s.cert, s.setup_s, run_s, n), results=results)
@@ -414,8 +433,9 @@ def cmd_audit(args) -> int:
 # --- demo ----------------------------------------------------------------------------------
 
 def demo_config(out_dir: str = "runs", quick: bool = False):
-    """The demo run: a small conv net on 20,000 MNIST images, l2 eps 1.58, a few minutes on 2 cores."""
-    from bcpc.config import TrainConfig
+    """The demo run: a small conv net on 20,000 MNIST images, l2 eps 1.58, a few minutes on 2 cores.
+    Typed as a loaded config file is, so its ``config.json`` resumes it (``bcpc train --resume``)."""
+    from bcpc.config import TrainConfig, from_dict
 
     cfg = TrainConfig(name="demo", model="mnist_small", out_dir=out_dir, eps=1.58, epochs=6, warmup_epochs=1,
                       ramp_epochs=3, batch_size=50, lr=1e-3, lr_decay_epochs=[5], lr_decay_factor=0.3,
@@ -423,7 +443,7 @@ def demo_config(out_dir: str = "runs", quick: bool = False):
     if quick:  # CI: the same pipeline, minutes -> seconds
         cfg.epochs, cfg.warmup_epochs, cfg.ramp_epochs, cfg.lr_decay_epochs = 2, 0.5, 1, []
         cfg.train_subset, cfg.val_subset = 2000, 200
-    return cfg
+    return from_dict(cfg.to_dict(), "the demo's config")
 
 
 def _interrupt(signum, frame):
@@ -456,7 +476,7 @@ def cmd_demo(args) -> int:
             return 130
         stage = "evaluating"
         best = res.run_dir / "best.pt"
-        model, cert, _, _ = load_trained(best)
+        _, cert, _, _ = load_trained(best)
         n = 200 if args.quick else 1000
         x, y = data.mnist(cfg.data_root, "test")
         rep = evaluate(cert, x[:n], y[:n], cfg.eps, pgd_steps=20 if args.quick else 50,
@@ -509,10 +529,9 @@ def _inspect_model(args):
         if name not in ARCHITECTURES:
             raise ConfigError(f"{args.checkpoint} holds a {name!r} model, which bcpc.models does not know; pass "
                               "its factory: bcpc inspect pkg.module:factory --checkpoint FILE")
-        spec = f"bcpc.models:ARCHITECTURES.{name}"
-        model = load_factory(f"bcpc.models:{name}", seed=args.seed) if False else None
         import torch
 
+        spec = f"the checkpoint's {name}"
         torch.manual_seed(args.seed)
         model = ARCHITECTURES[name]()
         meta = {"name": name, "checkpoint": str(args.checkpoint)}
@@ -539,6 +558,10 @@ def _inspect_shape(args, model, spec, cfg) -> tuple:
         return DATASET_SHAPES[cfg["dataset"]]
     if args.data in DATASET_SHAPES:
         return DATASET_SHAPES[args.data]
+    if args.data not in ("auto", "random") and Path(args.data).exists():  # the user's data: its first input
+        from bcpc import data
+
+        return tuple(data.resolve(args.data, split=args.split, n=1)[0].shape[1:])
     shape = guess_input_shape(model)
     if shape is None:
         raise InvalidInputError(f"--input-shape is needed: {spec} runs on none of the shapes bcpc tries (its first "
@@ -557,9 +580,9 @@ def _inspect_inputs(args, shape, domain, cfg):
     source = args.data if args.data != "auto" else ("mnist" if (cfg or {}).get("dataset") == "mnist" else "random")
     root = args.data_root or (cfg or {}).get("data_root") or "data"
     if source in ("random", "mnist"):
-        x, y = example_batch(shape, args.n, domain, seed=args.seed, data=source, data_root=root)
+        x, y = example_batch(shape, args.n, domain, seed=args.seed, data=source, data_root=root, split=args.split)
         meta = {"source": source, "path": str(root) if source == "mnist" else None,
-                "split": "test" if source == "mnist" else None}
+                "split": args.split if source == "mnist" else None}
     else:
         if args.n < 1:
             raise InvalidInputError(f"--n must be at least 1, got {args.n}")
@@ -598,7 +621,10 @@ def cmd_inspect(args) -> int:
     if args.eps is not None:
         x, y, dmeta = _inspect_inputs(args, shape, domain, cfg)
         cert._check_eps(args.eps, x.shape[0])
-    cert.prepare(progress=progress)
+    if args.format == "code" and not (args.out or args.json or args.render):
+        print(cert.code, end="")
+        return 0
+    cert.prepare(progress=progress)  # the guaranteed layer norms, computed once for the table and the bounds
     setup_s = time.perf_counter() - _T0
     t0 = time.perf_counter()
     rep = build_report(cert, x, y, eps=args.eps, progress=progress)
@@ -636,7 +662,7 @@ def _model_options(p, inspect: bool = False) -> None:
                        "builds it with no arguments (e.g. mypkg.nets:make_net), imported like python -m does")
     g.add_argument("--weights", metavar="FILE", help="the state_dict to load into the --model (torch.save("
                    "model.state_dict(), FILE)); without it, the factory's initialisation")
-    g.add_argument("--seed", type=int, default=0, help="torch seed before the factory runs" + (
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="torch seed before the factory runs" + (
         " and for the random inputs" if inspect else "; audit: of the random attack points"))
 
 
@@ -647,12 +673,12 @@ def _data_options(p, inspect: bool = False) -> None:
                        help="inputs for --eps: random (seeded uniform inputs in the domain, the predictions as "
                             "labels), mnist, cifar10, an .npz file or an image folder; auto: MNIST when the "
                             "checkpoint was trained on it, else random")
-        g.add_argument("--n", type=int, default=4, help="how many inputs with --eps")
+        g.add_argument("--n", type=int, default=4, metavar="N", help="how many inputs with --eps")
     else:
         g.add_argument("--data", metavar="SOURCE", help="mnist, cifar10, an .npz file with arrays x (N,C,H,W floats, "
                        "or uint8 scaled to [0,1]) and y (N labels), or an image folder with one subfolder per class "
                        "(default: the checkpoint's dataset)")
-        g.add_argument("--n", type=int, default=None, help="the first N inputs only (default: all)")
+        g.add_argument("--n", type=int, default=None, metavar="N", help="the first N inputs only (default: all)")
     g.add_argument("--data-root", metavar="DIR", default=None,
                    help="folder holding mnist / cifar10 (default: the checkpoint's data_root, else data)")
     g.add_argument("--split", default="test", choices=("train", "val", "test"),
@@ -663,37 +689,39 @@ def _data_options(p, inspect: bool = False) -> None:
 def _threat_options(p, inspect: bool = False) -> None:
     g = p.add_argument_group("threat model")
     if inspect:
-        g.add_argument("--eps", type=float, default=None,
+        g.add_argument("--eps", type=float, default=None, metavar="E",
                        help="also bound inputs at this radius (per-node sizes, margins, tau); without it, the graph "
                             "and the Lipschitz bounds only")
     else:
-        g.add_argument("--eps", type=float, default=None, help="radius of the perturbation ball (default: the "
-                       "checkpoint's eps_eval, else its eps; required with --model)")
-    g.add_argument("--norm", default=None, help="norm of the ball: l2, linf, l1 or a number p >= 1 (default: the "
-                   "checkpoint's, else l2)")
+        g.add_argument("--eps", type=float, default=None, metavar="E", help="radius of the perturbation ball "
+                       "(default: the checkpoint's eps_eval, else its eps; required with --model)")
+    g.add_argument("--norm", default=None, metavar="P", help="norm of the ball: l2, linf, l1 or a number p >= 1 "
+                   "(default: the checkpoint's, else l2)")
     g.add_argument("--input-domain", default=None, metavar="LOW,HIGH",
                    help="range of valid inputs, or none (default: the checkpoint's, else 0,1)")
 
 
-def _output_options(p, what: str = "the report") -> None:
+def _output_options(p, out_help: str = "also write the report as JSON to FILE") -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, metavar="FILE", help=f"also write {what} as JSON to FILE")
+    g.add_argument("--out", default=None, metavar="FILE", help=out_help)
     g.add_argument("--json", action="store_true", help="print the report as JSON (docs/cli.md) instead of the "
                    "human summary")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
 
 
 def _run_options(p) -> None:
-    p.add_argument("--batch-size", type=int, default=100, help="inputs per chunk; the progress bar moves per chunk")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=_at_least(1), default=100, metavar="N",
+                   help="inputs per chunk; the progress bar moves per chunk")
+    g.add_argument("--threads", type=_at_least(1), default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
 
 
 def _attack_options(p, restarts: int) -> None:
     g = p.add_argument_group("attack")
-    g.add_argument("--pgd-steps", type=int, default=100, help="PGD steps on the margin (0: no attack)")
-    g.add_argument("--pgd-restarts", type=int, default=restarts,
+    g.add_argument("--pgd-steps", type=_at_least(0), default=100, metavar="N", help="PGD steps on the margin; 0: no attack")
+    g.add_argument("--pgd-restarts", type=_at_least(1), default=restarts, metavar="N",
                    help="PGD runs per input: the first from the input itself, the others from random points")
-    g.add_argument("--restarts", dest="pgd_restarts", type=int, default=argparse.SUPPRESS,
+    g.add_argument("--restarts", dest="pgd_restarts", type=_at_least(1), default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the old spelling of audit's --pgd-restarts
     return g
 
@@ -711,8 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML training config (configs/*.yaml; every key in bcpc/config.py)")
     t.add_argument("--resume", action="store_true", help="continue from <out_dir>/<name>/last.pt")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this global step (checkpointed; "
-                   "resumable; default: train to the end)")
+    t.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after this global step (checkpointed; resumable; default: train to the end)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     t.set_defaults(func=cmd_train)
 
@@ -735,19 +763,21 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--paper-attack", action="store_true",
                            help="also run the BCP paper's own (weaker) PGD: cross-entropy, last iterate")
             g = e.add_argument_group("evaluate")
-            g.add_argument("--eps-curve", default="", metavar="E1,E2,...",
+            g.add_argument("--eps-curve", default=[], type=_radii, metavar="E1,E2,...",
                            help="also verified accuracy at these radii (default: none)")
-            g.add_argument("--tightness-n", type=int, default=0,
-                           help="images for the tightness measure tau (paper Fig. 3; 0: none)")
+            g.add_argument("--tightness-n", type=_at_least(0), default=0, metavar="N",
+                           help="images for the tightness measure tau (paper Fig. 3); 0: none")
             g.add_argument("--plot-compare", nargs="+", metavar="REPORT",
                            help="instead of evaluating: draw the verified-accuracy curves of these evaluate reports "
                                 "(JSON of --out) in one plot, written to --out (default: compare.png)")
         if name == "audit":
             g = _attack_options(e, restarts=3)
-            g.add_argument("--samples", type=int, default=64, help="sphere / box-corner samples per certified input")
+            g.add_argument("--samples", type=_at_least(0), default=64, metavar="N",
+                           help="sphere / box-corner samples per certified input")
         _run_options(e)
-        _output_options(e, "the report (evaluate: FILE.json, or a folder for report.json; plots next to it)"
-                        if name == "evaluate" else "the report")
+        _output_options(e, "also write the report as JSON to FILE.json, with the plots next to it "
+                           "(FILE_verified_vs_eps.png, FILE_tightness.png); a folder: report.json and the plots in it"
+                        if name == "evaluate" else "also write the report as JSON to FILE")
         e.set_defaults(func=func)
 
     i = sub.add_parser("inspect", help="per-node view of a compiled model: ops, rules, Lipschitz, bound sizes, tau",
@@ -763,8 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     i.add_argument("model", nargs="?", metavar="MODULE:FACTORY",
                    help="a function or class building the model with no arguments (or --checkpoint alone)")
-    i.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 1,28,28 (default: the "
-                   "checkpoint's dataset, else read off the model's first layer)")
+    i.add_argument("--input-shape", default=None, metavar="C,H,W", help="per-sample input shape, e.g. 1,28,28 "
+                   "(default: the checkpoint's dataset, the data's, else read off the model's first layer)")
     _model_options(i, inspect=True)
     _data_options(i, inspect=True)
     _threat_options(i, inspect=True)
@@ -784,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small model on MNIST and certify it (minutes on a CPU)",
                        formatter_class=_Formatter)
     d.add_argument("--quick", action="store_true", help="a reduced run (seconds), as CI runs it")
-    d.add_argument("--out-dir", default="runs", help="the run goes to OUT_DIR/demo (deleted first)")
+    d.add_argument("--out-dir", default="runs", metavar="DIR", help="the run goes to OUT_DIR/demo (deleted first)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
     d.set_defaults(func=cmd_demo)
     commands.update(train=t, demo=d)

@@ -265,9 +265,8 @@ def from_npz(path, split: str = "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         meta["split"] = split
     else:
-        raise DatasetError(f"{path} holds the arrays {sorted(arrays) or 'none'}; expected x (the images, one per "
-                           "row: N x C x H x W) and y (N integer labels), as np.savez(path, x=images, y=labels) "
-                           "writes them")
+        raise DatasetError(f"{path} holds the arrays {sorted(arrays) or 'none'}, not x (images, N x C x H x W) and "
+                           "y (N labels): write it with np.savez(path, x=images, y=labels)")
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DatasetError(f"{path}: x has shape {x.shape} and y {y.shape}; expected x of shape (N, ...) and y of "
                            "shape (N,), one label per image")
@@ -284,7 +283,8 @@ def from_npz(path, split: str = "test"):
 
 def from_image_folder(root, split: str = "test", n=None, progress: bool = False):
     """``(x, y, meta)`` from a folder with one subfolder of images per class (torchvision's
-    ``ImageFolder`` layout; labels are the class folders in sorted order). Where ``root/<split>``
+    ``ImageFolder`` layout: labels number the class folders in sorted order; folders named by
+    integers, ``0`` ... ``9``, are those labels). Where ``root/<split>``
     exists it is used. Images are read with Pillow as 8-bit grayscale (all single-band) or RGB,
     scaled to [0, 1], shape ``(N, C, H, W)``; they must all have one size. The order takes the
     first image of every class, then the second, ...: the first ``n`` images cover the classes."""
@@ -301,11 +301,18 @@ def from_image_folder(root, split: str = "test", n=None, progress: bool = False)
                            "(N x C x H x W floats in [0, 1]) and y (N labels)") from None
     extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # folders named 0, 1, 2, ... are their labels (a class without images keeps the others' numbers);
+    # other names are numbered in sorted order, as torchvision's ImageFolder does
+    numbered = bool(classes) and all(c.isdigit() for c in classes)
+    if numbered:
+        classes.sort(key=int)
+    labels = [int(c) for c in classes] if numbered else list(range(len(classes)))
     files = [sorted(p for p in (root / c).iterdir() if p.suffix.lower() in extensions) for c in classes]
     if not classes or not any(files):
-        raise DatasetError(f"{root} holds no images in class subfolders; expected {root}/<class>/<image>.png "
-                           "(one subfolder per class, labels in sorted order), or an .npz file")
-    order = [(label, group[i]) for i in range(max(map(len, files))) for label, group in enumerate(files)
+        raise DatasetError(f"{root} holds no images in class subfolders: an image folder has one subfolder of "
+                           "images per class (the labels: folders 0, 1, ... or the names in sorted order); or give "
+                           "an .npz file")
+    order = [(labels[k], group[i]) for i in range(max(map(len, files))) for k, group in enumerate(files)
              if i < len(group)]
     if n:
         order = order[:n]

@@ -5,6 +5,7 @@ several overlaid with ``--plot-compare``)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -184,8 +185,8 @@ def plot_paths(out) -> tuple:
     next to it, ``<stem>_verified_vs_eps.png``), or a folder (``report.json`` and the plots in it)."""
     out = Path(out)
     if out.suffix.lower() == ".json":
-        return out, out.with_name(out.stem + "_")
-    return out / "report.json", out / ""
+        return out, str(out.with_name(out.stem + "_"))
+    return out / "report.json", str(out) + os.sep
 
 
 def _title(rep: dict) -> str:
@@ -249,15 +250,14 @@ def write_plots(rep: dict, prefix) -> list:
     if tau:
         fig, ax = plt.subplots(figsize=(4.5, 3.8))
         ax.violinplot([tau], showmeans=True)
-        handles = []
+        ax.plot([], [], color="C0", lw=6, alpha=0.5, label=f"{rep['method']}: tau per input (mean: bar)")
         if "tau_lipschitz" in res:
-            handles.append(ax.axhline(res["tau_lipschitz"], ls="--", color="k", label="global Lipschitz"))
+            ax.axhline(res["tau_lipschitz"], ls="--", color="k", label="global Lipschitz")
         ax.set_xticks([1], [rep["method"]])
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.15 * max(max(tau), res.get("tau_lipschitz", 0)))
         ax.set_ylabel("tightness tau (lower is tighter)")
         ax.set_title(f"tightness at eps {rep['threat']['eps']:g}, {len(tau)} inputs\n{_title(rep)}", fontsize=10)
-        if handles:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         p = Path(prefix + "tightness.png")
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def plot_compare(reports: list, labels: list, path) -> Path:
     ax.set_xlim(left=0)
     ax.set_title("verified accuracy vs eps (sound)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

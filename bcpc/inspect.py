@@ -256,7 +256,7 @@ def _reuse_certification_bounds(cert) -> None:
             continue
         own, copy = cert.propagation.lip.get_submodule(lip_name), twin.lip.get_submodule(lip_name)
         weight, copy_weight = cert.model.get_parameter(weight_name), twin.model.get_parameter(weight_name)
-        if copy._bound is None or not torch.equal(copy._bound_weight, copy_weight.detach()):
+        if not copy.has_upper(copy_weight):
             continue
         if torch.equal(weight.detach().to(copy_weight.dtype), copy_weight.detach()):
             own._bound_weight, own._bound = weight.detach().clone(), copy._bound
@@ -268,7 +268,8 @@ def _guaranteed_bounds(cert, progress: bool) -> None:
 
     layers = [(origin, lip, cert.model.get_parameter(weight))
               for origin, (lip, weight) in cert.lipschitz_modules.items() if weight]
-    with tqdm(layers, disable=not progress, desc="guaranteed layer norms", unit="layer", leave=False,
+    layers = [(origin, lip, w) for origin, lip, w in layers if not lip.has_upper(w)]
+    with tqdm(layers, disable=not progress or not layers, desc="guaranteed layer norms", unit="layer", leave=False,
               dynamic_ncols=True) as bar:
         for origin, lip, weight in bar:
             bar.set_postfix_str(f"{origin}: {lip.kind} {'x'.join(map(str, lip.in_shape))}", refresh=True)
@@ -614,6 +615,31 @@ def inspect(cert, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = 
     return render(build_report(cert, x, y, eps, sound, progress=progress), format, cert)
 
 
+def summary(report: Report) -> tuple:
+    """``(results, details)`` of a :class:`Report` for the common report of ``bcpc inspect``
+    (:mod:`bcpc.report`): counts, the largest Lipschitz gap, with inputs the certified share, the
+    mean smallest margin and tau; ``details`` holds the full records (``report.as_dict()``)."""
+    from bcpc.report import num, pct
+
+    gaps = [n.lipschitz["gap"] for n in report.nodes if n.lipschitz and math.isfinite(n.lipschitz["gap"])]
+    results = {"nodes": len(report.nodes), "weight_layers": sum(1 for n in report.nodes if n.lipschitz),
+               "lipschitz_gap_max_pct": round(100 * max(gaps), 3) if gaps else None}
+    o = report.output
+    if o:
+        inputs = o["inputs"]
+        if all(i["certified"] is not None for i in inputs):
+            certified = sum(bool(i["certified"]) for i in inputs)
+            results.update(certified=certified, verified_pct=pct(certified, len(inputs)))
+        margins = [i["margin_min"] for i in inputs if i["margin_min"] is not None]
+        if margins:
+            results["margin_min_mean"] = num(sum(margins) / len(margins))
+        if o["tau_mean"] is not None:
+            lip = o["tau_lipschitz"]
+            results.update(tau_n=len(inputs), tau_bcp=num(o["tau_mean"]), tau_lipschitz=num(lip) if lip else None,
+                           tighter_than_lipschitz_pct=round(100 * o["tighter_than_lipschitz"], 2) if lip else None)
+    return results, report.as_dict()
+
+
 # --- command-line helpers (``bcpc inspect``) -----------------------------------------------
 
 def _first_line(exc: BaseException) -> str:
@@ -781,9 +807,8 @@ def check_input_shape(model, shape: tuple, spec: str = "the model", given: Optio
     given = given or f"--input-shape {shape_text(shape)}"
     expected = guess_input_shape(model)
     if expected is not None:
-        raise InvalidInputError(f"{given} does not fit {spec}: it expects input shape {shape_text(expected)} per "
-                                f"sample (no batch dimension), got {shape_text(shape)}"
-                                f"{_first_layer_note(model, shape)}")
+        raise InvalidInputError(f"{given} does not fit {spec}: it expects {shape_text(expected)} per sample, got "
+                                f"{shape_text(shape)}{_first_layer_note(model, shape)}")
     raise InvalidInputError(f"{given} does not fit {spec}, which fails on it ({type(exc).__name__}: "
                             f"{_first_line(exc)}); give the per-sample shape the model takes, without the batch "
                             "dimension")
@@ -811,8 +836,9 @@ def compile_checked(model, norm, shape: tuple, domain, lip_state=None, checkpoin
     return cert
 
 
-def example_batch(shape: tuple, n: int, domain, seed: int = 0, data: str = "random", data_root="data"):
-    """``(x, y)``: the first ``n`` MNIST test images and labels (``data="mnist"``), or ``n``
+def example_batch(shape: tuple, n: int, domain, seed: int = 0, data: str = "random", data_root="data",
+                  split: str = "test"):
+    """``(x, y)``: the first ``n`` MNIST images and labels of ``split`` (``data="mnist"``), or ``n``
     seeded uniform random inputs in ``domain`` (standard normal where it is unbounded) and
     ``y=None`` (the predictions serve as labels)."""
     if n < 1:
@@ -822,7 +848,7 @@ def example_batch(shape: tuple, n: int, domain, seed: int = 0, data: str = "rand
 
         if tuple(shape) != (1, 28, 28):
             raise InvalidInputError(f"MNIST images have shape 1,28,28; the model takes {','.join(map(str, shape))}")
-        x, y = datasets.mnist(data_root, "test")
+        x, y = datasets.mnist(data_root, split)
         return x[:n], y[:n]
     gen = torch.Generator().manual_seed(seed)
     lo, hi = domain

@@ -90,6 +90,11 @@ class LipschitzConstant(nn.Module):
         self._warm = True
         return lipschitz.sigma_estimate(fn, self.u)
 
+    def has_upper(self, weight: Tensor) -> bool:
+        """Whether :meth:`upper` has its bound for these exact weight values already (a progress
+        display counts the layers still to compute with it)."""
+        return self._bound is not None and same_tensor_values(self._bound_weight, weight)
+
     def upper(self, weight: Tensor) -> Tensor:
         """Guaranteed upper bound on the norm (float64), cached for the weight's exact values."""
         if self._bound is None or not same_tensor_values(self._bound_weight, weight):

@@ -78,12 +78,13 @@ FIELDS = (
     Field("threat.input_domain", "list", _ALL, _ALL, "[low, high]: every perturbed input lies in it too; an open "
           "end is the string `-inf` / `inf`"),
     Field("method", "str", _ALL, _ALL, "the bound behind the certificates: bcp, ibp or lipschitz"),
-    Field("attack.pgd_steps", "int", (_E, _A), (_E, _A), "PGD steps"),
-    Field("attack.pgd_step_size", "float", (_E, _A), (_E, _A), "PGD step size (l2: normalised gradient steps)"),
-    Field("attack.pgd_restarts", "int", (_E, _A), (_E, _A), "PGD runs per input: the first from the input "
+    Field("attack.pgd_steps", "int", (_E, _A), (_A,), "PGD steps (evaluate leaves the attack out with "
+          "`--pgd-steps 0`)"),
+    Field("attack.pgd_step_size", "float", (_E, _A), (_A,), "PGD step size (l2: normalised gradient steps)"),
+    Field("attack.pgd_restarts", "int", (_E, _A), (_A,), "PGD runs per input: the first from the input "
           "itself, the others from random points"),
-    Field("attack.pgd_loss", "str", (_E, _A), (_E, _A), "`margin`: PGD minimises z_y - max_j z_j"),
-    Field("attack.pgd_keeps", "str", (_E, _A), (_E, _A), "`worst point seen`: the lowest-margin point over all "
+    Field("attack.pgd_loss", "str", (_E, _A), (_A,), "`margin`: PGD minimises z_y - max_j z_j"),
+    Field("attack.pgd_keeps", "str", (_E, _A), (_A,), "`worst point seen`: the lowest-margin point over all "
           "steps and restarts"),
     Field("attack.paper_attack", "bool", (_E,), (), "also the BCP paper's PGD (cross-entropy, last iterate, the "
           "same steps and step size; `--paper-attack`)"),
@@ -134,6 +135,11 @@ class ReportError(ValueError):
 def pct(count, n) -> float:
     """``100 * count / n``, rounded to 2 decimals."""
     return round(100.0 * count / n, 2)
+
+
+def percent(fraction: float) -> float:
+    """A fraction in percent, rounded to 2 decimals."""
+    return round(100.0 * fraction, 2)
 
 
 def num(value, digits: int = 6):
@@ -239,12 +245,12 @@ def problems(report) -> list:
     for path, v in _leaves(report):
         field = _BY_PATH.get(path)
         seen.add(path)
-        if field is None:
+        if _empty(v):
+            out.append(f"{path}: empty")
+        elif field is None:
             out.append(f"{path}: not a field of {SCHEMA}")
         elif command not in field.commands:
             out.append(f"{path}: not written by {command}")
-        elif _empty(v):
-            out.append(f"{path}: empty")
         elif not _kind_ok(field.kind, v):
             out.append(f"{path}: {v!r} is not a {field.kind}")
     for field in FIELDS:
@@ -272,7 +278,22 @@ def write(report: dict, path) -> Path:
 
 
 def to_json(report: dict) -> str:
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    """JSON text: objects indented by 2, lists of plain values on one line."""
+    return _dump(report, 0) + "\n"
+
+
+def _dump(value, depth: int) -> str:
+    pad = "  " * (depth + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{pad}{json.dumps(str(k))}: {_dump(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * depth + "}"
+    if isinstance(value, (list, tuple)):
+        if all(not isinstance(v, (dict, list, tuple)) for v in value):
+            return json.dumps(list(value), allow_nan=False)
+        return "[\n" + ",\n".join(pad + _dump(v, depth + 1) for v in value) + "\n" + "  " * depth + "]"
+    return json.dumps(value, allow_nan=False)
 
 
 def read(path) -> dict:
@@ -379,12 +400,18 @@ def _attack_line(a: dict, command: str) -> str:
     return text
 
 
+def _amount(v: float) -> str:
+    """3 significant digits, without exponents: 0.334, 12.5, 210, 3,112."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _time_line(rt: dict) -> str:
-    text = f"set-up {rt['setup_s']:.1f} s (loading, compiling, guaranteed layer norms)"
+    text = f"set-up {_amount(rt['setup_s'])} s (loading, compiling, guaranteed layer norms)"
     if "per_image_ms" in rt:
-        text += f", then {_g(rt['per_image_ms'], 3)} ms per input ({_g(rt['images_per_s'], 3)}/s, {rt['run_s']:.1f} s)"
+        text += (f", then {_amount(rt['per_image_ms'])} ms per input ({_amount(rt['images_per_s'])}/s, "
+                 f"{_amount(rt['run_s'])} s)")
     elif rt.get("run_s"):
-        text += f", then {rt['run_s']:.1f} s"
+        text += f", then {_amount(rt['run_s'])} s"
     procs = rt["processes"]
     return text + f"; {rt['device']}, {rt['threads']} thread{'s' if rt['threads'] != 1 else ''}" + (
         f" x {procs} processes" if procs > 1 else "")
@@ -419,7 +446,8 @@ def _result_rows(r: dict) -> list:
     if cmd == "inspect":
         rows.append(("nodes", str(res["nodes"]), f"{res['weight_layers']} with a weight"))
         if "lipschitz_gap_max_pct" in res:
-            rows.append(("Lipschitz gap, max", f"{res['lipschitz_gap_max_pct']:.2f}%", "guaranteed bound / estimate - 1"))
+            rows.append(("Lipschitz gap, max", f"{res['lipschitz_gap_max_pct']:.2f}%",
+                         "guaranteed bound / estimate - 1"))
         if "margin_min_mean" in res:
             rows.append(("min margin, mean", _g(res["margin_min_mean"]), "certified lower bound; > 0 certifies"))
     return rows

@@ -75,3 +75,11 @@ def test_fuzz_benchmark_prints_its_counts():
     assert counts["models generated"] == "12", out
     assert int(counts["compiled"]) + int(counts["refused"]) == 12, out
     assert counts["violations"] == "0", out
+
+
+def test_bcp_gain_compares_the_box_with_the_global_bound():
+    out = run("bcp_gain.py", "--checkpoint", "models/mnist_small_demo.pt", "--split", "val", "--n", "100")
+    figures = {line.split(":")[0].strip(): line.split(":")[1].split()[0] for line in out.splitlines() if ":" in line}
+    bcp = float(figures["verified, BCP (ball and box)"].rstrip("%"))
+    glob = float(figures["verified, global Lipschitz bound"].rstrip("%"))
+    assert 0 < glob <= bcp, out  # the box only ever adds certificates

@@ -26,6 +26,6 @@ def test_shipped_checkpoint_loads_and_certifies(digest, name):
     x, y = x[:100], y[:100]
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
-    ok = cert.certify(x, y, cfg.eps)
+    ok = cert.certify(x, y, cfg.target_eps_eval)
     assert clean > 0.7
     assert 0.1 < ok.float().mean().item() <= clean  # a certified input is always classified correctly
