@@ -20,6 +20,7 @@ Two kinds of call:
 from __future__ import annotations
 
 import copy
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -165,7 +166,7 @@ class CertifiedModule(nn.Module):
         if not values:
             # labels out of range would fail deep inside an indexing kernel: check them anyway. On an
             # accelerator with a device-side assertion, so the training step never waits on the device.
-            if y is not None and y.device.type != "cpu":
+            if y is not None and (y.device.type != "cpu" or torch.compiler.is_compiling()):
                 torch._assert_async(((y >= 0) & (y < self.num_classes)).all(),
                                     f"labels must lie in [0, {self.num_classes})")
                 return
@@ -194,9 +195,18 @@ class CertifiedModule(nn.Module):
     def _check_eps(eps, batch: int) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float, Tensor)):
             raise InvalidEpsilonError(f"eps must be a number or a tensor, got {type(eps).__name__}")
-        t = torch.as_tensor(eps, dtype=torch.float64)
+        if not isinstance(eps, Tensor):  # a number: checked without a tensor (no device work, traceable)
+            if not math.isfinite(eps):
+                raise InvalidEpsilonError(f"eps must be finite, got {eps}")
+            if eps < 0:
+                raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
+            return
+        t = eps
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
             raise InvalidEpsilonError(f"eps must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        if torch.compiler.is_compiling():  # no host synchronisation inside a compiled graph
+            torch._assert_async((torch.isfinite(t) & (t >= 0)).all(), "eps must be finite and >= 0")
+            return
         if not bool(torch.isfinite(t).all()):
             raise InvalidEpsilonError(f"eps must be finite, got {eps}")
         if bool((t < 0).any()):
