@@ -337,7 +337,7 @@ def cmd_evaluate(args) -> int:
     t0 = time.perf_counter()
     raw = evaluate(s.cert, s.x, s.y, s.eps, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps_curve=curve,
                    batch_size=args.batch_size, tightness_n=args.tightness_n if ctx.main else 0,
-                   progress=progress, ctx=ctx, paper_attack=args.paper_attack)
+                   progress=progress, ctx=ctx, paper_attack=args.paper_attack, apgd_steps=args.apgd_steps)
     run_s = time.perf_counter() - t0
     ctx.close()
     if not ctx.main:
@@ -346,6 +346,10 @@ def cmd_evaluate(args) -> int:
     results = {"clean_pct": percent(raw["clean_acc"]),
                "pgd_pct": percent(raw["pgd_acc"]) if raw["pgd_acc"] is not None else None,
                "pgd_paper_attack_pct": percent(raw["pgd_acc_paper_attack"]) if "pgd_acc_paper_attack" in raw else None,
+               "apgd_pct": percent(raw["apgd_acc"]) if "apgd_acc" in raw else None,
+               "robust_all_attacks_pct": (percent(raw["robust_acc_all_attacks"]) if "robust_acc_all_attacks" in raw
+                                          else None),
+               "certified_broken_by_apgd": raw.get("certified_broken_by_apgd"),
                "certified": round(raw["verified_acc"] * n), "verified_pct": percent(raw["verified_acc"]),
                "verified_pct_vs_eps": {e: percent(v) for e, v in raw["verified_acc_vs_eps"].items()}}
     details = None
@@ -358,9 +362,10 @@ def cmd_evaluate(args) -> int:
                        tighter_than_lipschitz_pct=round(100 * (1 - tau / lip), 2) if lip else None)
         details = {"tau_bcp_per_input": [report.num(t) for t in tight["tau_bcp"]]}
     step = raw["pgd"]["step_size"]
-    attack = _attack(args.pgd_steps, step, args.pgd_restarts, paper_attack=True if args.paper_attack else None)
+    attack = _attack(args.pgd_steps, step, args.pgd_restarts, paper_attack=True if args.paper_attack else None,
+                     apgd_steps=args.apgd_steps or None)
     rep = report.build("evaluate", model=s.model, data=s.data, threat=_threat(s.cert, s.eps), method=s.cert.method,
-                       attack=attack if args.pgd_steps > 0 else None,
+                       attack=attack if args.pgd_steps > 0 or args.apgd_steps > 0 else None,
                        runtime=_runtime(s.cert, s.setup_s, run_s, n, ctx.world), results=results, details=details)
     _emit(args, rep, plots=True)
     return 0
@@ -762,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
             g = _attack_options(e, restarts=1)
             g.add_argument("--paper-attack", action="store_true",
                            help="also run the BCP paper's own (weaker) PGD: cross-entropy, last iterate")
+            g.add_argument("--apgd-steps", type=_at_least(0), default=0, metavar="N",
+                           help="also APGD-CE + APGD-T (AutoAttack's gradient attacks, torchattacks) with N steps "
+                                "each; 0: not run")
             g = e.add_argument_group("evaluate")
             g.add_argument("--eps-curve", default=[], type=_radii, metavar="E1,E2,...",
                            help="also verified accuracy at these radii (default: none)")

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from bcpc.testing import margin_of, pgd_ce_last, pgd_margin
+from bcpc.testing import apgd_robust, margin_of, pgd_ce_last, pgd_margin
 
 
 @torch.no_grad()
@@ -44,12 +44,16 @@ def tightness(cert, x: torch.Tensor, eps: float) -> dict:
 def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: int = 100,
              pgd_step_size: Optional[float] = None, pgd_restarts: int = 1, eps_curve: Sequence[float] = (),
              batch_size: int = 100, tightness_n: int = 0, progress: bool = True, ctx=None,
-             paper_attack: bool = False) -> dict:
+             paper_attack: bool = False, apgd_steps: int = 0) -> dict:
     """Metrics on (x, y). PGD: l2, ``pgd_steps`` steps of size ``pgd_step_size`` (default eps/4, as
     the paper's code) on the margin, keeping the worst point seen; the first restart from x
     itself, later ones from random points. With ``paper_attack`` also ``pgd_acc_paper_attack``:
     the BCP paper's own attack (:func:`bcpc.testing.pgd_ce_last`: cross-entropy, last iterate,
-    same steps and step size), weaker, for comparing with its published PGD accuracy.
+    same steps and step size), weaker, for comparing with its published PGD accuracy. With
+    ``apgd_steps > 0`` also ``apgd_acc``: APGD-CE then APGD-T (AutoAttack's gradient attacks, via
+    torchattacks; :func:`bcpc.testing.apgd_robust`), ``robust_acc_all_attacks`` (correct under every
+    attack run) and ``certified_broken_by_apgd`` (certified inputs APGD misclassifies: a soundness
+    bug if ever above 0, so it raises).
 
     With ``ctx`` (a :class:`bcpc.train.Dist` under torchrun) each rank evaluates every
     ``world``-th batch and the counts are summed over ranks. ``progress`` shows a bar counting
@@ -74,7 +78,7 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
     dom = cert.input_domain
     step = eps / 4 if pgd_step_size is None else pgd_step_size
     n = x.shape[0]
-    clean = robust = robust_paper = verified = seen = 0
+    clean = robust = robust_paper = robust_apgd = robust_all = verified = seen = 0
     curve = {float(e): 0 for e in eps_curve}
     t0 = time.time()
     batches = range(ctx.rank * batch_size, n, batch_size * ctx.world)
@@ -85,16 +89,30 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
         with torch.no_grad():
             correct = model(xb).argmax(1) == yb
         clean += correct.sum().item()
+        survives = correct.clone()  # correct under every attack run so far
         if pgd_steps > 0:
             adv = pgd_margin(model, xb, yb, eps, norm, steps=pgd_steps, step_size=step, restarts=pgd_restarts,
                              domain=dom, random_start=False)
             with torch.no_grad():
-                robust += ((margin_of(model(adv), yb) > 0) & correct).sum().item()
+                ok = (margin_of(model(adv), yb) > 0) & correct
+            robust += ok.sum().item()
+            survives &= ok
             if paper_attack:
                 adv = pgd_ce_last(model, xb, yb, eps, steps=pgd_steps, step_size=step, domain=dom)
                 with torch.no_grad():
-                    robust_paper += ((model(adv).argmax(1) == yb) & correct).sum().item()
-        verified += cert.certify(xb, yb, eps).sum().item()
+                    ok = (model(adv).argmax(1) == yb) & correct
+                robust_paper += ok.sum().item()
+                survives &= ok
+        certified = cert.certify(xb, yb, eps)
+        if apgd_steps > 0:
+            ok = apgd_robust(model, xb, yb, eps, norm, steps=apgd_steps)
+            if (certified & ~ok).any():
+                raise AssertionError(f"APGD broke {int((certified & ~ok).sum())} certified input(s) of batch {i}: "
+                                     "a soundness bug; please report it with this model")
+            robust_apgd += ok.sum().item()
+            survives &= ok
+        robust_all += survives.sum().item()
+        verified += certified.sum().item()
         for e in curve:
             curve[e] += cert.certify(xb, yb, e).sum().item()
         seen += xb.shape[0]
@@ -102,8 +120,8 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
         bar.set_postfix_str(f"clean {100 * clean / seen:.1f}% verified {100 * verified / seen:.1f}%", refresh=False)
     bar.close()
     keys = list(curve)
-    clean, robust, robust_paper, verified, *vals = ctx.sum([clean, robust, robust_paper, verified]
-                                                          + [curve[e] for e in keys])
+    clean, robust, robust_paper, robust_apgd, robust_all, verified, *vals = ctx.sum(
+        [clean, robust, robust_paper, robust_apgd, robust_all, verified] + [curve[e] for e in keys])
     curve = dict(zip(keys, vals))
     report = {
         "n": n, "eps": eps, "norm": "linf" if math.isinf(norm) else f"l{norm:g}",
@@ -120,6 +138,13 @@ def evaluate(cert, x: torch.Tensor, y: torch.Tensor, eps: float, *, pgd_steps: i
         report["pgd_acc_paper_attack"] = robust_paper / n
         report["pgd_paper_attack"] = {"steps": pgd_steps, "step_size": step, "loss": "cross-entropy",
                                       "keeps": "last iterate"}
+    if apgd_steps > 0:
+        report["apgd_acc"] = robust_apgd / n
+        report["apgd"] = {"steps": apgd_steps, "attacks": "APGD-CE, then APGD-T (DLR, every other class)",
+                          "implementation": "torchattacks", "restarts": 1}
+        report["certified_broken_by_apgd"] = 0  # checked per batch above
+    if apgd_steps > 0 or (pgd_steps > 0 and paper_attack):
+        report["robust_acc_all_attacks"] = robust_all / n
     if tightness_n:
         report["tightness"] = tightness(cert, x[:tightness_n], eps)
     return report

@@ -88,6 +88,8 @@ FIELDS = (
           "steps and restarts"),
     Field("attack.paper_attack", "bool", (_E,), (), "also the BCP paper's PGD (cross-entropy, last iterate, the "
           "same steps and step size; `--paper-attack`)"),
+    Field("attack.apgd_steps", "int", (_E,), (), "steps of each APGD attack (APGD-CE, then APGD-T; torchattacks; "
+          "`--apgd-steps`)"),
     Field("attack.samples", "int", (_A,), (_A,), "points per certified input on the sphere / at box corners"),
     Field("runtime.device", "str", _ALL, _ALL, "where the model ran (`cpu`, `cuda:0`)"),
     Field("runtime.threads", "int", _ALL, _ALL, "torch CPU threads per process"),
@@ -100,6 +102,11 @@ FIELDS = (
     Field("results.clean_pct", "pct", (_E,), (_E,), "clean accuracy"),
     Field("results.pgd_pct", "pct", (_E,), (), "accuracy under PGD (left out with `--pgd-steps 0`)"),
     Field("results.pgd_paper_attack_pct", "pct", (_E,), (), "accuracy under the paper's attack (`--paper-attack`)"),
+    Field("results.apgd_pct", "pct", (_E,), (), "accuracy under APGD-CE + APGD-T (`--apgd-steps`)"),
+    Field("results.robust_all_attacks_pct", "pct", (_E,), (), "correct under every attack run (PGD, the paper's, "
+          "APGD)"),
+    Field("results.certified_broken_by_apgd", "int", (_E,), (), "certified inputs APGD misclassifies: always 0 "
+          "(evaluate stops with an error otherwise)"),
     Field("results.certified", "int", _ALL, _RUN, "inputs certified (sound: every point of the ball is classified "
           "as the label)"),
     Field("results.verified_pct", "pct", _ALL, _RUN, "verified accuracy: certified / n"),
@@ -397,6 +404,8 @@ def _attack_line(a: dict, command: str) -> str:
         text += f"; plus {a['samples']} sphere / corner samples per certified input"
     if a.get("paper_attack"):
         text += "; and the paper's PGD (cross-entropy, last iterate)"
+    if a.get("apgd_steps"):
+        text += f"; and APGD-CE + APGD-T, {a['apgd_steps']} steps each"
     return text
 
 
@@ -427,6 +436,12 @@ def _result_rows(r: dict) -> list:
         rows.append(("PGD accuracy", _p(res["pgd_pct"]), "bcpc's attack: margin, worst point seen"))
     if "pgd_paper_attack_pct" in res:
         rows.append(("PGD accuracy, paper", _p(res["pgd_paper_attack_pct"]), "the BCP paper's attack"))
+    if "apgd_pct" in res:
+        rows.append(("APGD accuracy", _p(res["apgd_pct"]), "APGD-CE + APGD-T (torchattacks)"))
+    if "robust_all_attacks_pct" in res:
+        rows.append(("robust, all attacks", _p(res["robust_all_attacks_pct"]), "correct under every attack above"))
+    if "certified_broken_by_apgd" in res:
+        rows.append(("certified broken", f"{res['certified_broken_by_apgd']:,}", "certified inputs APGD broke: must be 0"))
     if "verified_pct" in res:
         of = f"{res['certified']:,} of {n:,} certified" if n else f"{res['certified']:,} certified"
         rows.append(("verified accuracy", _p(res["verified_pct"]), f"{of} (sound)"))

@@ -89,6 +89,24 @@ def test_evaluate_without_an_attack_leaves_it_out(capsys):
     assert "PGD" not in report.render_text(rep)
 
 
+def test_evaluate_with_apgd_reports_it_and_every_attack_together(capsys):
+    pytest.importorskip("torchattacks")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["evaluate", "--checkpoint", str(ROOT / "models" / "mnist_small_demo.pt"), "--n", "12",
+                         "--pgd-steps", "5", "--apgd-steps", "5", "--data-root", str(ROOT / "data"), "--json",
+                         "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rep = report.validate(json.loads(capsys.readouterr().out))
+    res = rep["results"]
+    assert rep["attack"]["apgd_steps"] == 5 and res["certified_broken_by_apgd"] == 0
+    assert res["robust_all_attacks_pct"] <= min(res["apgd_pct"], res["pgd_pct"]) <= res["clean_pct"]
+    assert res["verified_pct"] <= res["robust_all_attacks_pct"]
+    assert "APGD-CE + APGD-T" in report.render_text(rep)
+
+
 def test_a_report_of_bcpc_before_this_layout_reads_for_plotting():
     old = report.read(ROOT / "docs" / "figures" / "mnist_4c3f" / "report.json")
     assert old["command"] == "evaluate" and old["results"]["verified_pct"] == 48.38
