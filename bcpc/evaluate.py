@@ -239,6 +239,24 @@ def _pyplot():
     return plt
 
 
+#: the BCP paper's published figures for its settings (Table 2; Fig. 3's mean tightening where the
+#: paper names the model: MNIST's 4C3F), keyed by (model, dataset source, norm, eps): drawn into
+#: the plots of a run in the same setting
+PAPER_FIGURES = {
+    ("mnist_4c3f", "mnist", "l2", 1.58): {"verified_pct": 47.95, "clean_pct": 92.41, "tighter_pct": 55.4},
+    ("cifar_4c3f", "cifar10", "l2", round(36 / 255, 4)): {"verified_pct": 49.58, "clean_pct": 63.88},
+    ("cifar_6c2f", "cifar10", "l2", round(36 / 255, 4)): {"verified_pct": 51.30, "clean_pct": 65.72},
+    ("cifar_wrn", "cifar10", "l2", round(36 / 255, 4)): {"verified_pct": 50.33, "clean_pct": 64.79},
+}
+
+
+def paper_figures(rep: dict) -> Optional[dict]:
+    """The paper's figures if ``rep`` is a run of the paper's setting (model, data, norm, eps), else None."""
+    eps = round(float(rep["threat"]["eps"]), 4)
+    key = (rep["model"].get("name"), (rep.get("data") or {}).get("source", "").lower(), rep["threat"]["norm"], eps)
+    return PAPER_FIGURES.get(key)
+
+
 def write_plots(rep: dict, prefix) -> list:
     """The plots of one evaluate report (:mod:`bcpc.report` layout): verified accuracy vs eps
     (with clean and PGD accuracy, from 0), and the tightness violin where tau was measured.
@@ -258,6 +276,10 @@ def write_plots(rep: dict, prefix) -> list:
         if "pgd_pct" in res:
             ax.plot([rep["threat"]["eps"]], [res["pgd_pct"]], marker="x", ls="none", color="C3", markersize=9,
                     label=f"PGD at eps {rep['threat']['eps']:g}")
+        paper = paper_figures(rep)
+        if paper:
+            ax.plot([rep["threat"]["eps"]], [paper["verified_pct"]], marker="*", ls="none", color="C2", markersize=11,
+                    label=f"BCP paper, Table 2: {paper['verified_pct']}% verified")
         ax.set_xlabel(f"{norm} radius eps")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
@@ -278,6 +300,10 @@ def write_plots(rep: dict, prefix) -> list:
         ax.plot([], [], color="C0", lw=6, alpha=0.5, label=f"{rep['method']}: tau per input (mean: bar)")
         if "tau_lipschitz" in res:
             ax.axhline(res["tau_lipschitz"], ls="--", color="k", label="global Lipschitz")
+            paper = paper_figures(rep)
+            if paper and "tighter_pct" in paper:
+                ax.axhline(res["tau_lipschitz"] * (1 - paper["tighter_pct"] / 100), ls=":", color="C2",
+                           label=f"paper's mean tightening ({paper['tighter_pct']}%, Fig. 3)")
         ax.set_xticks([1], [rep["method"]])
         ax.set_ylim(0, 1.15 * max(max(tau), res.get("tau_lipschitz", 0)))
         ax.set_ylabel("tightness tau (lower is tighter)")

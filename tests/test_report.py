@@ -288,3 +288,19 @@ def test_evaluate_out_draws_the_plots_and_plot_compare_overlays_runs(doc_runs):
     _, workdir = doc_runs
     for name in ("eval_verified_vs_eps.png", "eval_tightness.png", "compare.png"):
         assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_plots_of_the_papers_setting_show_its_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bcpc.evaluate import paper_figures, write_plots
+
+    rep = {"model": {"name": "mnist_4c3f"}, "data": {"source": "mnist", "split": "test", "n": 3},
+           "threat": {"norm": "l2", "eps": 1.58}, "method": "bcp",
+           "results": {"clean_pct": 93.0, "verified_pct": 48.0, "verified_pct_vs_eps": {"1": 70.0, "1.58": 48.0},
+                       "tau_lipschitz": 3.0},
+           "details": {"tau_bcp_per_input": [2.9, 3.0, 2.8]}}
+    assert paper_figures(rep)["verified_pct"] == 47.95  # Table 2 of the paper
+    assert paper_figures({**rep, "threat": {"norm": "l2", "eps": 1.0}}) is None
+    assert paper_figures({**rep, "model": {"name": "mnist_4c3f_minmax"}}) is None
+    paths = write_plots(rep, str(tmp_path) + "/")
+    assert [p.name for p in paths] == ["verified_vs_eps.png", "tightness.png"]
