@@ -22,27 +22,27 @@ from bcpc.losses import LOSSES
 class TrainConfig:
     """Every hyper-parameter of a certified training run (paper Algorithm 1)."""
 
-    name: str = "run"
+    name: str = "run"  # the run's folder name under out_dir
     model: str = "mnist_4c3f"  # a key of bcpc.models.ARCHITECTURES
     dataset: str = "mnist"  # mnist | cifar10
-    data_root: str = "data"
+    data_root: str = "data"  # where the dataset is cached (MNIST is fetched there once)
     out_dir: str = "runs"  # the run writes to <out_dir>/<name>/
-    norm: str = "l2"
+    norm: str = "l2"  # the perturbation norm: l2 | linf | l1 | a number p
     method: str = "bcp"  # bcp | ibp | lipschitz
     eps: float = 1.58  # target training radius
     eps_eval: Optional[float] = None  # radius for validation/evaluation (default: eps)
-    input_domain: Optional[list] = field(default_factory=lambda: [0.0, 1.0])
-    epochs: int = 60
+    input_domain: Optional[list] = field(default_factory=lambda: [0.0, 1.0])  # [low, high] of valid inputs, or null
+    epochs: int = 60  # training epochs
     warmup_epochs: float = 1.0  # plain training (eps = 0, lam = 0)
     ramp_epochs: float = 20.0  # eps 0 -> eps and lam 0 -> 1, linearly
-    batch_size: int = 50
-    lr: float = 3e-4
-    lr_decay_epochs: list = field(default_factory=list)
-    lr_decay_factor: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
+    batch_size: int = 50  # images per step (over all processes under torchrun)
+    lr: float = 3e-4  # Adam learning rate
+    lr_decay_epochs: list = field(default_factory=list)  # step: the (0-indexed) epochs from which lr is multiplied by lr_decay_factor
+    lr_decay_factor: float = 0.1  # step: the factor of each decay
+    weight_decay: float = 0.0  # Adam weight decay
+    grad_clip: Optional[float] = None  # clip the gradient norm to this (null: no clipping)
     lipschitz_iters: int = 1  # power-iteration steps per training step (Lipschitz cache)
-    seed: int = 0
+    seed: int = 0  # initialisation and data order
     train_subset: Optional[int] = None  # use the first N training images (demo / tests)
     val_subset: Optional[int] = 1000  # validation images certified after each epoch
     val_every: int = 1  # validate (and update best.pt) every this many epochs, and after the last
@@ -107,6 +107,28 @@ CHOICES = {"loss": LOSSES, "lam_schedule": ("ramp", "constant"),
            "eps_schedule": ("linear", "log"), "lr_schedule": ("step", "exp")}
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def keys_table() -> str:
+    """Every config key with its type, default and the comment it has in :class:`TrainConfig`
+    (Markdown; docs/training.md is generated from it)."""
+    import inspect
+
+    source = inspect.getsource(TrainConfig)
+    comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", source, re.M))
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Union and len(args) == 1:
+            kind = f"{getattr(args[0], '__name__', args[0])} or null"
+        else:
+            kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        text = comments.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {kind} | `{getattr(defaults, f.name)!r}` | {text} |")
+    return "\n".join(rows) + "\n"
 
 
 def _file_sha256(path: Path) -> str:
