@@ -4,7 +4,9 @@
                                [--threads 1] [--reps 10] [--inductor] [--peers]
 
 For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
-training mode, estimates), certified training step (bcp), certification throughput (sound path:
+training mode, estimates), certified training step (bcp) and its ratio to the floor (a plain step
+at batch 2B plus one at batch B: the passes a BCP step cannot avoid), the training step with the
+global bound (``method="lipschitz"``), certification throughput (sound path:
 float64, guaranteed Lipschitz bounds, computed once per weight version), compile time, and the
 memory a certified and a plain training step keep for backward (activations; the step's memory
 peak). Every time is the median of --reps repetitions
@@ -105,6 +107,25 @@ def measure(name, batch, reps, inductor=False, peers=False):
             c.train()
             out[f"bcpc_forward_{m}"] = median_time(lambda c=c: c(x, 36 / 255, y, sound=False), reps)
     out["certified_step"] = median_time(cert_step, reps)
+    lip = certs["lipschitz"]
+    lip.train()
+
+    def lipschitz_step():
+        loss = lip.loss(x, y, 36 / 255, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out["lipschitz_step"] = median_time(lipschitz_step, reps)
+    # the floor of a BCP step: the box's two passes (A on u + l and |A| on u - l, batch 2B) and the
+    # centre's (batch B) through the same model, forward and backward, without any bound work
+    x2, y2 = torch.cat([x, x]), torch.cat([y, y])
+
+    def floor_step():
+        loss = F.cross_entropy(model(x2), y2) + F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out["floor_step"] = median_time(floor_step, reps)
     if inductor:
         fast = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), backend="inductor")
 
@@ -156,7 +177,7 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}; ratios are to the plain "
           "training step of the same model and batch")
     head = (f"{'model':>13} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
-            f"{'CERT STEP':>9} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}"
+            f"{'CERT STEP':>9} {'/ floor':>7} {'lip step':>8} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}"
             + (f" | {'inductor':>8} {'its compile s':>13}" if args.inductor else "")
             + (f" | {'LiRPA IBP':>9} {'CROWN-IBP':>9}" if args.peers else ""))
     print(head)
@@ -167,7 +188,8 @@ def main():
             p = r["plain_step"]
             line = (f"{name:>13} {batch:>5} {1000 * p:8.1f}ms | {r['plain_forward'] / p:5.2f} "
                     f"{r['bcpc_forward_bcp'] / p:7.2f} {r['bcpc_forward_ibp'] / p:7.2f} "
-                    f"{r['bcpc_forward_lipschitz'] / p:7.2f} {r['certified_step'] / p:8.2f}x | "
+                    f"{r['bcpc_forward_lipschitz'] / p:7.2f} {r['certified_step'] / p:8.2f}x "
+                    f"{r['certified_step'] / r['floor_step']:6.2f}x {r['lipschitz_step'] / p:7.2f}x | "
                     f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f} | "
                     f"{r['saved_mib_certified'] / r['saved_mib_plain']:5.2f}x "
                     f"({r['saved_mib_certified']:.1f}/{r['saved_mib_plain']:.1f} MiB)")
