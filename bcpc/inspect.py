@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from bcpc import registry
+from bcpc import registry, report
 from bcpc.errors import ConfigError, InvalidEpsilonError, InvalidInputError, MissingToolError
 from bcpc.meta import info, where
 
@@ -102,18 +102,10 @@ def _plain(value):
 
 def num(value):
     """A float rounded to :data:`SIGNIFICANT_DIGITS` significant digits; non-finite as a string."""
-    if value is None:
-        return None
-    value = float(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    return report.num(value, SIGNIFICANT_DIGITS)
 
 
-def _norm_name(p: float) -> str:
-    return "linf" if math.isinf(p) else f"l{p:g}"
+_norm_name = report.norm_name
 
 
 # --- collecting ---------------------------------------------------------------------------

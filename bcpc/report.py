@@ -150,7 +150,10 @@ def percent(fraction: float) -> float:
 
 
 def num(value, digits: int = 6):
-    """A float rounded to ``digits`` significant digits (JSON has no inf/nan: those become text)."""
+    """A float rounded to ``digits`` significant digits (JSON has no inf/nan: those become text;
+    None stays None)."""
+    if value is None:
+        return None
     value = float(value)
     if math.isnan(value):
         return "nan"
