@@ -27,9 +27,12 @@ loudly, which is the one place that syncs.
 
 On the CPU (float32/float64) ``solve_t`` runs a numba kernel that finds the same ``t*`` without the
 sort: a quickselect-style search over the breakpoints, O(n) expected per (sample, pair), float64
-inside (``_solve_t_kernel``; ~10x faster than the torch path single-threaded at (50, 10, 512),
-benchmarks/solver_kernel.py). ``BCPC_FUSED=0`` in the environment, another device or dtype takes
-the torch path, which is the reference the kernel is tested against (tests/test_solver_kernel.py).
+inside, the samples in parallel on torch's thread count (``_solve_t_kernel``; ~10x faster than the
+torch path single-threaded at (50, 10, 512), benchmarks/solver_kernel.py). ``BCPC_FUSED=0`` in the
+environment, another device or dtype takes the torch path, which is the reference the kernel is
+tested against (tests/test_solver_kernel.py). Inside ``torch.compile`` the graph calls the kernel
+as the custom op ``bcpc::solve_t``, or takes the torch path with ``BCPC_FUSED_COMPILE=0``
+(``bcpc.kernels.compile_fused``).
 
 ``iterative_projection`` is the paper's Algorithm 1 inner loop in numba, kept as an independent
 oracle for tests and benchmarks; it is not on the certification path.
@@ -143,7 +146,7 @@ def solve_t(z, rho, lower, upper, c):
         if rho is None:
             return torch.full(c.shape[:-1], math.inf, dtype=c.dtype, device=c.device)
         if _kernel_applies(z, rho, lower, upper, c):
-            return _solve_t_cpu(z, rho, lower, upper, c)
+            return torch.ops.bcpc.solve_t(z, rho, lower, upper, c)
         return _solve_t_torch(z, rho, lower, upper, c)
 
 
@@ -210,8 +213,9 @@ def _solve_t_torch(z, rho, lower, upper, c):
 
 
 def _kernel_applies(z, rho, lower, upper, c):
-    """Whether ``solve_t`` takes the numba kernel: CPU, float32/float64 throughout, canonical shapes."""
-    if not kernels.enabled() or torch.compiler.is_compiling() or c.device.type != "cpu" or c.dtype not in (torch.float32, torch.float64):
+    """Whether ``solve_t`` takes the numba kernel: CPU, float32/float64 throughout, canonical shapes;
+    inside ``torch.compile`` unless ``BCPC_FUSED_COMPILE=0`` (``kernels.active``)."""
+    if not kernels.active() or c.device.type != "cpu" or c.dtype not in (torch.float32, torch.float64):
         return False
     if c.dim() != 3 or z is None or z.shape != (c.shape[0], c.shape[2]) or rho.numel() != c.shape[0]:
         return False
@@ -222,7 +226,8 @@ def _kernel_applies(z, rho, lower, upper, c):
 
 
 def _solve_t_cpu(z, rho, lower, upper, c):
-    """``solve_t`` by ``_solve_t_kernel`` (one thread, arithmetic in float64, result in c's dtype)."""
+    """``solve_t`` by ``_solve_t_kernel`` (parallel over samples with torch's thread count,
+    arithmetic in float64, result in c's dtype)."""
     inf = np.full(tuple(z.shape), np.inf, dtype=np.float64)
 
     def arr(x, fill=None):
@@ -234,13 +239,29 @@ def _solve_t_cpu(z, rho, lower, upper, c):
     if lower is None or upper is None:  # one dtype per kernel call (one compiled variant per dtype)
         lo, hi = lo.astype(zn.dtype, copy=False), hi.astype(zn.dtype, copy=False)
     out = np.empty(tuple(c.shape[:2]), dtype=zn.dtype)
+    kernels.set_threads()
     _solve_t_kernel(zn, arr(rho).reshape(-1), lo, hi, arr(c), out)
     return torch.from_numpy(out)
 
 
-@numba.njit(cache=True)
+# A torch custom op, so that a graph traced by torch.compile can call the kernel (opaque to
+# inductor, no graph break; see bcpc.kernels.compile_fused). No autograd formula: t is found under
+# no_grad.
+@torch.library.custom_op("bcpc::solve_t", mutates_args=(), device_types="cpu",
+                         schema="(Tensor z, Tensor rho, Tensor? lower, Tensor? upper, Tensor c) -> Tensor")
+def _solve_t_op(z, rho, lower, upper, c):
+    return _solve_t_cpu(z, rho, lower, upper, c)
+
+
+@_solve_t_op.register_fake
+def _(z, rho, lower, upper, c):
+    return c.new_empty(c.shape[:2])
+
+
+@numba.njit(cache=True, parallel=True)
 def _solve_t_kernel(z, rho, lower, upper, c, out):
-    """``solve_t`` for one thread, per (sample, pair) row in O(n) expected time, float64 arithmetic.
+    """``solve_t`` per (sample, pair) row in O(n) expected time, float64 arithmetic; the samples in
+    parallel (numba prange; each sample's rows alone, so the thread count changes no result).
 
     The same quantities as the torch path (box widened to contain ``z``, ``c`` scaled to
     ``max|c| = 1``, distances to ``rho = 1``, breakpoints ``t_i = d_i/|c_i|``, ``f(t) = ||p(t) - z||^2``),
@@ -259,11 +280,11 @@ def _solve_t_kernel(z, rho, lower, upper, c, out):
     ``c``, gives ``t = NaN`` for that row (the margin is NaN either way).
     """
     batch, classes, n = c.shape
-    down = np.empty(n)
-    up = np.empty(n)
-    tbs = np.empty(n)  # the undecided finite breakpoints, compacted to the front each round
-    als = np.empty(n)  # their |c_i| / max|c|
-    for b in range(batch):
+    for b in numba.prange(batch):
+        down = np.empty(n)
+        up = np.empty(n)
+        tbs = np.empty(n)  # the undecided finite breakpoints, compacted to the front each round
+        als = np.empty(n)  # their |c_i| / max|c|
         r = np.float64(rho[b])
         r_scale = r if (r > 0.0 and r < np.inf) else 1.0
         rho2 = (r / r_scale) * (r / r_scale)

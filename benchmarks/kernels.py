@@ -1,16 +1,23 @@
 """The fused numba kernels against their pure-torch paths, one process, one run.
 
-    python benchmarks/kernels.py [--reps 20] [--threads 1]
+    python benchmarks/kernels.py [--reps 20] [--threads 1] [--inductor]
 
 For each kernel of bcpc.kernels (forward + backward, at the largest activation of MNIST 4C3F,
 batch 50: 32 x 28 x 28; the 3136 x 512 weight for the weight kernels), for the last-layer
 ``solve_t`` (certification shape, float64) and for a whole certified training step and a sound
 certification batch of 4C3F, the median time with the kernels (default) and with
 ``BCPC_FUSED=0`` (the torch path), and the speed-up torch / fused.
+
+``--inductor`` adds the 4C3F certified step under ``bcpc.compile(..., backend="inductor")``
+with the kernels' custom ops in the compiled graph (``BCPC_FUSED_COMPILE=1``, the fused column)
+and with the torch path that inductor fuses (``BCPC_FUSED_COMPILE=0``), each compiled afresh
+(the one-off compile times are printed after the row): the figure that picks the default of
+``BCPC_FUSED_COMPILE`` (``bcpc.kernels.COMPILE_DEFAULT``).
 """
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (benchmarks/ helpers)
 
+import bcpc  # noqa: E402
+import bcpc.models  # noqa: E402
 from bcpc import kernels, solver  # noqa: E402
 
 
@@ -100,10 +109,44 @@ def cases():
     yield "(4C3F plain training step, batch 50)", plain
 
 
+def compiled_step(reps, batch=50, order=("1", "0")):
+    """{setting: (median ms, compile s)} of the 4C3F certified step, backend="inductor"."""
+    out = {}
+    old = os.environ.get("BCPC_FUSED_COMPILE")
+    try:
+        for setting in order:
+            os.environ["BCPC_FUSED_COMPILE"] = setting
+            torch.compiler.reset()
+            torch.manual_seed(0)
+            model = bcpc.models.ARCHITECTURES["mnist_4c3f"]()
+            x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+            cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), backend="inductor")
+            with torch.no_grad():  # the Lipschitz cache's first 50 steps, eagerly: not in the compiled graph
+                cert.propagation(x, 36 / 255, y, False)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+            def step():
+                loss = cert.loss(x, y, 36 / 255, 1.0)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            t = time.perf_counter()
+            step()
+            out[setting] = (median_ms(step, reps), time.perf_counter() - t)
+    finally:
+        torch.compiler.reset()
+        if old is None:
+            os.environ.pop("BCPC_FUSED_COMPILE", None)
+        else:
+            os.environ["BCPC_FUSED_COMPILE"] = old
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--inductor", action="store_true", help="also the compiled step, BCPC_FUSED_COMPILE=1 vs 0")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}")
@@ -111,6 +154,11 @@ def main():
     for name, fn in cases():
         fused, ref = both(fn, args.reps)
         print(f"{name:42} {fused:9.2f} {ref:9.2f} {ref / fused:10.2f}x", flush=True)
+    if args.inductor:
+        r = compiled_step(args.reps)
+        (fused, fused_s), (ref, ref_s) = r["1"], r["0"]
+        print(f"{'4C3F certified step, inductor, batch 50':42} {fused:9.2f} {ref:9.2f} {ref / fused:10.2f}x  "
+              f"(BCPC_FUSED_COMPILE=1 / 0; compile {fused_s:.0f} s / {ref_s:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``bcpc.compile(..., backend=...)``: the torch.compile'd training path gives the same bounds and
-gradients as the eager one; the certification path is untouched; a bad backend name is a clear
-error."""
+gradients as the eager one, with the torch path of the fused kernels in the compiled graph
+(``BCPC_FUSED_COMPILE=0``) or their custom ops (``1``); the certification path is untouched; a
+bad backend name is a clear error."""
 import pytest
 import torch
 from torch import nn
@@ -15,7 +16,10 @@ def _model():
                          nn.Linear(16, 5))
 
 
-def test_inductor_training_path_matches_eager():
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_inductor_training_path_matches_eager(setting, monkeypatch):
+    monkeypatch.setenv("BCPC_FUSED_COMPILE", setting)
+    torch.compiler.reset()  # the setting is read when a graph is traced
     model = _model()
     x = torch.rand(6, 1, 9, 9)
     y = torch.arange(6) % 5
@@ -23,6 +27,8 @@ def test_inductor_training_path_matches_eager():
     fast = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), backend="inductor")
     for cert in (eager, fast):  # the same frozen Lipschitz estimates in both (no power-iteration step)
         cert.propagation.lip.eval()
+        with torch.no_grad():  # the cache's first 50 power-iteration steps, eagerly (not compiled)
+            cert.propagation(x, 0.3, y, False)
     grads, losses, margins = [], [], []
     for cert in (eager, fast):
         model.zero_grad()

@@ -68,6 +68,18 @@ def test_device_parity_runs():
     assert "below the certified bound: 0 of" in out, out
 
 
+def test_gpu_benchmark_runs_on_the_cpu():
+    # the reduced form; aot_eager for inductor: the same capture, no code generation (minutes on a CPU)
+    out = run("gpu.py", "--device", "cpu", "--steps", "3", "--batches", "8", "--backend", "aot_eager",
+              "--data", "random", "--images", "64", "--certify", "20")
+    assert "not a GPU measurement" in out, out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["8"]]
+    assert [r[1] for r in rows] == ["eager", "inductor", "cudagraphs"], out
+    assert len({r[5] for r in rows}) == 1, out  # the same loss in every mode: same weights, data and steps
+    checks = [line for line in out.splitlines() if "certificates that differ" in line]
+    assert len(checks) == 4 and all("differ: 0," in c and "within tolerance" in c for c in checks), out
+
+
 def test_fuzz_benchmark_prints_its_counts():
     out = run("fuzz.py", "--n", "12")
     counts = {k.strip(): v.split()[0] for k, v in (line.split(":", 1) for line in out.splitlines()
