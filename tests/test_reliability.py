@@ -155,9 +155,9 @@ def _nan_after(monkeypatch, first_bad, last_bad):
     from bcpc import train
     real, calls = train.CertifiedLoss.forward, [0]
 
-    def forward(self, x, y, eps, lam):
+    def forward(self, x, y, eps, lam, method):
         calls[0] += 1
-        loss = real(self, x, y, eps, lam)
+        loss = real(self, x, y, eps, lam, method)
         return loss * float("nan") if first_bad <= calls[0] <= last_bad else loss
     monkeypatch.setattr(train.CertifiedLoss, "forward", forward)
 
