@@ -47,6 +47,16 @@ def median_time(fn, reps, warmup=2):
     return statistics.median(times)
 
 
+def training_step(loss_fn, opt):
+    """A closure running one training step: ``loss_fn()`` forward, backward, ``opt.step()``."""
+    def step():
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
 def saved_for_backward_mib(loss_fn) -> float:
     """MiB of distinct tensor storage autograd keeps for the backward pass of ``loss_fn()``.
 
@@ -83,17 +93,8 @@ def measure(name, batch, reps, inductor=False, peers=False):
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: weights change, bounds stay finite
     model.train()
 
-    def plain_step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def cert_step():
-        loss = cert.loss(x, y, 36 / 255, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    plain_step = training_step(lambda: F.cross_entropy(model(x), y), opt)
+    cert_step = training_step(lambda: cert.loss(x, y, 36 / 255, 1.0), opt)
 
     out = {"model": name, "batch": batch, "compile_s": compile_s}
     out["plain_step"] = median_time(plain_step, reps)
@@ -109,31 +110,15 @@ def measure(name, batch, reps, inductor=False, peers=False):
     out["certified_step"] = median_time(cert_step, reps)
     lip = certs["lipschitz"]
     lip.train()
-
-    def lipschitz_step():
-        loss = lip.loss(x, y, 36 / 255, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out["lipschitz_step"] = median_time(lipschitz_step, reps)
+    out["lipschitz_step"] = median_time(training_step(lambda: lip.loss(x, y, 36 / 255, 1.0), opt), reps)
     # the floor of a BCP step: the box's two passes (A on u + l and |A| on u - l, batch 2B) and the
     # centre's (batch B) through the same model, forward and backward, without any bound work
     x2, y2 = torch.cat([x, x]), torch.cat([y, y])
-
-    def floor_step():
-        loss = F.cross_entropy(model(x2), y2) + F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    floor_step = training_step(lambda: F.cross_entropy(model(x2), y2) + F.cross_entropy(model(x), y), opt)
     out["floor_step"] = median_time(floor_step, reps)
     if inductor:
         fast = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), backend="inductor")
-
-        def fast_step():
-            loss = fast.loss(x, y, 36 / 255, 1.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fast_step = training_step(lambda: fast.loss(x, y, 36 / 255, 1.0), opt)
         t = time.perf_counter()
         fast_step()  # torch.compile's one-off code generation
         out["inductor_compile_s"] = time.perf_counter() - t

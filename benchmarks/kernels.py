@@ -87,17 +87,8 @@ def cases():
     model, cert, x, y, _ = bench.setup("mnist_4c3f", 50)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
-    def step():
-        loss = cert.loss(x, y, 36 / 255, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def plain():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    step = bench.training_step(lambda: cert.loss(x, y, 36 / 255, 1.0), opt)
+    plain = bench.training_step(lambda: F.cross_entropy(model(x), y), opt)
     yield "4C3F certified training step, batch 50", step
     xc, yc = torch.rand(200, 1, 28, 28), torch.randint(0, 10, (200,))
 
@@ -124,12 +115,7 @@ def compiled_step(reps, batch=50, order=("1", "0")):
             with torch.no_grad():  # the Lipschitz cache's first 50 steps, eagerly: not in the compiled graph
                 cert.propagation(x, 36 / 255, y, False)
             opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-
-            def step():
-                loss = cert.loss(x, y, 36 / 255, 1.0)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            step = bench.training_step(lambda cert=cert: cert.loss(x, y, 36 / 255, 1.0), opt)
             t = time.perf_counter()
             step()
             out[setting] = (median_ms(step, reps), time.perf_counter() - t)
