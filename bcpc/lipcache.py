@@ -97,7 +97,7 @@ class LipschitzConstant(nn.Module):
 
     def upper(self, weight: Tensor) -> Tensor:
         """Guaranteed upper bound on the norm (float64), cached for the weight's exact values."""
-        if self._bound is None or not same_tensor_values(self._bound_weight, weight):
+        if not self.has_upper(weight):
             with torch.no_grad():
                 w = weight.detach()
                 if self.kind == "linear":
