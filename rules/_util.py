@@ -1,13 +1,39 @@
 """Small helpers shared by the rule families."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import torch
 import torch.fx as fx
 
 from bcpc.domain import Bound
 from bcpc.errors import UnsupportedOpError
 from bcpc.meta import info, where
+
+
+_SUMS: dict = {}
+
+
+def linear_map_sums(fn: Callable, in_shape, key) -> tuple[float, float]:
+    """``(max row sum, max column sum)`` of the matrix ``A`` of a linear map ``fn`` on one sample
+    of shape ``in_shape``: ``max fn(1)`` and ``max fn^T(1)``, computed once per ``key`` and shape,
+    in float64 on the CPU, and cached as Python floats.
+
+    The sums depend on the op's arguments and the shape only, never on the data, so the bound
+    path reads constants: no autograd call and no tensor built per forward, and nothing for
+    ``torch.compile`` to break on once the first (eager) call has filled the cache. A map that
+    ignores its input (no column depends on it) has column sum 0.
+    """
+    k = (key, tuple(in_shape))
+    hit = _SUMS.get(k)
+    if hit is None:
+        ones = torch.ones((1,) + tuple(in_shape), dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            out = fn(ones)
+            (cols,) = torch.autograd.grad(out.sum(), ones, allow_unused=True)
+        hit = (float(out.detach().max()) if out.numel() else 0.0, 0.0 if cols is None else float(cols.max()))
+        _SUMS[k] = hit
+    return hit
 
 
 def is_bound(a) -> bool:

@@ -29,24 +29,14 @@ from bcpc import ops
 from bcpc.domain import Bound, bound, enclose
 from bcpc.meta import info
 from bcpc.registry import register
-from bcpc.rules._util import is_bound, lower_of, perturbed, pick, shape, unsupported, upper_of
+from bcpc.rules._util import is_bound, linear_map_sums, lower_of, perturbed, pick, shape, unsupported, upper_of
 from bcpc.rules.structural import cat_ball, tensors_dim_adapter
 from bcpc.rules.pooling import schur_sigma_upper
 
-_COPIES: dict = {}
-
-
 def max_copies(fn, in_shape, key) -> int:
-    """Most output coordinates any one input coordinate of ``fn`` (a selection op) is copied to."""
-    k = (key, tuple(in_shape))
-    hit = _COPIES.get(k)
-    if hit is None:
-        ones = torch.ones((1,) + tuple(in_shape), dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            (counts,) = torch.autograd.grad(fn(ones).sum(), ones, allow_unused=True)
-        hit = 0 if counts is None else int(round(float(counts.max())))
-        _COPIES[k] = hit
-    return hit
+    """Most output coordinates any one input coordinate of ``fn`` (a selection op) is copied to:
+    the selection matrix's largest column sum (``linear_map_sums``, cached per key and shape)."""
+    return int(round(linear_map_sums(fn, in_shape, key)[1]))
 
 
 def selection(target, *, name: str, spellings, check=None, copies: bool = False):
@@ -375,7 +365,7 @@ def interpolate_ball(x: Bound, *args):
     fn = lambda t: interpolate(t, *args)  # noqa: E731
     if args[2] in _SELECTING:
         return math.sqrt(max_copies(fn, x.center.shape[1:], ("interpolate", repr(args)))) * x.radius
-    return schur_sigma_upper(fn, x.center.shape[1:], x.center) * x.radius
+    return schur_sigma_upper(fn, x.center.shape[1:], ("interpolate", repr(args))) * x.radius
 
 
 def interpolate_box(center, radius, x: Bound, *args) -> Bound:

@@ -6,8 +6,8 @@
   ``||pool(a') - pool(a)||^2 <= n ||a' - a||^2``: radius ``sqrt(n) * r`` (``ceil(k/s) r`` for 2-D).
 * average pools are linear maps with nonnegative weights: box ``[pool(l), pool(u)]`` exactly;
   ball radius ``sigma * r`` with the Schur bound ``sigma <= sqrt(max row sum * max column sum)``
-  (guaranteed; row sums are ``pool(1)``, column sums ``pool^T(1)``), which is exact for the usual
-  non-overlapping pools.
+  (guaranteed; row sums are ``pool(1)``, column sums ``pool^T(1)``, computed once per pool and
+  input shape), which is exact for the usual non-overlapping pools.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 from bcpc import lipschitz
 from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
-from bcpc.rules._util import ntuple, pick
+from bcpc.rules._util import linear_map_sums, ntuple, pick
 
 
 # --- max pooling ----------------------------------------------------------------------------
@@ -74,21 +74,20 @@ register(F.max_pool2d, ball=max_pool2d_ball, box=max_pool2d_box, family="pool", 
 
 # --- average pooling (nonnegative linear maps) ----------------------------------------------
 
-def schur_sigma_upper(linear_fn, in_shape, like) -> torch.Tensor:
-    """Guaranteed ``sigma(A) <= sqrt(max_i sum_j A_ij * max_j sum_i A_ij)`` for ``A >= 0``."""
-    ones = torch.ones((1,) + tuple(in_shape), dtype=like.dtype, device=like.device, requires_grad=True)
-    with torch.enable_grad():
-        out = linear_fn(ones)
-        (cols,) = torch.autograd.grad(out.sum(), ones)
-    return (out.detach().max() * cols.max()).sqrt() * (1 + lipschitz.SAFETY)
+def schur_sigma_upper(linear_fn, in_shape, key) -> float:
+    """Guaranteed ``sigma(A) <= sqrt(max_i sum_j A_ij * max_j sum_i A_ij)`` for ``A >= 0`` (the map
+    ``linear_fn`` with nonnegative weights), cached per ``key`` and shape (``linear_map_sums``)."""
+    rows, cols = linear_map_sums(linear_fn, in_shape, key)
+    return math.sqrt(rows * cols) * (1 + lipschitz.SAFETY)
 
 
 def avg_pool2d_ball(x: Bound, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     """radius_out = Schur bound of the pooling matrix * radius_in."""
     if x.radius is None:
         return None
-    fn = lambda t: F.avg_pool2d(t, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)  # noqa: E731
-    return schur_sigma_upper(fn, x.center.shape[1:], x.center) * x.radius
+    args = (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    fn = lambda t: F.avg_pool2d(t, *args)  # noqa: E731
+    return schur_sigma_upper(fn, x.center.shape[1:], ("avg_pool2d", repr(args))) * x.radius
 
 
 def avg_pool2d_box(center, radius, x: Bound, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -126,7 +125,7 @@ def adaptive_avg_pool2d_ball(x: Bound, output_size):
     if x.radius is None:
         return None
     fn = lambda t: F.adaptive_avg_pool2d(t, output_size)  # noqa: E731
-    return schur_sigma_upper(fn, x.center.shape[1:], x.center) * x.radius
+    return schur_sigma_upper(fn, x.center.shape[1:], ("adaptive_avg_pool2d", repr(output_size))) * x.radius
 
 
 def adaptive_avg_pool2d_box(center, radius, x: Bound, output_size) -> Bound:

@@ -25,10 +25,6 @@ from bcpc.models import ARCHITECTURES
 
 EPS, LAM = 0.3, 0.5
 SHAPES = {"mnist_small": (1, 28, 28), "mnist_small_minmax": (1, 28, 28), "resnet_small": (3, 32, 32)}
-RESNET_BREAKS = pytest.mark.xfail(
-    strict=True, raises=torch._dynamo.exc.Unsupported,
-    reason="rules/pooling.py schur_sigma_upper (adaptive_avg_pool2d_ball) builds a requires_grad tensor and calls "
-           "torch.autograd.grad on every forward: graph breaks")
 
 
 @contextlib.contextmanager
@@ -116,7 +112,6 @@ def test_fullgraph_compiled_step_matches_eager(setting):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@RESNET_BREAKS
 def test_resnet_loss_is_one_graph():
     """With ``fullgraph=True``, which stops at the first graph break (explain would trace on)."""
     _, cert, x, y = _setup("resnet_small", "bcp")
