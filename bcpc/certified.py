@@ -57,6 +57,11 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.names, self.values = set(names), {}
 
+    def call_function(self, target, args, kwargs):
+        # a Bound the propagation leaves without its box (a convolution folded into its
+        # BatchNorm) is recorded whole: its box computed as it would be without the fold
+        return super().call_function(getattr(target, "bcpc_full", target), args, kwargs)
+
     def run_node(self, n):
         out = super().run_node(n)
         if n.name in self.names:

@@ -6,7 +6,10 @@
   supported ops, and how to add a rule;
 * marks residual merges (sums/concatenations of two perturbed values) and the *last affine
   layer*: the ``linear`` node producing the logits, whose input is where the exact ball ∩ box
-  margin problem is solved (DESIGN.md §3). Without one the margins are read at the logits.
+  margin problem is solved (DESIGN.md §3). Without one the margins are read at the logits;
+* pairs every convolution whose only use is a BatchNorm with that BatchNorm (``folds``): the
+  lowering computes the pair's box once, through the folded per-channel map (bcpc.rules.affine
+  ``conv_batch_norm_box``), instead of a box after each.
 
 networkx is a read-only view here; the fx graph stays the source of truth.
 """
@@ -19,7 +22,7 @@ import networkx as nx
 import torch.fx as fx
 import torch.nn.functional as F
 
-from bcpc import registry
+from bcpc import ops, registry
 from bcpc.errors import GraphStructureError, UnsupportedOpError
 from bcpc.meta import info, where
 
@@ -30,6 +33,8 @@ class Analysis:
     last_affine: Optional[fx.Node]
     residual_merges: list = field(default_factory=list)
     dag: Optional[nx.DiGraph] = None
+    #: BatchNorm node -> the convolution node it normalises (the convolution has no other use)
+    folds: dict = field(default_factory=dict)
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -175,7 +180,21 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             merges.append(node)
 
     last = None
+    folds = {n: n.args[0] for n in graph.nodes if _folds_into(n)}
     if result.target is F.linear and info(result.args[0]).perturbed:
         last = result
         info(last).last_affine = True
-    return Analysis(output=result, last_affine=last, residual_merges=merges, dag=dag)
+    return Analysis(output=result, last_affine=last, residual_merges=merges, dag=dag, folds=folds)
+
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _folds_into(node: fx.Node) -> bool:
+    """``node`` is a BatchNorm of a perturbed convolution that nothing else reads."""
+    if node.op != "call_function" or node.target is not ops.batch_norm or not info(node).perturbed:
+        return False
+    conv = node.args[0]
+    return (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in _CONVS
+            and info(conv).perturbed and list(conv.users) == [node]
+            and not any(isinstance(a, fx.Node) and info(a).perturbed for a in node.args[1:]))

@@ -9,7 +9,8 @@ emitted graph holds up to three readable nodes::
 
 Nodes that do not depend on the input are copied unchanged (they read centres). Weight-dependent
 Lipschitz constants come from one ``lip.<n>`` module per affine node (bcpc.lipcache), called with
-the live weight and the ``sound`` flag. The graph ends with the margin solve at the last affine
+the live weight and the ``sound`` flag. A convolution read only by a BatchNorm gets its box at the
+BatchNorm, through the folded map (``conv_batch_norm_box``; its own Bound keeps the ball). The graph ends with the margin solve at the last affine
 layer (bcpc.margins) and returns ``(logits, margins)``.
 
 The emitted module's signature is ``forward(x, eps, y=None, sound=False)``; its ``.code`` is the
@@ -23,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from bcpc import domain, margins, registry
+from bcpc.rules import affine
 from bcpc.meta import info
 
 METHODS = ("bcp", "ibp", "lipschitz")
@@ -58,6 +60,7 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
     lowered = Lowered(graph_module=None)
     sound = None
     has_ball: dict = {}  # canonical perturbed node -> whether its Bound carries a radius
+    folded_convs = set(analysis.folds.values())
 
     for node in gm.graph.nodes:
         rec = info(node)
@@ -127,7 +130,16 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
                 w_node = node.args[w_index]
                 lowered.lipschitz[rec.origin] = (lip_name, w_node.target if w_node.op == "get_attr" else None)
             radius = _call(graph, rule.ball, b_args, ball_kwargs, name=f"{node.name}_radius")
-        if with_box:
+        if with_box and node in folded_convs:
+            # its box is formed at the BatchNorm that reads it, through the folded map
+            out = _call(graph, affine.folded_conv_bound, (c, radius) + tuple(b_args), b_kwargs,
+                        name=f"{node.name}_bound")
+        elif with_box and node in analysis.folds:
+            conv = analysis.folds[node]
+            conv_args = (bnd[conv.args[0]],) + tuple(_map(conv.args[1:], center)) + (center[conv],)
+            out = _call(graph, affine.conv_batch_norm_box, (c, radius) + conv_args + tuple(b_args[1:]), b_kwargs,
+                        name=f"{node.name}_bound")
+        elif with_box:
             out = _call(graph, rule.box, (c, radius) + tuple(b_args), b_kwargs, name=f"{node.name}_bound")
         else:
             out = _call(graph, domain.ball_only, (c, radius), name=f"{node.name}_bound")

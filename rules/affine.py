@@ -326,6 +326,38 @@ def batch_norm_box(center, radius, x: Bound, weight, bias, running_mean, running
     return enclose(center, radius, lower, upper)
 
 
+def conv_batch_norm_box(center, radius, x: Bound, weight, bias, stride, padding, dilation, groups, conv_center,
+                        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                        eps) -> Bound:
+    """The box of ``batch_norm(conv(a))`` in one step, for a convolution nothing else reads.
+
+    BatchNorm is the per-channel map ``s z + t`` (its statistics are those of the clean batch in
+    training mode, of the running averages in eval mode), so the pair is the convolution with
+    weight ``s_c W_c`` and bias ``s_c b_c + t_c``: :func:`conv_box` of that map gives the same box
+    as a box after the convolution and another after the BatchNorm (interval arithmetic through a
+    diagonal map is exact, and the folded row norms are the convolution's scaled by ``|s_c|``,
+    below ``|s_c|`` times the convolution's output radius that the BatchNorm box intersects with),
+    without the convolution's box ever being formed: its two activation-sized ends, and the
+    BatchNorm's copies of them for backward, are not kept. ``conv_center`` is the convolution's
+    clean output (the batch statistics); ``center`` and ``radius`` are the BatchNorm's."""
+    scale, shift = ops.batch_norm_scale_shift(conv_center, bn_weight, bn_bias, running_mean, running_var,
+                                              training, eps)
+    folded_w = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    folded_b = shift if bias is None else bias * scale + shift
+    return conv_box(center, radius, x, folded_w, folded_b, stride, padding, dilation, groups)
+
+
+def folded_conv_bound(center, radius, x: Bound, weight, bias, stride, padding, dilation, groups) -> Bound:
+    """The Bound of a convolution read only by a BatchNorm: the ball alone, since the pair's box is
+    formed at the BatchNorm (:func:`conv_batch_norm_box`). Its arguments are those of
+    :func:`conv_box`, which ``CertifiedModule.node_bounds`` calls in its place to show the
+    convolution's own box (``folded_conv_bound.bcpc_full = conv_box``)."""
+    return Bound(center, radius, None, None)
+
+
+folded_conv_bound.bcpc_full = conv_box
+
+
 def _bn_module_adapter(module, args, kwargs):
     (x,) = args
     tracked = module.running_mean is not None
@@ -352,7 +384,7 @@ def _bn_fn_adapter(module, args, kwargs):
 register(
     ops.batch_norm, ball=batch_norm_ball, box=batch_norm_box, family="affine", name="batch_norm",
     spellings=((nn.BatchNorm1d, _bn_module_adapter), (nn.BatchNorm2d, _bn_module_adapter),
-               (F.batch_norm, _bn_fn_adapter)),
+               (nn.BatchNorm3d, _bn_module_adapter), (F.batch_norm, _bn_fn_adapter)),
     check=_check_weight_not_perturbed,
 )
 
