@@ -111,6 +111,28 @@ def test_maxmin_keeps_the_radius_exactly(cls):
             assert margins[i, j].item() <= expected + 1e-12  # guaranteed bounds: never above
 
 
+@pytest.mark.parametrize("strided", [True, False])
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_group_sort_of_pairs_is_the_sort(strided, descending, dim):
+    """group_size 2 runs as a max and a min of the pairs (bcpc.ops._MaxMin), not a sort: the same
+    values as sorting each pair, ties included, and every gradient routed to an input it came from."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (3, 4, 6, 6)).to(D).requires_grad_()  # small integers: many ties
+    out = ops.group_sort(x, 2, dim, strided, descending)
+    d = dim % x.dim()
+    n = x.shape[d] // 2
+    grouped = x.unflatten(d, (2, n) if strided else (n, 2))
+    reference = grouped.sort(d if strided else d + 1, descending=descending).values.flatten(d, d + 1)
+    assert torch.equal(out, reference)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    # a permutation of the output gradient within each pair: same sums, same multiset
+    pair = (lambda t: t.unflatten(d, (2, n)).sort(d).values) if strided else (lambda t: t.unflatten(d, (n, 2)).sort(d + 1).values)
+    assert torch.equal(pair(grad), pair(g))
+    torch.autograd.gradcheck(lambda t: ops.group_sort(t, 2, dim, strided, descending), (torch.randn(2, 4, 4, 4, dtype=D, requires_grad=True),))
+
+
 def test_view_sort_flatten_is_one_group_sort():
     class ViewSort(nn.Module):
         def __init__(self):
