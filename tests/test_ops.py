@@ -133,6 +133,22 @@ def test_group_sort_of_pairs_is_the_sort(strided, descending, dim):
     torch.autograd.gradcheck(lambda t: ops.group_sort(t, 2, dim, strided, descending), (torch.randn(2, 4, 4, 4, dtype=D, requires_grad=True),))
 
 
+@pytest.mark.parametrize("strided", [True, False])
+def test_group_sort_of_pairs_under_torch_compile(strided):
+    """Under torch.compile (no strided out=) the pairs are joined instead: same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (3, 4, 6, 6)).to(D).requires_grad_()
+    weights = torch.randn(4, 6, 6, dtype=D)
+
+    def f(t):
+        return ops.group_sort(t, 2, 1, strided, strided) * weights
+
+    eager, compiled = f(x), torch.compile(f, fullgraph=True)(x)
+    assert torch.equal(eager, compiled)
+    g = torch.randn_like(eager)
+    assert torch.equal(torch.autograd.grad(eager, x, g)[0], torch.autograd.grad(compiled, x, g)[0])
+
+
 def test_view_sort_flatten_is_one_group_sort():
     class ViewSort(nn.Module):
         def __init__(self):
