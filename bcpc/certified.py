@@ -28,8 +28,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bcpc import guard, losses
+from bcpc import guard, losses, ops
 from bcpc import margins as margins_mod
+from bcpc.meta import where
 from bcpc.state import Snapshot, changes, structure
 from bcpc.errors import (GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
                          NonFiniteBoundError)
@@ -68,6 +69,8 @@ class _Recorder(fx.Interpreter):
             self.values[n.name] = out
         return out
 
+
+_UNKNOWN = object()  # a batch-norm argument computed in the graph, not read from the model or written as a literal
 
 #: Modules whose output depends on ``.training``: certifying them in training mode is refused.
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
@@ -239,6 +242,36 @@ class CertifiedModule(nn.Module):
                 f"BatchNorm layers {bad} are in training mode: their output depends on the batch, so a "
                 "certificate computed now would not hold for single inputs. Call model.eval() (or cert.eval()) "
                 "before certifying.")
+        batch_norms = self._batch_statistics_calls()
+        if batch_norms:
+            raise ModelModeError(
+                f"batch norm calls {', '.join(batch_norms)} normalise with the statistics of the batch (training=True, or no "
+                "running statistics): their output for one input depends on the rest of the batch, so no certificate "
+                "holds for single inputs. Pass the running statistics and training=False (e.g. "
+                "F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=self.training)) "
+                "and certify in eval mode.")
+
+    def _batch_statistics_calls(self) -> list:
+        """The batch-norm calls of the compiled graph that use the batch's own statistics with the
+        model as it is now: ``training`` (a literal, or the live flag of a module) true, or no
+        running mean. Covers the functional spellings, whose flag is a literal fixed at tracing."""
+        def live(arg):
+            if isinstance(arg, fx.Node):
+                if arg.op != "get_attr":
+                    return _UNKNOWN
+                value = self.model
+                for part in arg.target.split("."):
+                    value = getattr(value, part)
+                return value
+            return arg
+
+        found = []
+        for node in self.canonical.graph.nodes:
+            if node.op == "call_function" and node.target is ops.batch_norm:
+                mean, training = live(node.args[3]), live(node.args[6])
+                if mean is None or training is _UNKNOWN or bool(training):
+                    found.append(f"'{node.name}' (at {where(node)})")
+        return found
 
     def _check_unchanged(self) -> None:
         what = changes(self._structure, structure(self.model))

@@ -145,6 +145,20 @@ def _train_mode():
     cert.certify(X, Y, 0.1)
 
 
+def _functional_batch_statistics():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Linear(4, 6), nn.Linear(6, 3), nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            h = torch.nn.functional.batch_norm(self.a(x), None, None, self.bn.weight, self.bn.bias, True)
+            return self.b(h)
+
+    cert = bcpc.compile(Net().eval(), example_input=torch.zeros(2, 4))
+    cert.certify(X, Y, 0.1)
+
+
 def _yaml(tmp, text):
     p = tmp / "c.yaml"
     p.write_text(text)
@@ -196,6 +210,8 @@ CASES = [
      errors.TraceError),
     ("BatchNorm in training mode at certification", lambda t: _train_mode(), errors.ModelModeError),
     ("Dropout in training mode at certification", lambda t: _dropout_training(), errors.ModelModeError),
+    ("F.batch_norm with the batch's statistics (training=True or no running statistics) at certification",
+     lambda t: _functional_batch_statistics(), errors.ModelModeError),
     ("indices of a perturbed value (h.max(1)[1], an argmax)",
      lambda t: _compile(lambda s, h: h * h.max(1)[1].unsqueeze(1).float()), errors.UnsupportedOpError),
     ("LayerNorm inside nn.Sequential",

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bcpc
@@ -172,6 +173,61 @@ def test_batchnorm_without_running_statistics_is_refused_at_certification():
     cert = bcpc.compile(model, example_input=torch.zeros(1, 4))
     with pytest.raises(errors.ModelModeError, match="track_running_stats=False"):
         cert.certify(torch.rand(2, 4), torch.tensor([0, 1]), 0.1)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """A new user's false certificate (the batch's statistics through F.batch_norm): sample 0 alone is
+    classified 1, in a batch with three darker inputs 0, and the module spelling was refused."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.c, self.bn, self.fc, self.spelling = nn.Conv2d(1, 1, 3, bias=False), nn.BatchNorm2d(1), nn.Linear(16, 2), spelling
+        with torch.no_grad():
+            self.c.weight.fill_(1 / 9)
+            self.fc.weight.zero_()
+            self.fc.weight[0].fill_(1 / 16)
+            self.fc.bias.copy_(torch.tensor([-0.5, 0.0]))
+
+    def forward(self, x):
+        h = self.c(x)
+        bn = self.bn
+        if self.spelling == "no running statistics":
+            h = F.batch_norm(h, None, None, bn.weight, bn.bias, True)
+        elif self.spelling == "training=True":
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, True)
+        else:  # the flag of the module, read when fx traces: a literal True if traced in training mode
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, self.training)
+        return self.fc(torch.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize("spelling", ["no running statistics", "training=True"])
+def test_functional_batch_norm_with_batch_statistics_is_refused_at_certification(spelling):
+    torch.manual_seed(0)
+    model = FunctionalBatchNorm(spelling).double().eval()
+    x = torch.cat([0.8 + 0.1 * torch.rand(1, 1, 6, 6), 0.1 + 0.1 * torch.rand(3, 1, 6, 6)]).double()
+    cert = bcpc.compile(model, example_input=x[:1], input_domain=(0, 1))
+    assert model(x[:1]).argmax(1).item() == 1 and model(x).argmax(1)[0].item() == 0  # the batch decides
+    y = torch.tensor([0, 1, 1, 1])
+    for call in (lambda: cert.certify(x, y, 0.05), lambda: cert.margins(x, y, 0.05), lambda: cert.node_bounds(x, 0.05)):
+        with pytest.raises(errors.ModelModeError, match=r"batch norm calls 'batch_norm' \(at .*test_errors.py.*F.batch_norm"):
+            call()
+    cert.loss(x, y, 0.05)  # training with the batch's statistics is what the model does
+
+
+def test_functional_batch_norm_traced_in_training_mode_is_refused_at_compile():
+    """``training=self.training`` is a literal when fx traces: traced in training mode, the graph would
+    always use the batch's statistics, and the eval-mode check at compile time sees it."""
+    model = FunctionalBatchNorm("self.training").double().train()
+    x = torch.cat([0.8 + 0.1 * torch.rand(1, 1, 6, 6), 0.1 + 0.1 * torch.rand(3, 1, 6, 6)]).double()
+    with pytest.raises(errors.GraphMismatchError, match="differ from model"):
+        bcpc.compile(model, example_input=x, input_domain=(0, 1))
+
+
+def test_functional_batch_norm_with_running_statistics_certifies():
+    model = FunctionalBatchNorm("self.training").double().eval()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1], input_domain=(0, 1))
+    assert cert.certify(x, model(x).argmax(1), 0.01).shape == (4,)
 
 
 def test_training_loss_checks_labels_but_not_values():
