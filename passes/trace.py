@@ -13,10 +13,38 @@ from torch import nn
 from bcpc.errors import TraceError
 
 
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+#: what a subclass may define and still compute its torch.nn base's function
+_BUILD_ONLY = frozenset(["__init__", "extra_repr", "reset_parameters"])
+
+
+def _builtin_with_new_constructor(cls: type) -> bool:
+    """A user subclass of a built-in torch.nn layer that changes only how it is built
+    (``class MyBN(nn.BatchNorm2d): pass``, a conv with its own ``__init__``): it runs the
+    built-in's forward, so it is a leaf like the built-in (whose forward fx may not trace:
+    BatchNorm checks ``input.dim()``). A subclass that defines any other method or property is
+    traced through, and the verify step checks the graph against the model either way."""
+    for c in cls.__mro__:
+        if c.__module__.startswith(("torch.nn.", "torch.ao.nn.")):
+            return c not in _CONTAINERS
+        if _defines_behaviour(c):
+            return False
+    return False
+
+
+def _defines_behaviour(cls: type) -> bool:
+    """``cls`` itself defines a method, property or other descriptor besides its constructor."""
+    return any(callable(v) or hasattr(v, "__get__") for name, v in vars(cls).items()
+               if name not in _BUILD_ONLY and name not in ("__dict__", "__weakref__"))
+
+
 class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or _builtin_with_new_constructor(type(m))
 
 
 def _failing_module(exc: BaseException) -> str:

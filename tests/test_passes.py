@@ -183,3 +183,43 @@ def test_taint_follows_booleans_and_tuples():
     gm = propagate_shapes(canonicalize(trace(Comparison())), torch.zeros(1, 3))
     perturbed = {n.name for n in gm.graph.nodes if info(n).perturbed}
     assert {"gt", "float_1", "mul"} <= perturbed
+
+
+class MyBatchNorm(nn.BatchNorm2d):
+    """Only its construction differs from the built-in (fx cannot trace BatchNorm's input check)."""
+
+    def __init__(self, c):
+        super().__init__(c, momentum=0.2)
+
+
+class DoubledConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class CheckedBatchNorm(nn.BatchNorm2d):
+    def _check_input_dim(self, input):  # behaviour of its own: traced through, not taken as the built-in
+        pass
+
+
+def test_subclasses_of_builtin_layers_that_change_only_their_constructor_are_the_builtin():
+    torch.manual_seed(0)
+    model = nn.Sequential(DoubledConv(1, 2, 3), MyBatchNorm(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    model = model.double().eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
+    assert cert.rules["_1"] == "batch_norm" and "mul" in cert.rules.values()  # the doubling is kept
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x), rtol=0, atol=0)
+    y = model(x).argmax(1)
+    from bcpc.testing import check_soundness, sample_perturbations
+    check_soundness(cert, model, x, y, 0.1, sample_perturbations(x, 0.1, 2.0, n=50, domain=(0.0, 1.0)))
+    model[1].train()
+    with pytest.raises(bcpc.errors.ModelModeError, match="training mode"):
+        cert.certify(x, y, 0.1)
+    traced = nn.Sequential(nn.Conv2d(1, 2, 3), CheckedBatchNorm(2), nn.Flatten(), nn.Linear(32, 3)).double().eval()
+    cert = bcpc.compile(traced, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
+    assert not any(n.op == "call_module" and n.target == "1" for n in cert.canonical.graph.nodes)  # traced through
+    assert "batch_norm" in cert.rules.values()  # its forward's F.batch_norm
+    torch.testing.assert_close(cert(x, 0.1).logits, traced(x), rtol=0, atol=0)
