@@ -1,7 +1,7 @@
 """Cost of certification relative to plain training, measured in one process and one run.
 
-    python benchmarks/bench.py [--models mnist_4c3f,cifar_6c2f,resnet_small] [--batches 50,128]
-                               [--threads 1] [--reps 10] [--inductor] [--peers]
+    python benchmarks/bench.py [--models mnist_4c3f,cifar_6c2f,resnet_small,mnist_4c3f_minmax] [--batches 50,128,512]
+                               [--threads 1,2] [--reps 10] [--steps-only] [--inductor] [--peers]
 
 For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
 training mode, estimates), certified training step (bcp) and its ratio to the floor (a plain step
@@ -88,7 +88,7 @@ def setup(name, batch, method="bcp"):
     return model, cert, x, y, time.perf_counter() - t
 
 
-def measure(name, batch, reps, inductor=False, peers=False):
+def measure(name, batch, reps, inductor=False, peers=False, steps_only=False):
     model, cert, x, y, compile_s = setup(name, batch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: weights change, bounds stay finite
     model.train()
@@ -98,15 +98,15 @@ def measure(name, batch, reps, inductor=False, peers=False):
 
     out = {"model": name, "batch": batch, "compile_s": compile_s}
     out["plain_step"] = median_time(plain_step, reps)
-    with torch.no_grad():
-        out["plain_forward"] = median_time(lambda: model(x), reps)
     certs = {"bcp": cert}
     for m in ("ibp", "lipschitz"):
         certs[m] = setup(name, batch, m)[1]
-    with torch.no_grad():
-        for m, c in certs.items():
-            c.train()
-            out[f"bcpc_forward_{m}"] = median_time(lambda c=c: c(x, 36 / 255, y, sound=False), reps)
+    if not steps_only:
+        with torch.no_grad():
+            out["plain_forward"] = median_time(lambda: model(x), reps)
+            for m, c in certs.items():
+                c.train()
+                out[f"bcpc_forward_{m}"] = median_time(lambda c=c: c(x, 36 / 255, y, sound=False), reps)
     out["certified_step"] = median_time(cert_step, reps)
     lip = certs["lipschitz"]
     lip.train()
@@ -129,6 +129,8 @@ def measure(name, batch, reps, inductor=False, peers=False):
     cert.propagation.lip.eval()
     out["saved_mib_certified"] = saved_for_backward_mib(lambda: cert.loss(x, y, 36 / 255, 1.0))
     cert.propagation.lip.train()
+    if steps_only:
+        return out
     model.eval()
     n_cert = max(batch, 200)
     xc = torch.rand((n_cert,) + shape_of(name))
@@ -146,36 +148,29 @@ def measure(name, batch, reps, inductor=False, peers=False):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="mnist_4c3f,cifar_6c2f,resnet_small")
-    ap.add_argument("--batches", default="50,128")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--json", default=None, help="also write the raw figures here")
-    ap.add_argument("--inductor", action="store_true", help="also time backend='inductor' (torch.compile)")
-    ap.add_argument("--peers", action="store_true", help="also time auto_LiRPA IBP / CROWN-IBP (needs auto-lirpa)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+def table(args, threads) -> list:
+    """One table: every model and batch at ``threads`` threads."""
     rows = []
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.reps}; ratios are to the plain "
+    print(f"torch {torch.__version__}, {threads} thread(s), median of {args.reps}; ratios are to the plain "
           "training step of the same model and batch")
-    head = (f"{'model':>13} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
+    head = (f"{'model':>17} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
             f"{'CERT STEP':>9} {'/ floor':>7} {'lip step':>8} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}"
             + (f" | {'inductor':>8} {'its compile s':>13}" if args.inductor else "")
             + (f" | {'LiRPA IBP':>9} {'CROWN-IBP':>9}" if args.peers else ""))
     print(head)
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            r = measure(name, batch, args.reps, inductor=args.inductor, peers=args.peers)
+            r = measure(name, batch, args.reps, inductor=args.inductor, peers=args.peers, steps_only=args.steps_only)
+            r["threads"] = threads
             rows.append(r)
             p = r["plain_step"]
-            line = (f"{name:>13} {batch:>5} {1000 * p:8.1f}ms | {r['plain_forward'] / p:5.2f} "
-                    f"{r['bcpc_forward_bcp'] / p:7.2f} {r['bcpc_forward_ibp'] / p:7.2f} "
-                    f"{r['bcpc_forward_lipschitz'] / p:7.2f} {r['certified_step'] / p:8.2f}x "
+            fwd = ("  " + "    -   " * 4 if args.steps_only else
+                   f"{r['plain_forward'] / p:5.2f} {r['bcpc_forward_bcp'] / p:7.2f} {r['bcpc_forward_ibp'] / p:7.2f} "
+                   f"{r['bcpc_forward_lipschitz'] / p:7.2f}")
+            certify = f"{'-':>13}" if args.steps_only else f"{r['certify_images_per_s']:13.0f}"
+            line = (f"{name:>17} {batch:>5} {1000 * p:8.1f}ms | {fwd} {r['certified_step'] / p:8.2f}x "
                     f"{r['certified_step'] / r['floor_step']:6.2f}x {r['lipschitz_step'] / p:7.2f}x | "
-                    f"{r['certify_images_per_s']:13.0f} {r['compile_s']:9.2f} | "
+                    f"{certify} {r['compile_s']:9.2f} | "
                     f"{r['saved_mib_certified'] / r['saved_mib_plain']:5.2f}x "
                     f"({r['saved_mib_certified']:.1f}/{r['saved_mib_plain']:.1f} MiB)")
             if args.inductor:
@@ -183,6 +178,26 @@ def main():
             if args.peers:
                 line += f" | {r['lirpa_ibp']:8.2f}x {r['lirpa_crown_ibp']:8.2f}x"
             print(line, flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mnist_4c3f,cifar_6c2f,resnet_small,mnist_4c3f_minmax")
+    ap.add_argument("--batches", default="50,128,512")
+    ap.add_argument("--threads", default="1", help="thread counts, one table each (e.g. 1,2)")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the training steps and their memory (no forward-only timings, certification)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the raw figures here")
+    ap.add_argument("--inductor", action="store_true", help="also time backend='inductor' (torch.compile)")
+    ap.add_argument("--peers", action="store_true", help="also time auto_LiRPA IBP / CROWN-IBP (needs auto-lirpa)")
+    args = ap.parse_args()
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        rows += table(args, threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

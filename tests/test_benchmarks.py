@@ -25,6 +25,10 @@ def test_bench_prints_ratios_to_the_plain_step():
     out = run("bench.py", "--models", "mnist_4c3f", "--batches", "2", "--reps", "1")
     row = [line for line in out.splitlines() if line.strip().startswith("mnist_4c3f")]
     assert len(row) == 1 and row[0].count("x") >= 2, out  # certified-step and memory ratios
+    out = run("bench.py", "--models", "mnist_small_minmax", "--batches", "2", "--reps", "1", "--threads", "1,2",
+              "--steps-only")
+    rows = [line for line in out.splitlines() if line.strip().startswith("mnist_small_minmax")]
+    assert len(rows) == 2 and all(r.count("x") >= 3 for r in rows), out  # one table per thread count
 
 
 def test_solver_kernel_benchmark_runs():
