@@ -78,7 +78,7 @@ class _MaxMin(torch.autograd.Function):
     """:func:`group_sort` with groups of 2: the max and the min of each pair written straight into
     the output (the values a sort of each pair gives), and backward keeps one boolean mask (a sort
     keeps an int64 index per element) to route each gradient to the input the value came from
-    (the first member on ties, as a stable sort would)."""
+    (on a tie the first member takes the max's gradient and the second the min's)."""
 
     @staticmethod
     def forward(ctx, x, dim, strided, descending):

@@ -10,8 +10,9 @@ emitted graph holds up to three readable nodes::
 Nodes that do not depend on the input are copied unchanged (they read centres). Weight-dependent
 Lipschitz constants come from one ``lip.<n>`` module per affine node (bcpc.lipcache), called with
 the live weight and the ``sound`` flag. A convolution read only by a BatchNorm gets its box at the
-BatchNorm, through the folded map (``conv_batch_norm_box``; its own Bound keeps the ball). The graph ends with the margin solve at the last affine
-layer (bcpc.margins) and returns ``(logits, margins)``.
+BatchNorm, through the folded map (``conv_batch_norm_box``; its own Bound keeps the ball). The
+graph ends with the margin solve at the last affine layer (bcpc.margins) and returns
+``(logits, margins)``.
 
 The emitted module's signature is ``forward(x, eps, y=None, sound=False)``; its ``.code`` is the
 documentation of what it computes.
