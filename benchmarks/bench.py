@@ -57,18 +57,20 @@ def training_step(loss_fn, opt):
     return step
 
 
-def saved_for_backward_mib(loss_fn) -> float:
+def saved_for_backward_mib(loss_fn, params=()) -> float:
     """MiB of distinct tensor storage autograd keeps for the backward pass of ``loss_fn()``.
 
     The activations saved for backward are what makes a training step's memory peak; counting
     them through ``torch.autograd.graph.saved_tensors_hooks`` (each storage once) is exact and
-    deterministic, unlike the process RSS on CPU. Parameters are excluded (shared by both steps).
+    deterministic, unlike the process RSS on CPU. The storage of ``params`` is excluded (shared by
+    both steps), views of it included (``F.linear`` saves ``W.t()``, a view of the parameter).
     """
+    own = {p.untyped_storage().data_ptr() for p in params}
     seen = {}
 
     def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            st = t.untyped_storage()
+        st = t.untyped_storage()
+        if st.data_ptr() not in own:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
@@ -123,11 +125,11 @@ def measure(name, batch, reps, inductor=False, peers=False, steps_only=False):
         fast_step()  # torch.compile's one-off code generation
         out["inductor_compile_s"] = time.perf_counter() - t
         out["inductor_step"] = median_time(fast_step, reps)
-    out["saved_mib_plain"] = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y))
+    out["saved_mib_plain"] = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y), model.parameters())
     # the Lipschitz cache's power-iteration step (torch.func.vjp, under no_grad) cannot run under
     # saved-tensor hooks and saves nothing for backward: hold it still while counting
     cert.propagation.lip.eval()
-    out["saved_mib_certified"] = saved_for_backward_mib(lambda: cert.loss(x, y, 36 / 255, 1.0))
+    out["saved_mib_certified"] = saved_for_backward_mib(lambda: cert.loss(x, y, 36 / 255, 1.0), model.parameters())
     cert.propagation.lip.train()
     if steps_only:
         return out

@@ -140,6 +140,6 @@ def test_resnet_certified_step_keeps_under_three_times_the_plain_activations():
     cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
     cert.loss(x, y, 0.1, 1.0)
     cert.propagation.lip.eval()  # the power-iteration step (torch.func) runs outside saved-tensor hooks
-    plain = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y))
-    certified = saved_for_backward_mib(lambda: cert.loss(x, y, 0.1, 1.0))
+    plain = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y), model.parameters())
+    certified = saved_for_backward_mib(lambda: cert.loss(x, y, 0.1, 1.0), model.parameters())
     assert certified <= 3.0 * plain, (certified, plain)
