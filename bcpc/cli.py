@@ -437,7 +437,7 @@ def cmd_audit(args) -> int:
 
 # --- demo ----------------------------------------------------------------------------------
 
-def demo_config(out_dir: str = "runs", quick: bool = False):
+def demo_config(out_dir: str = "runs", quick: bool = False, epochs: int | None = None):
     """The demo run: a small MaxMin conv net on 20,000 MNIST images, certified at l2 eps 1.58, about a
     minute on 2 cores. The recipe of configs/mnist_4c3f_minmax.yaml cut down (TRADES loss, the
     global bound in the loss, train eps 1.1x, log eps ramp, exponential lr decay, batch 128): on
@@ -453,6 +453,8 @@ def demo_config(out_dir: str = "runs", quick: bool = False):
     if quick:  # CI: the same pipeline, minutes -> seconds
         cfg.epochs, cfg.ramp_epochs, cfg.val_every = 2, 1, 1
         cfg.train_subset, cfg.val_subset = 2000, 200
+    if epochs is not None:  # the lr decay and the eps ramp follow the length; the ramp at most half of it
+        cfg.epochs, cfg.ramp_epochs = epochs, min(cfg.ramp_epochs, max(1, epochs // 2))
     return from_dict(cfg.to_dict(), "the demo's config")
 
 
@@ -467,7 +469,7 @@ def cmd_demo(args) -> int:
     from bcpc.evaluate import evaluate
     from bcpc.train import fit, load_trained
 
-    cfg = demo_config(args.out_dir, args.quick)
+    cfg = demo_config(args.out_dir, args.quick, args.epochs)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM as Ctrl-C, from here on
     config_path = cfg.run_dir / "config.json"
@@ -827,6 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small model on MNIST and certify it (minutes on a CPU)",
                        formatter_class=_Formatter)
     d.add_argument("--quick", action="store_true", help="a reduced run (seconds), as CI runs it")
+    d.add_argument("--epochs", type=_at_least(1), default=None, metavar="N",
+                   help="train N epochs instead of the recipe's (12; 2 with --quick)")
     d.add_argument("--out-dir", default="runs", metavar="DIR", help="the run goes to OUT_DIR/demo (deleted first)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
     d.set_defaults(func=cmd_demo)

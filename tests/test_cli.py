@@ -305,9 +305,11 @@ def test_demo_interrupted_says_what_was_kept_and_prints_no_result(tmp_path):
     """SIGTERM (a scheduler, `kill`) while the demo trains: the checkpoint is written, the message
     says the demo starts from scratch and how to continue instead, and no result is printed."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "bcpc", "demo", "--quick", "--no-progress", "--out-dir",
-                             str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    # 500 quick epochs (minutes): the signal lands mid-training however fast the step gets (2 epochs
+    # once finished inside the 1.5 s below, and the test failed)
+    proc = subprocess.Popen([sys.executable, "-m", "bcpc", "demo", "--quick", "--epochs", "500", "--no-progress",
+                             "--out-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     config = tmp_path / "demo" / "config.json"
     deadline = time.time() + 300
     while not config.exists() and proc.poll() is None and time.time() < deadline:
