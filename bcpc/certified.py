@@ -419,7 +419,8 @@ class CertifiedModule(nn.Module):
             loss = cert.loss(x, y, eps=1.58, lam=1.0)   # or kind="trades", lam=1.5
             loss.backward()
         """
-        out = self.forward(x, eps, y, sound=False)
+        ref = None if kind in losses.PREDICTION_REFERENCED else y  # "gloro": margins against the prediction
+        out = self.forward(x, eps, ref, sound=False)
         return losses.certified_loss(kind, out.logits, out.margins, y, lam, hinge_margin)
 
     @staticmethod

@@ -48,9 +48,10 @@ class TrainConfig:
     val_every: int = 1  # validate (and update best.pt) every this many epochs, and after the last
     checkpoint_every: int = 500  # steps between checkpoints (plus one at every epoch end)
     threads: Optional[int] = None  # torch.set_num_threads
+    init: str = "default"  # default (PyTorch's layer init) | orthogonal (every conv/linear weight orthogonal, biases 0; GloRo's)
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh
     # --- the recipe beyond the paper (defaults: the paper's) ---
-    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL, GloRo) | hinge (multi-class hinge on the margins, BCOP)
+    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL) | gloro (CE + lam KL with a bottom class, GloRo's exact form) | hinge (BCOP)
     lam: float = 1.0  # the final lam (trades: the KL weight, may exceed 1)
     lam_schedule: str = "ramp"  # ramp (0 -> lam with the eps ramp) | constant (lam from the first certified step)
     eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps)
@@ -99,11 +100,11 @@ class TrainConfig:
 
 
 #: settings added after the paper's recipe (they enter the fingerprint only when not at the default)
-RECIPE_KEYS = ("loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "lr_schedule",
+RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "lr_schedule",
                "lr_final", "lr_decay_start", "late_method", "late_method_epoch")
 
 #: the choices of the string-valued settings
-CHOICES = {"loss": LOSSES, "lam_schedule": ("ramp", "constant"),
+CHOICES = {"init": ("default", "orthogonal"), "loss": LOSSES, "lam_schedule": ("ramp", "constant"),
            "eps_schedule": ("linear", "log"), "lr_schedule": ("step", "exp")}
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")

@@ -8,6 +8,11 @@ term by ``lam``:
 - ``"bcp"`` — the paper's eq. 13: ``(1 - lam) CE(z, y) + lam CE(zw, y)``.
 - ``"trades"`` — GloRo's TRADES-style loss: ``CE(z, y) + lam KL(softmax(z) || softmax(zw))``; the
   clean term is never down-weighted, and ``lam`` may exceed 1 (GloRo uses 1.5-3).
+- ``"gloro"`` — GloRo's TRADES loss exactly: the margins are taken against the *predicted* class
+  ``k`` (not the label), the bottom logit is ``z_bot = z_k - min_j m_j`` (the largest
+  worst-translated logit), and the KL between ``[softmax(z), 0]`` and ``softmax([z, z_bot])``
+  reduces to ``softplus(z_bot - logsumexp(z))``: ``CE(z, y) + lam softplus(z_bot - LSE(z))``.
+  Only the worst class gets gradient, and robustness is rewarded whatever the label.
 - ``"hinge"`` — a multi-class hinge on the certified margins (BCOP's margin loss):
   ``(1 - lam) CE(z, y) + lam * sum_{j != y} relu(kappa - m_j) / C``, zero once every margin is
   certified with room ``kappa``.
@@ -22,7 +27,10 @@ from torch import Tensor
 
 from bcpc import margins as margins_mod
 
-LOSSES = ("bcp", "trades", "hinge")
+LOSSES = ("bcp", "trades", "gloro", "hinge")
+
+#: losses whose margins are taken against the predicted class (the forward gets no labels)
+PREDICTION_REFERENCED = ("gloro",)
 
 
 def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: float,
@@ -39,6 +47,10 @@ def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: f
         log_p = F.log_softmax(logits, dim=1)
         kl = F.kl_div(F.log_softmax(zw, dim=1), log_p, reduction="batchmean", log_target=True)
         return clean + lam * kl
+    if kind == "gloro":  # margins against the prediction (CertifiedModule.loss passes no labels)
+        ref = logits.argmax(dim=1)
+        z_bot = logits.gather(1, ref.unsqueeze(1)).squeeze(1) - margins.min(dim=1).values
+        return clean + lam * F.softplus(z_bot - torch.logsumexp(logits, dim=1)).mean()
     if kind == "hinge":
         own = F.one_hot(y, margins.shape[1]).bool()
         gap = torch.relu(hinge_margin - margins).masked_fill(own, 0.0)

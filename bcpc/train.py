@@ -157,7 +157,21 @@ def build(cfg: TrainConfig, example: torch.Tensor, method: Optional[str] = None)
     certificate, ``cfg.eval_method``)."""
     torch.manual_seed(cfg.seed)
     model = ARCHITECTURES[cfg.model]()
+    if cfg.init == "orthogonal":
+        orthogonal_init(model)
     return model, compile_for(cfg, model, example, method or cfg.eval_method)
+
+
+def orthogonal_init(model: nn.Module) -> None:
+    """Every convolution and linear weight orthogonal (flattened to ``(out, in * kernel)``), every
+    bias zero: Keras' ``orthogonal`` initializer, which GloRo's Lipschitz nets start from. Each
+    layer then starts with spectral norm 1 on its flattened weight, so the product of the layer
+    bounds starts near 1 instead of shrinking or growing with depth."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            nn.init.orthogonal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def compile_for(cfg: TrainConfig, model: nn.Module, example: torch.Tensor, method: str):

@@ -75,6 +75,54 @@ def test_losses_match_their_formulas():
         losses.certified_loss("focal", logits, m, y, 1.0)
 
 
+def test_gloro_loss_is_the_kl_with_a_bottom_class_against_the_prediction():
+    """GloRo's form: margins against the predicted class k, an 11th "bottom" logit
+    z_bot = max_j (z_j + eps K_kj) = z_k - min_j m_j, and KL([softmax(z), 0] || softmax([z, z_bot]))."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    k = logits.argmax(1)
+    m = torch.rand(6, 4, dtype=torch.float64) * 2 - 0.5
+    m[torch.arange(6), k] = math.inf
+    z_bot = (logits.gather(1, k[:, None]) - m).masked_fill(torch.isinf(m), -math.inf).max(1, keepdim=True).values
+    q = torch.cat([logits, z_bot], 1).log_softmax(1)[:, :4]
+    p = logits.softmax(1)
+    kl = (p * (p.log() - q)).sum(1).mean()  # the target's 11th entry is 0: no term
+    expected = F.cross_entropy(logits, y) + 1.5 * kl
+    assert losses.certified_loss("gloro", logits, m, y, 1.5) == pytest.approx(float(expected))
+    # through the certifying module: the margins are the prediction's, whatever the labels
+    torch.manual_seed(0)
+    model = ARCHITECTURES["mnist_small_minmax"]().double()
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0), method="lipschitz")
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    cert.eval()  # the power iteration stands still: both calls see the same estimates
+    with torch.no_grad():
+        out = cert.forward(x, 0.5, None, sound=False)
+        direct = losses.certified_loss("gloro", out.logits, out.margins, labels, 1.5)
+        via_module = cert.loss(x, labels, 0.5, lam=1.5, kind="gloro")
+    assert float(via_module) == pytest.approx(float(direct))
+    with torch.no_grad():  # with the labels' margins it would be another number
+        out_y = cert.forward(x, 0.5, labels, sound=False)
+    assert float(losses.certified_loss("gloro", out_y.logits, out_y.margins, labels, 1.5)) != pytest.approx(float(direct))
+
+
+def test_orthogonal_init_gives_orthogonal_flattened_weights_and_zero_biases(tmp_path):
+    from bcpc.train import build
+
+    cfg = config.TrainConfig(model="mnist_4c3f_minmax", init="orthogonal")
+    model, _ = build(cfg, torch.zeros(1, 1, 28, 28))
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 7
+    for layer in layers:
+        w = layer.weight.detach().flatten(1).double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=gram.dtype), atol=1e-5)
+        assert (layer.bias == 0).all()
+    default, _ = build(config.TrainConfig(model="mnist_4c3f_minmax"), torch.zeros(1, 1, 28, 28))
+    assert not torch.equal(default[0].weight, model[0].weight)
+
+
 def test_config_accepts_yaml_exponents_and_suggests_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: mnist_small\nlr: 3e-4\nlr_final: 1E-6\n")
@@ -86,7 +134,7 @@ def test_config_accepts_yaml_exponents_and_suggests_keys(tmp_path):
     p.write_text("model: mnist_small\nlr: fast\n")
     with pytest.raises(ConfigError, match="'lr' must be float"):
         config.load(p)
-    for bad, msg in [("loss: focal", "unknown loss 'focal'"), ("eps_schedule: cosine", "unknown eps_schedule"),
+    for bad, msg in [("loss: focal", "unknown loss 'focal'"), ("init: xavier", "unknown init 'xavier'"), ("eps_schedule: cosine", "unknown eps_schedule"),
                      ("late_method: bcp", "late_method and late_method_epoch go together"),
                      ("eval_method: crown", "unknown eval_method"), ("eps_start: 0", "eps_start must be in"),
                      ("lr_schedule: exp\nlr_final: 1.0", "lr_final must be in")]:
@@ -98,7 +146,7 @@ def test_config_accepts_yaml_exponents_and_suggests_keys(tmp_path):
 def test_recipe_keys_enter_the_fingerprint_only_when_set():
     base = config.TrainConfig()
     assert config.TrainConfig(val_every=5, eval_method="bcp").fingerprint() == base.fingerprint()
-    for key, value in [("loss", "trades"), ("lam", 1.5), ("eps_schedule", "log"), ("lr_schedule", "exp")]:
+    for key, value in [("init", "orthogonal"), ("loss", "gloro"), ("loss", "trades"), ("lam", 1.5), ("eps_schedule", "log"), ("lr_schedule", "exp")]:
         assert config.TrainConfig(**{key: value}).fingerprint() != base.fingerprint(), key
 
 
