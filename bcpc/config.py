@@ -54,8 +54,8 @@ class TrainConfig:
     loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL) | gloro (CE + lam KL with a bottom class, GloRo's exact form) | hinge (BCOP)
     lam: float = 1.0  # the final lam (trades: the KL weight, may exceed 1)
     lam_schedule: str = "ramp"  # ramp (0 -> lam with the eps ramp) | constant (lam from the first certified step)
-    eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps)
-    eps_start: float = 0.01  # log ramp: the first certified step's eps, as a fraction of eps
+    eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps) | gloro (GloRo's "log": log of a linear ramp of exp(eps); fast at first)
+    eps_start: float = 0.01  # log and gloro ramps: the first certified step's eps, as a fraction of eps
     hinge_margin: float = 1.0  # hinge: the margin kappa each certified margin is pushed above
     lr_schedule: str = "step"  # step (x lr_decay_factor at lr_decay_epochs) | exp (geometric lr -> lr_final)
     lr_final: float = 1e-6  # exp: the learning rate of the last epoch
@@ -105,7 +105,7 @@ RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start
 
 #: the choices of the string-valued settings
 CHOICES = {"init": ("default", "orthogonal"), "loss": LOSSES, "lam_schedule": ("ramp", "constant"),
-           "eps_schedule": ("linear", "log"), "lr_schedule": ("step", "exp")}
+           "eps_schedule": ("linear", "log", "gloro"), "lr_schedule": ("step", "exp")}
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 

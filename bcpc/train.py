@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import threading
@@ -42,15 +43,21 @@ FORMAT = "bcpc-checkpoint-v1"
 def schedule(cfg: TrainConfig, step: int, steps_per_epoch: int) -> tuple:
     """``(eps, lam)`` at a global step: 0 during warm-up, then a ramp to ``(cfg.eps, cfg.lam)``.
 
-    The eps ramp is linear (the paper's) or, with ``eps_schedule: log``, geometric from
-    ``eps_start * eps`` (GloRo's); lam ramps linearly with it, or is ``cfg.lam`` from the first
-    certified step on (``lam_schedule: constant``)."""
+    The eps ramp is linear (the paper's); with ``eps_schedule: log``, geometric from
+    ``eps_start * eps`` (slow at first: it stays below a tenth of eps for half the ramp); with
+    ``eps_schedule: gloro``, GloRo's "log" ramp, ``log`` of the linear interpolation of ``exp(eps)``
+    from ``exp(eps_start * eps)`` (fast at first: above half of eps after 30% of the ramp, for
+    eps 1.738). lam ramps linearly with it, or is ``cfg.lam`` from the first certified step on
+    (``lam_schedule: constant``)."""
     epoch = step / steps_per_epoch
     if epoch < cfg.warmup_epochs:
         return 0.0, 0.0
     frac = 1.0 if cfg.ramp_epochs == 0 else min(1.0, (epoch - cfg.warmup_epochs) / cfg.ramp_epochs)
     if cfg.eps_schedule == "log":
         eps = cfg.eps * cfg.eps_start ** (1.0 - frac)
+    elif cfg.eps_schedule == "gloro":
+        start = math.exp(cfg.eps_start * cfg.eps)
+        eps = math.log(start + (math.exp(cfg.eps) - start) * frac)
     else:
         eps = cfg.eps * frac
     lam = cfg.lam if cfg.lam_schedule == "constant" else cfg.lam * frac

@@ -37,6 +37,21 @@ def test_log_ramp_is_geometric_from_eps_start_and_lam_constant():
     assert schedule(ramp, 20, spe) == pytest.approx((1.0, 0.25))  # lam ramps to cfg.lam
 
 
+def test_gloro_ramp_is_the_log_of_a_linear_ramp_of_exp_eps():
+    """GloRo's "log" schedule: exp(eps) rises linearly from exp(eps_start * eps) to exp(eps); eps
+    is above the linear ramp all along (concave), unlike the geometric ramp (below it)."""
+    cfg = config.TrainConfig(eps=1.738, warmup_epochs=0, ramp_epochs=4, eps_schedule="gloro", eps_start=0.01)
+    spe = 10
+    assert schedule(cfg, 0, spe)[0] == pytest.approx(0.01738)
+    assert schedule(cfg, 20, spe)[0] == pytest.approx(math.log((math.exp(0.01738) + math.exp(1.738)) / 2))
+    assert schedule(cfg, 40, spe)[0] == pytest.approx(1.738) and schedule(cfg, 99, spe)[0] == pytest.approx(1.738)
+    geometric = config.TrainConfig(eps=1.738, warmup_epochs=0, ramp_epochs=4, eps_schedule="log", eps_start=0.01)
+    for step in range(1, 40):
+        eps = schedule(cfg, step, spe)[0]
+        assert schedule(geometric, step, spe)[0] < 1.738 * step / 40 < eps
+    assert schedule(cfg, 12, spe)[0] > 1.738 / 2  # half the radius after 30% of the ramp (geometric: 85%)
+
+
 def test_exponential_lr_decay_over_the_second_half():
     cfg = config.TrainConfig(epochs=11, lr=1e-3, lr_schedule="exp", lr_final=1e-6)
     rates = [lr_at(cfg, e) for e in range(11)]
@@ -146,7 +161,8 @@ def test_config_accepts_yaml_exponents_and_suggests_keys(tmp_path):
 def test_recipe_keys_enter_the_fingerprint_only_when_set():
     base = config.TrainConfig()
     assert config.TrainConfig(val_every=5, eval_method="bcp").fingerprint() == base.fingerprint()
-    for key, value in [("init", "orthogonal"), ("loss", "gloro"), ("loss", "trades"), ("lam", 1.5), ("eps_schedule", "log"), ("lr_schedule", "exp")]:
+    for key, value in [("init", "orthogonal"), ("loss", "gloro"), ("loss", "trades"), ("lam", 1.5), ("eps_schedule", "log"), ("eps_schedule", "gloro"),
+                       ("lr_schedule", "exp")]:
         assert config.TrainConfig(**{key: value}).fingerprint() != base.fingerprint(), key
 
 
