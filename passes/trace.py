@@ -59,8 +59,49 @@ def _failing_module(exc: BaseException) -> str:
     return found or "the model's forward"
 
 
+def _describe_hook(hook) -> str:
+    fn = getattr(hook, "__func__", hook)
+    code = getattr(fn, "__code__", None)
+    name = getattr(fn, "__qualname__", type(hook).__name__)
+    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
+
+
+def _refuse_forward_hooks(model: nn.Module) -> None:
+    """torch.fx calls ``forward`` without the module's forward hooks and pre-hooks, so a hook that
+    changes an input or an output would be missing from the graph, and the clean-logits check
+    at sample points cannot see a hook that acts only elsewhere (a clamp above some value, say).
+    Refused, whatever the hook does."""
+    import torch.nn.modules.module as module_mod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for name, m in model.named_modules():
+        for kind, hooks in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
+            for hook in hooks.values():
+                if isinstance(hook, (SpectralNorm, WeightNorm)):
+                    which = "spectral_norm" if isinstance(hook, SpectralNorm) else "weight_norm"
+                    raise TraceError(
+                        f"module {name or '<root>'!r} ({type(m).__name__}) uses the hook-based torch.nn.utils.{which}, "
+                        "whose weight is recomputed by a forward pre-hook that torch.fx does not run. Use "
+                        f"torch.nn.utils.parametrizations.{which} (a parametrization, which bcpc traces) instead.")
+                found.append(f"{kind} {_describe_hook(hook)} on {name or '<root>'!r} ({type(m).__name__})")
+    for kind, hooks in (("global forward pre-hook", module_mod._global_forward_pre_hooks),
+                        ("global forward hook", module_mod._global_forward_hooks)):
+        found += [f"{kind} {_describe_hook(hook)} (torch.nn.modules.module.register_module_{kind.split()[1]}_"
+                  f"{'pre_hook' if 'pre' in kind else 'hook'})" for hook in hooks.values()]
+    if found:
+        raise TraceError(
+            f"the model has {', '.join(found)}. torch.fx traces forward() without hooks, so the compiled graph "
+            "would not compute what model(x) computes wherever a hook changes a value, and no certificate would "
+            "hold. Remove the hooks before bcpc.compile (keep the handle register_forward_hook returns and call "
+            "handle.remove()), or move what they compute into the module's forward.")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; the result shares parameters with it."""
+    """Symbolically trace ``model``; the result shares parameters with it. Forward hooks are
+    refused (:func:`_refuse_forward_hooks`)."""
+    _refuse_forward_hooks(model)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)

@@ -410,7 +410,13 @@ def cast_ball(x: Bound, dtype=None):
     """Widening (to the same or a more precise dtype, or ``dtype=None``: a device move): exact,
     radius unchanged. Narrowing rounds each coordinate: ``R(a) = a (1 + d) + e``, ``|d| <= u``,
     ``|e| <= tiny`` (underflow), so ``||R(a') - R(a)|| <= ||a' - a|| + u (||a'|| + ||a||) + 2
-    sqrt(n) tiny <= r + u (2 ||c|| + r) + 2 sqrt(n) tiny``, rounded up into the new dtype."""
+    sqrt(n) tiny <= r + u (2 ||c|| + r) + 2 sqrt(n) tiny``, rounded up into the new dtype.
+
+    That model of rounding holds only inside the new dtype's finite range: a coordinate that can
+    reach ``finfo(dst).max`` in magnitude may round to ``inf`` (float16 overflows above 65504),
+    and no finite ball holds ``inf``. Such a sample gets an infinite radius, so nothing built
+    on it is certified; its largest magnitude is bounded by the box where there is one, else by
+    ``max |c| + r``."""
     if x.radius is None:
         return None
     src, dst = x.center.dtype, (x.center.dtype if dtype is None else dtype)
@@ -420,6 +426,11 @@ def cast_ball(x: Bound, dtype=None):
     c = x.center.flatten(1).norm(dim=1)
     n = x.center[0].numel()
     r = x.radius + u * (2 * c + x.radius) + 2 * math.sqrt(n) * tiny
+    reach = x.center.flatten(1).abs().amax(dim=1) + x.radius
+    if x.lower is not None:
+        reach = torch.minimum(reach, torch.maximum(x.lower.flatten(1).abs(), x.upper.flatten(1).abs()).amax(dim=1))
+    overflow = ~(reach < torch.finfo(dst).max)  # NaN reach counts as overflow
+    r = torch.where(overflow, torch.full_like(r, math.inf), r)
     return (r * (1 + 4 * u)).to(dst)
 
 

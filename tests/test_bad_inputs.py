@@ -203,7 +203,24 @@ def _empty_image_folder(tmp):
     data.from_image_folder(tmp / "images")
 
 
+def _hooked(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    if kind == "forward":
+        model[0].register_forward_hook(lambda m, i, out: torch.where(out > 1.0, torch.zeros_like(out), out))
+    elif kind == "pre":
+        model[2].register_forward_pre_hook(lambda m, i: (i[0].clamp(max=1.0),))
+    else:
+        nn.utils.spectral_norm(model[2])
+    return bcpc.compile(model, example_input=torch.zeros(1, 4))
+
+
 CASES = [
+    ("a forward hook on a layer (it may change values fx does not trace)", lambda t: _hooked("forward"),
+     errors.TraceError),
+    ("a forward pre-hook on a layer", lambda t: _hooked("pre"), errors.TraceError),
+    ("the hook-based torch.nn.utils.spectral_norm (use the parametrization)", lambda t: _hooked("spectral"),
+     errors.TraceError),
     ("unsupported op (torch.sin)", lambda t: bcpc.compile(Sine(), example_input=torch.zeros(1, 4)),
      errors.UnsupportedOpError),
     ("data-dependent control flow", lambda t: bcpc.compile(Branchy(), example_input=torch.zeros(1, 4)),

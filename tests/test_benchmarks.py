@@ -2,6 +2,7 @@
 
 The figures themselves are measured by running the scripts as docs/performance.md and
 docs/soundness.md say; here only that the commands work as written (smaller arguments)."""
+import re
 import importlib.util
 import os
 import subprocess
@@ -99,3 +100,13 @@ def test_bcp_gain_compares_the_box_with_the_global_bound():
     bcp = float(figures["verified, BCP (ball and box)"].rstrip("%"))
     glob = float(figures["verified, global Lipschitz bound"].rstrip("%"))
     assert 0 < glob <= bcp, out  # the box only ever adds certificates
+
+
+def test_bound_ceiling_compares_the_global_bound_with_the_gradient():
+    out = run("bound_ceiling.py", "--checkpoint", "models/mnist_small_demo.pt", "--split", "val", "--n", "40")
+    ratio = re.search(r"min ([\d.]+), median ([\d.]+), max ([\d.]+)", out)
+    assert ratio, out
+    low, median, high = map(float, ratio.groups())
+    assert 1.0 <= low <= median <= high, out  # a sound bound is never below the gradient norm it bounds
+    verified = [float(v) for v in re.findall(r"every certified radius .*: ([\d.]+)%", out)]
+    assert len(verified) == 3 and verified == sorted(verified), out

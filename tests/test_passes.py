@@ -223,3 +223,40 @@ def test_subclasses_of_builtin_layers_that_change_only_their_constructor_are_the
     assert not any(n.op == "call_module" and n.target == "1" for n in cert.canonical.graph.nodes)  # traced through
     assert "batch_norm" in cert.rules.values()  # its forward's F.batch_norm
     torch.testing.assert_close(cert(x, 0.1).logits, traced(x), rtol=0, atol=0)
+
+
+def test_forward_hooks_are_refused_at_compile_and_allowed_once_removed():
+    """fx traces forward() without hooks: a hook that clamps or zeroes values only where the
+    clean-logits check does not look would be missing from a certified graph (found by a
+    new-user review: certify() said True, the hooked model flipped inside the ball)."""
+    from bcpc.errors import TraceError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.rand(2, 4)
+
+    def zero_large(module, inputs, out):
+        return torch.where(out > 1.0, torch.zeros_like(out), out)
+
+    handle = model[0].register_forward_hook(zero_large)
+    with pytest.raises(TraceError, match=r"forward hook .*zero_large .*test_passes.py:\d+\) on '0' \(Linear\)"):
+        bcpc.compile(model, example_input=x[:1])
+    handle.remove()
+    pre = model[2].register_forward_pre_hook(lambda m, inputs: (inputs[0] * 2,))
+    with pytest.raises(TraceError, match=r"forward pre-hook .*on '2' \(Linear\).*handle.remove\(\)"):
+        bcpc.compile(model, example_input=x[:1])
+    pre.remove()
+    glob = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(TraceError, match="global forward hook"):
+            bcpc.compile(model, example_input=x[:1])
+    finally:
+        glob.remove()
+    cert = bcpc.compile(model, example_input=x[:1])  # no hooks left: compiles and certifies
+    assert cert.margins(x, model(x).argmax(1), 0.01).shape == (2, 3)
+    old_style = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.utils.spectral_norm(nn.Linear(6, 3))).eval()
+    with pytest.raises(TraceError, match="torch.nn.utils.parametrizations.spectral_norm"):
+        bcpc.compile(old_style, example_input=x[:1])
+    new_style = nn.Sequential(nn.Linear(4, 6), nn.ReLU(),
+                              nn.utils.parametrizations.spectral_norm(nn.Linear(6, 3))).eval()
+    bcpc.compile(new_style, example_input=x[:1])

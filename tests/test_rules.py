@@ -213,3 +213,35 @@ def test_conv_transpose_certified_sigma_is_the_true_norm(conv):
     assert true <= row["upper"] <= true * (1 + 1e-5)
     assert row["converged"] <= true * (1 + 1e-12)
     assert cert.certify(x, model(x).argmax(1), eps=1e-3).all()
+
+
+def test_a_narrowing_cast_that_can_overflow_certifies_nothing():
+    """float16 rounds values above 65504 to inf, which no finite ball holds: the cast's ball
+    radius becomes infinite where the set can reach the limit (found by a new-user review: a
+    .half().float() round trip certified an input whose neighbour's logit was -inf)."""
+
+    class HalfRoundTrip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.l1(x).half().float()
+            return torch.cat([70000.0 - h, -h.clamp(max=0.0)], 1)
+
+    model = HalfRoundTrip().eval()
+    with torch.no_grad():
+        model.l1.weight.fill_(1000.0)
+        model.l1.bias.fill_(61600.0)
+    x = torch.tensor([[1.0, 1.0, 1.0, 0.9], [0.0, 0.0, 0.0, 0.0]])  # h = 65500 (fp16 65504), h = 61600
+    y = model(x).argmax(1)
+    assert y.tolist() == [0, 0]
+    neighbour = x[:1].clone()
+    neighbour[0, 3] += 0.05  # h = 65550: inf in float16, inside the ball and the domain
+    assert model(neighbour).argmax(1).item() == 1 and torch.isinf(model(neighbour)).any()
+    for method in ("bcp", "lipschitz", "ibp"):
+        cert = bcpc.compile(model, norm="l2", example_input=x[:1], input_domain=(0.0, 1.0), method=method)
+        ok = cert.certify(x, y, 0.05)
+        assert not ok[0], method  # the overflowing input: never certified
+        assert ok[1], method  # far from the limit: the cast rule still certifies
+        assert cert.certified_radius(x[:1], y[:1]).item() < 0.05 * 0.5, method  # only 0.02 of headroom to 65520
