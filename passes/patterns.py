@@ -194,8 +194,8 @@ def _maxmin(graph: fx.Graph, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not torch.cat or len(node.args) < 2:
         return False
     tensors, dim = node.args[0], node.args[1]
-    if len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
-        return False
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
+        return False  # e.g. torch.cat(h.chunk(2, 1)[::-1], 1): the sequence is itself a node
     first, second = tensors
     kinds = {first.target, second.target}
     if kinds != {torch.maximum, torch.minimum} or len(first.args) != 2 or len(second.args) != 2:

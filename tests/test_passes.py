@@ -260,3 +260,21 @@ def test_forward_hooks_are_refused_at_compile_and_allowed_once_removed():
     new_style = nn.Sequential(nn.Linear(4, 6), nn.ReLU(),
                               nn.utils.parametrizations.spectral_norm(nn.Linear(6, 3))).eval()
     bcpc.compile(new_style, example_input=x[:1])
+
+
+def test_cat_of_a_sliced_tuple_is_refused_cleanly_not_crashed():
+    """torch.cat(h.chunk(2, 1)[::-1], 1): the sequence given to cat is itself a graph node; the
+    MaxMin pattern crashed on len() of it (a raw TypeError, found by a new-user review)."""
+    from bcpc.errors import UnsupportedOpError
+
+    class Swap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.cat(h.chunk(2, 1)[::-1], 1))
+
+    with pytest.raises(UnsupportedOpError, match="chunk"):
+        bcpc.compile(Swap().eval(), example_input=torch.zeros(1, 4))
