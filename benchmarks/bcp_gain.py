@@ -20,20 +20,36 @@ from bcpc import data
 from bcpc.train import load_trained
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def checkpoint_parser(doc: str, split: str, n: int) -> argparse.ArgumentParser:
+    """The arguments every trained-model benchmark takes: checkpoint, split, n, eps."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a bcpc checkpoint (best.pt / models/*.pt)")
-    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (default test)")
-    ap.add_argument("--n", type=int, default=10000, help="images, from the first (default 10000)")
+    ap.add_argument("--split", default=split, choices=["train", "val", "test"], help=f"data split (default {split})")
+    ap.add_argument("--n", type=int, default=n, help=f"images, from the first (default {n})")
     ap.add_argument("--eps", type=float, default=None, help="l2 radius (default: the run's evaluation eps)")
-    ap.add_argument("--batch-size", type=int, default=500, help="images per certify call (default 500)")
-    args = ap.parse_args()
+    return ap
+
+
+def load(args) -> tuple:
+    """``(model, cert, cfg, eps, x, y)`` of a :func:`checkpoint_parser` command line."""
     model, cert, cfg, _ = load_trained(args.checkpoint)
     eps = cfg.target_eps_eval if args.eps is None else args.eps
     x, y = data.load(cfg.dataset, cfg.data_root, args.split)
-    x, y = x[:args.n], y[:args.n]
-    glob = bcpc.compile(model, cfg.norm, example_input=x[:1], method="lipschitz",
+    return model, cert, cfg, eps, x[:args.n], y[:args.n]
+
+
+def global_bound(model, cfg, example):
+    """The model compiled with the global Lipschitz bound alone (``method="lipschitz"``)."""
+    return bcpc.compile(model, cfg.norm, example_input=example, method="lipschitz",
                         input_domain=tuple(cfg.input_domain) if cfg.input_domain else None)
+
+
+def main():
+    ap = checkpoint_parser(__doc__, "test", 10000)
+    ap.add_argument("--batch-size", type=int, default=500, help="images per certify call (default 500)")
+    args = ap.parse_args()
+    model, cert, cfg, eps, x, y = load(args)
+    glob = global_bound(model, cfg, x[:1])
     t0 = time.perf_counter()
     v_bcp = v_glob = only_bcp = binds = pairs = 0
     m_bcp = m_glob = 0.0

@@ -19,17 +19,15 @@ Three measurements, all in float64:
    sound bound over all MaxMin Jacobians), and (b) the largest ``||c J W||`` over random MaxMin
    Jacobians ``J`` (a lower bound on what any such bound can reach).
 """
-import argparse
 import copy
 import statistics
 import time
 
 import torch
 
-import bcpc
-from bcpc import data
 from bcpc.nn import MaxMin
-from bcpc.train import load_trained
+
+from bcp_gain import checkpoint_parser, global_bound, load  # this folder's script, run as benchmarks/...
 
 
 def spectral(a: torch.Tensor) -> float:
@@ -56,19 +54,12 @@ def random_maxmin_jacobian(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a bcpc checkpoint (best.pt / models/*.pt)")
-    ap.add_argument("--split", default="val", choices=["train", "val", "test"], help="data split (default val)")
-    ap.add_argument("--n", type=int, default=300, help="images, from the first (default 300)")
-    ap.add_argument("--eps", type=float, default=None, help="l2 radius (default: the run's evaluation eps)")
+    ap = checkpoint_parser(__doc__, "val", 300)
     ap.add_argument("--samples", type=int, default=20, help="random MaxMin Jacobians per class pair (default 20)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    model, cert, cfg, _ = load_trained(args.checkpoint)
-    model = model.double().eval()
-    eps = cfg.target_eps_eval if args.eps is None else args.eps
-    x, y = data.load(cfg.dataset, cfg.data_root, args.split)
-    x, y = x[:args.n].double(), y[:args.n]
+    model, cert, cfg, eps, x, y = load(args)
+    model, x = model.double().eval(), x.double()
 
     rows = cert.lipschitz_table(converge_iters=200)
     print(f"{args.checkpoint}: {args.split} split, first {len(x)} images, l2 eps {eps}")
@@ -98,8 +89,7 @@ def main():
     print(f"global bound / margin gradient norm at the image, over {len(ratio)} (image, class) pairs: "
           f"min {low:.3f}, median {median:.3f}, max {ratio.max().item():.3f}")
 
-    glob = bcpc.compile(copy.deepcopy(model).float(), cfg.norm, example_input=x[:1].float().detach(), method="lipschitz",
-                        input_domain=tuple(cfg.input_domain) if cfg.input_domain else None)
+    glob = global_bound(copy.deepcopy(model).float(), cfg, x[:1].float().detach())
     with torch.no_grad():
         radius = torch.cat([glob.certified_radius(x[i:i + 250].float().detach(), y[i:i + 250])
                             for i in range(0, len(x), 250)])
