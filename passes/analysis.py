@@ -100,9 +100,19 @@ def _known_refusal(name: str) -> str:
     return ""
 
 
+def _has_constant_operand(node: fx.Node) -> bool:
+    """A two-operand product one of whose operands does not depend on the input."""
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return len(node.args) >= 2 and (len(operands) < 2 or any(not info(a).perturbed for a in operands))
+
+
 def _hint(node: fx.Node, module=None) -> str:
     """Why a perturbed node of this kind cannot be held constant, and what to write instead."""
     name = type(module).__name__ if module is not None else _op_name(node)
+    if name in ("matmul", "__matmul__", "mm") and module is None and _has_constant_operand(node):
+        return (" A product with a constant factor (x @ W, a parameter or buffer W) is an affine map, but this "
+                "spelling has no rule yet: write F.linear(x, W.t()) (or an nn.Linear), which bcpc bounds with "
+                "W's guaranteed norm.")
     known = _known_refusal(name)
     if known:
         return known

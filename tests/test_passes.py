@@ -278,3 +278,32 @@ def test_cat_of_a_sliced_tuple_is_refused_cleanly_not_crashed():
 
     with pytest.raises(UnsupportedOpError, match="chunk"):
         bcpc.compile(Swap().eval(), example_input=torch.zeros(1, 4))
+
+
+def test_a_product_with_a_parameter_points_to_f_linear():
+    """x @ W with W a parameter is affine; the refusal says how to write it (it said both factors
+    depend on the input, which was wrong), and the advice compiles."""
+    from bcpc.errors import UnsupportedOpError
+
+    class MatMul(nn.Module):
+        def __init__(self, spelling):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w, self.spelling = nn.Parameter(torch.randn(4, 3)), spelling
+
+        def forward(self, x):
+            return x @ self.w if self.spelling == "matmul" else F.linear(x, self.w.t())
+
+    with pytest.raises(UnsupportedOpError, match=r"constant factor .*F.linear\(x, W.t\(\)\)"):
+        bcpc.compile(MatMul("matmul").eval(), example_input=torch.zeros(1, 4))
+
+    class Bilinear(nn.Module):
+        def forward(self, x):
+            return (x.unsqueeze(2) @ x.unsqueeze(1)).flatten(1)
+
+    with pytest.raises(UnsupportedOpError, match="both depend on the input"):
+        bcpc.compile(Bilinear().eval(), example_input=torch.zeros(1, 4))
+    model = MatMul("linear").eval()
+    x = torch.rand(2, 4)
+    cert = bcpc.compile(model, example_input=x[:1])
+    assert cert.margins(x, model(x).argmax(1), 0.1).shape == (2, 3)
