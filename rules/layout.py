@@ -453,7 +453,8 @@ def _to_adapter(module, args, kwargs):
         elif isinstance(a, bool):
             continue  # non_blocking / copy
         else:
-            raise ValueError(f"x.to({a!r}): give the dtype itself (x.to(other.dtype)), not a tensor")
+            raise ValueError(f"x.to({a!r}): the dtype (or tensor) is read at run time, which bcpc cannot follow; "
+                             "write the dtype itself (x.to(torch.float32)), or drop the cast where it changes nothing")
     return (x, dtype), {}
 
 

@@ -307,3 +307,18 @@ def test_a_product_with_a_parameter_points_to_f_linear():
     x = torch.rand(2, 4)
     cert = bcpc.compile(model, example_input=x[:1])
     assert cert.margins(x, model(x).argmax(1), 0.1).shape == (2, 3)
+
+
+def test_a_cast_to_another_tensors_dtype_says_to_write_the_dtype():
+    from bcpc.errors import UnsupportedOpError
+
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x).relu().to(x.dtype))
+
+    with pytest.raises(UnsupportedOpError, match=r"read at run time.*x.to\(torch.float32\)"):
+        bcpc.compile(Cast().eval(), example_input=torch.zeros(1, 4))
