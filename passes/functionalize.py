@@ -73,7 +73,10 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node):
     out-of-place form; ``kind`` is None for an op that is not an in-place spelling. Raises for
     in-place spellings that have no safe rewrite."""
     if "out" in node.kwargs:
-        raise _refuse(node, "writes its result into an existing tensor (out=)", "Drop out= and use the returned value")
+        if node.kwargs["out"] is not None:
+            raise _refuse(node, "writes its result into an existing tensor (out=)", "Drop out= and use the returned value")
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}  # out=None: the default, as written
+        # by the user or recorded by a wrapper (F.normalize)
     if node.op == "call_method":
         name = node.target
         if name.endswith("_") and not name.startswith("__"):

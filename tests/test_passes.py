@@ -322,3 +322,34 @@ def test_a_cast_to_another_tensors_dtype_says_to_write_the_dtype():
 
     with pytest.raises(UnsupportedOpError, match=r"read at run time.*x.to\(torch.float32\)"):
         bcpc.compile(Cast().eval(), example_input=torch.zeros(1, 4))
+
+
+def test_out_none_is_the_default_and_f_normalize_gets_its_own_refusal():
+    """out=None (written, or recorded by a wrapper such as F.normalize) is not a write into an
+    existing tensor: torch.add(h, 1, out=None) compiles and is sound-checked like torch.add(h, 1);
+    F.normalize gets the normalisation refusal (it got "Drop out=", new-user review)."""
+    from bcpc.errors import UnsupportedOpError
+
+    class OutNone(nn.Module):
+        def __init__(self, normalize=False):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.normalize = nn.Linear(4, 6), nn.Linear(6, 3), normalize
+
+        def forward(self, x):
+            h = self.a(x)
+            h = F.normalize(h, dim=1) if self.normalize else torch.clamp(torch.add(h, 1.0, out=None), min=0.0, out=None)
+            return self.b(h)
+
+    model, x = OutNone().eval(), torch.rand(3, 4)
+    cert = bcpc.compile(model, example_input=x[:1])
+    y = model(x).argmax(1)
+    reference = bcpc.compile(nn.Sequential(model.a, _AddClamp(), model.b).eval(), example_input=x[:1])
+    assert torch.equal(cert.margins(x, y, 0.1), reference.margins(x, y, 0.1))
+    with pytest.raises(UnsupportedOpError, match="Per-sample normalisation"):
+        bcpc.compile(OutNone(normalize=True).eval(), example_input=x[:1])
+
+
+class _AddClamp(nn.Module):
+    def forward(self, h):
+        return torch.clamp(h + 1.0, min=0.0)
