@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from bcpc import guard, losses, ops
 from bcpc import margins as margins_mod
 from bcpc.meta import where
-from bcpc.state import Snapshot, changes, structure
+from bcpc.state import Snapshot, changes, copy_in_dtype, structure
 from bcpc.errors import (GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
                          NonFiniteBoundError)
 
@@ -290,7 +290,7 @@ class CertifiedModule(nn.Module):
                 or not self._twin_state.matches_module(self.propagation)):
             object.__setattr__(self, "_twin", None)  # free the old twin before copying
             state = Snapshot.of_module(self.propagation)
-            twin = copy.deepcopy(self.propagation).to(dtype)
+            twin = copy_in_dtype(self.propagation, dtype)
             twin.eval()
             object.__setattr__(self, "_twin", twin)
             object.__setattr__(self, "_twin_state", state)
@@ -586,3 +586,4 @@ def gm_dtype(gm: nn.Module) -> torch.dtype:
         if b.dtype.is_floating_point:
             return b.dtype
     return torch.get_default_dtype()
+

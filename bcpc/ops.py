@@ -125,5 +125,16 @@ def group_sort(x: Tensor, group_size: int, dim: int = 1, strided: bool = False, 
 
 
 def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x.to(dtype)`` (the canonical dtype cast); ``dtype=None`` (a device move) returns ``x``."""
-    return x if dtype is None else x.to(dtype)
+    """``x.to(dtype)`` (the canonical dtype cast); ``dtype=None`` (a device move) returns ``x``.
+
+    A floating value cast to a *less precise* floating dtype is rounded to it and kept in its own
+    dtype: ``x.to(dtype).to(x.dtype)``. In a model of one floating dtype (the only kind bcpc
+    compiles) the spellings that work in the model itself are a no-op (``x.float()`` in a float32
+    model) or a round trip (``h.half().float()``), and both give the same values this way; the
+    float64 copy that certifies a float32 model then keeps computing in float64 after
+    ``x.float()`` instead of meeting its float64 weights with a float32 tensor."""
+    if dtype is None:
+        return x
+    if x.is_floating_point() and dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(x.dtype).eps:
+        return x.to(dtype).to(x.dtype)
+    return x.to(dtype)

@@ -8,9 +8,9 @@ compare the values themselves: one pass over the weights, far cheaper than what 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
-
+import copy
 import types
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,22 @@ class Snapshot:
 
     def matches_module(self, module: nn.Module) -> bool:
         return self.matches(named_state(module))
+
+
+def copy_in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of ``module`` with every floating tensor in ``dtype``: parameters and buffers
+    (``Module.to``), and also floating tensors kept as plain attributes (``self.w =
+    torch.randn(...)`` in a user's model, constants torch.fx stores on a graph), which
+    ``Module.to`` leaves alone, so that the float64 copy that certifies a float32 model does not
+    meet a float32 constant in a matmul. (Plain tensor attributes are constants of the model;
+    their values are watched by the change check, :func:`changes`.)"""
+    twin = copy.deepcopy(module).to(dtype)
+    for sub in twin.modules():
+        for name, value in list(vars(sub).items()):
+            if (isinstance(value, Tensor) and not isinstance(value, nn.Parameter)
+                    and value.is_floating_point() and value.dtype != dtype):
+                object.__setattr__(sub, name, value.to(dtype))
+    return twin
 
 
 def named_state(module: nn.Module) -> list:

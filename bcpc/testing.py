@@ -16,7 +16,6 @@ Run them in float64 so that a failure is a logic error, not rounding.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -26,6 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from bcpc.passes.trace import trace
+from bcpc.state import copy_in_dtype
 
 
 def _project(delta: Tensor, eps: Tensor, norm: float) -> Tensor:
@@ -247,7 +247,7 @@ def check_soundness(cert, model: nn.Module, x: Tensor, y: Tensor, eps, points: T
     """
     bounds = cert.node_bounds(x, eps, sound=True)
     cert_m = cert.margins(x, y, eps, sound=True)
-    model = copy.deepcopy(model).to(torch.float64).eval()
+    model = copy_in_dtype(model, torch.float64).eval()
     n = points.shape[0]
     flat = points.reshape((-1,) + tuple(points.shape[2:])).to(torch.float64)
     acts = record_activations(model, flat)
@@ -315,7 +315,7 @@ def audit(cert, x: Tensor, y: Tensor, eps, *, pgd_steps: int = 100, restarts: in
 
     t0 = time.time()
     rep = AuditReport()
-    model64 = copy.deepcopy(cert.model).to(torch.float64).eval()
+    model64 = copy_in_dtype(cert.model, torch.float64).eval()
     gen = torch.Generator().manual_seed(seed)
     for i in tqdm(range(0, x.shape[0], batch_size), disable=not progress, desc="audit", unit="batch"):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]

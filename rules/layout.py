@@ -408,7 +408,8 @@ _UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float1
 
 def cast_ball(x: Bound, dtype=None):
     """Widening (to the same or a more precise dtype, or ``dtype=None``: a device move): exact,
-    radius unchanged. Narrowing rounds each coordinate: ``R(a) = a (1 + d) + e``, ``|d| <= u``,
+    radius unchanged. Narrowing rounds each coordinate and keeps its dtype (:func:`bcpc.ops.cast`):
+    ``R(a) = a (1 + d) + e``, ``|d| <= u``,
     ``|e| <= tiny`` (underflow), so ``||R(a') - R(a)|| <= ||a' - a|| + u (||a'|| + ||a||) + 2
     sqrt(n) tiny <= r + u (2 ||c|| + r) + 2 sqrt(n) tiny``, rounded up into the new dtype.
 
@@ -431,7 +432,7 @@ def cast_ball(x: Bound, dtype=None):
         reach = torch.minimum(reach, torch.maximum(x.lower.flatten(1).abs(), x.upper.flatten(1).abs()).amax(dim=1))
     overflow = ~(reach < torch.finfo(dst).max)  # NaN reach counts as overflow
     r = torch.where(overflow, torch.full_like(r, math.inf), r)
-    return (r * (1 + 4 * u)).to(dst)
+    return r * (1 + 4 * u)  # the rounded value keeps the source dtype (ops.cast)
 
 
 def cast_box(center, radius, x: Bound, dtype=None) -> Bound:

@@ -238,8 +238,12 @@ def test_narrowing_cast_widens_the_radius_soundly():
             return self.fc(x.float().double())
 
     x = torch.rand(2, 4, dtype=D)
-    nb = bcpc.compile(Half().eval(), "l2", example_input=x).node_bounds(x, 0.3)
-    cast = [b for name, b in nb.items() if b.center.dtype == torch.float32][0]
+    cert = bcpc.compile(Half().eval(), "l2", example_input=x)
+    nb = cert.node_bounds(x, 0.3)
+    narrowing = [name for name, rule in cert.rules.items() if rule == "cast"][0]  # x.float()
+    cast = nb[narrowing]
+    assert cast.center.dtype == D  # rounded to float32, kept in the working dtype (bcpc.ops.cast)
+    assert torch.equal(cast.center, x.float().double())
     assert 0.3 < cast.radius[0].item() < 0.3 * (1 + 1e-6) + 1e-6
 
 

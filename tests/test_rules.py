@@ -215,6 +215,50 @@ def test_conv_transpose_certified_sigma_is_the_true_norm(conv):
     assert cert.certify(x, model(x).argmax(1), eps=1e-3).all()
 
 
+class _CastsAndConstants(nn.Module):
+    """float32 spellings that are a no-op or a rounding in the model itself and used to meet the
+    float64 certification copy's weights as float32 tensors (found by a new-user review): the
+    input cast to float32 first thing, a half-precision round trip before a layer, a weight kept
+    as a plain tensor attribute."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.w = torch.randn(10, 3 * 6 * 6) * 0.2  # a plain attribute: not a parameter, not a buffer
+
+    def forward(self, x):
+        if self.spelling == "x.float()":
+            x = x.float()
+        h = self.conv(x).relu().flatten(1)
+        if self.spelling == "h.half().float()":
+            h = h.half().float()
+        return F.linear(h, self.w)
+
+
+@pytest.mark.parametrize("spelling", ["x.float()", "h.half().float()", "plain tensor weight"])
+def test_float32_casts_and_plain_tensor_constants_certify_soundly(spelling):
+    torch.manual_seed(3)
+    model = _CastsAndConstants(spelling).eval()
+    x = torch.rand(4, 1, 8, 8)
+    cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
+    y = model(x).argmax(1)
+    eps = 0.3
+    m = cert.margins(x, y, eps)  # the float64 copy runs (its clean logits are checked against model(x))
+    assert m.dtype == torch.float64
+    assert cert.certified_radius(x, y).max() > 0  # not refused, not vacuous
+    # the model as the user runs it, in float32, at sampled and attacked points of the ball:
+    # every margin at or above its certified lower bound (up to float32 rounding of the model)
+    pts = torch.cat([sample_perturbations(x, eps, 2.0, n=300, domain=(0.0, 1.0)),
+                     pgd_margin(model, x, y, eps, 2.0, steps=30, domain=(0.0, 1.0))[None]])
+    with torch.no_grad():
+        z = model(pts.flatten(0, 1)).double().unflatten(0, pts.shape[:2])
+    reached = z.gather(2, y.view(1, -1, 1).expand(z.shape[0], -1, 1)) - z  # (n, B, C): z_y - z_j
+    other = m != math.inf  # j != y
+    assert torch.isfinite(m[other]).all()
+    assert (reached[:, other] >= m[other] - 1e-5 * (1 + z.abs().amax())).all()
+
+
 def test_a_narrowing_cast_that_can_overflow_certifies_nothing():
     """float16 rounds values above 65504 to inf, which no finite ball holds: the cast's ball
     radius becomes infinite where the set can reach the limit (found by a new-user review: a
