@@ -48,15 +48,48 @@ class _Tracer(fx.Tracer):
 
 
 def _failing_module(exc: BaseException) -> str:
-    """Class and method of the innermost nn.Module frame in the traceback."""
+    """Class and method of the innermost nn.Module frame in the traceback (the module is the
+    method's first argument, whatever its name)."""
     tb, found = exc.__traceback__, None
     while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
+        code = tb.tb_frame.f_code
+        first = code.co_varnames[0] if code.co_argcount else None
+        owner = tb.tb_frame.f_locals.get(first) if first else None
         if isinstance(owner, nn.Module) and not isinstance(owner, fx.GraphModule):
             code = tb.tb_frame.f_code
             found = f"{type(owner).__name__}.{code.co_name} ({code.co_filename}:{tb.tb_lineno})"
         tb = tb.tb_next
     return found or "the model's forward"
+
+
+#: (words in torch.fx's message, what to write instead) for the untraceable spellings users write.
+_ADVICE = (
+    (("int() argument", "float() argument", "bool() argument", "'Proxy' object cannot be interpreted as an integer"),
+     "torch.fx traces the input symbolically, so int() / float() / bool() of a tensor or of its shape "
+     "(int(x.shape[1]), float(x.sum())) has no value at trace time. Sizes: use numbers the module "
+     "knows (set in __init__), or pass the shape on without int() (h.flatten(1), h.view(h.shape[0], -1)); "
+     "a Python number computed from the input's values (float(x.sum()), x.item()) cannot be certified: "
+     "keep it a tensor op."),
+    (("cannot be used as inputs to control flow",),
+     "An if / while on a tensor value branches on the input, which one graph cannot hold. Write the "
+     "choice as tensor ops: torch.where(cond, a, b), h.clamp(...), torch.maximum(a, b)."),
+    (("cannot be iterated",),
+     "A for loop over a tensor (for c in h.chunk(2, 1), for row in h) needs its length at trace time. "
+     "Unpack into names (a, b = h.chunk(2, 1)) or index with a fixed range (parts = h.chunk(2, 1); "
+     "sum(parts[i] for i in range(2)))."),
+    (("does not support item assignment",),
+     "Writing into a tensor (h[:, 0] = v) is not traced. Build the result out of place: "
+     "torch.cat([v, h[:, 1:]], 1), or torch.where(mask, v, h) with a constant mask."),
+)
+
+
+def _advice(exc: BaseException) -> str:
+    text = str(exc)
+    for needles, advice in _ADVICE:
+        if any(n in text for n in needles):
+            return advice
+    return ("bcpc needs a model whose forward is a fixed graph of tensor ops: replace data-dependent Python "
+            "control flow (if/for on tensor values) by tensor ops, or compile the traceable part of the model.")
 
 
 def _describe_hook(hook) -> str:
@@ -109,8 +142,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
         where = _failing_module(exc)
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: the failure is in {where}: "
-            f"{type(exc).__name__}: {exc}. bcpc needs a model whose forward is a fixed graph of tensor ops: "
-            "replace data-dependent Python control flow (if/for on tensor values) by tensor ops, "
-            "or compile the traceable part of the model."
+            f"{type(exc).__name__}: {exc}. {_advice(exc)}"
         ) from exc
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)

@@ -82,6 +82,34 @@ monotone(F.leaky_relu, lipschitz=lambda slope: max(1.0, float(slope)), name="lea
          spellings=(F.leaky_relu, nn.LeakyReLU), params=("negative_slope",), defaults={"negative_slope": 0.01},
          check=_check_leaky)
 
+# --- abs ------------------------------------------------------------------------------------
+#
+# Not monotone, but 1-Lipschitz coordinatewise (| |a| - |b| | <= |a - b|), so the ball keeps its
+# radius; the box folds at 0.
+
+def abs_ball(x: Bound):
+    """radius_out = radius_in: | |a'| - |a| | <= |a' - a| in every coordinate."""
+    return x.radius
+
+
+def abs_box(center, radius, x: Bound) -> Bound:
+    """[l, u] where l >= 0, [-u, -l] where u <= 0, [0, max(-l, u)] where the box holds 0 (inside
+    the output ball's box: the fold is 1-Lipschitz in each coordinate)."""
+    lo = torch.where(x.lower >= 0, x.lower, torch.where(x.upper <= 0, -x.upper, torch.zeros_like(x.lower)))
+    hi = torch.maximum(x.lower.abs(), x.upper.abs())
+    return enclose(center, radius, lo, hi)
+
+
+def _abs_adapter(module, args, kwargs):
+    (x,) = pick(args, kwargs, ("input",), {})
+    return (x,), {}
+
+
+register(torch.abs, ball=abs_ball, box=abs_box, family="activation", name="abs",
+         spellings=((torch.abs, _abs_adapter), (torch.absolute, _abs_adapter), ("abs", _abs_adapter),
+                    ("absolute", _abs_adapter)))
+
+
 # --- softplus -------------------------------------------------------------------------------
 #
 # torch computes softplus(x) = log1p(exp(beta x)) / beta for beta x <= threshold and x above it.

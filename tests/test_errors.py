@@ -59,6 +59,39 @@ def test_untraceable_control_flow_names_the_module():
     assert "Branchy.forward" in str(e.value) and "control flow" in str(e.value)
 
 
+class _Untraceable(nn.Module):
+    """Spellings torch.fx cannot trace, each written as users write them (``s`` for self)."""
+
+    def __init__(s, spelling):
+        super().__init__()
+        s.spelling, s.lin = spelling, nn.Linear(4, 4)
+
+    def forward(s, x):
+        h = s.lin(x)
+        if s.spelling == "int(shape)":
+            return h.narrow(1, 0, int(x.shape[1]))
+        if s.spelling == "float(value)":
+            return h * float(x.sum())
+        if s.spelling == "for over chunks":
+            out = 0
+            for c in h.chunk(2, 1):
+                out = out + c
+            return out
+        h[:, 0] = 0.0  # item assignment
+        return h
+
+
+@pytest.mark.parametrize("spelling,advice", [
+    ("int(shape)", "h.view(h.shape[0], -1)"), ("float(value)", "keep it a tensor op"),
+    ("for over chunks", "a, b = h.chunk(2, 1)"), ("item assignment", "out of place")])
+def test_untraceable_spellings_get_advice_that_fits(spelling, advice):
+    with pytest.raises(errors.TraceError) as e:
+        bcpc.compile(_Untraceable(spelling), example_input=torch.zeros(1, 4))
+    msg = str(e.value)
+    assert "_Untraceable.forward (" in msg and "test_errors.py" in msg  # the method, though its self is `s`
+    assert advice in msg and "if/for on tensor values" not in msg  # not the generic hint
+
+
 class Product(nn.Module):
     def forward(self, x):
         return x * x

@@ -65,6 +65,8 @@ def case(name):
     if name in ("relu", "tanh", "sigmoid"):
         fn = getattr(torch, name)
         return Lambda(lambda s, x: fn(s.lin(x)), 6), (4,), dict(lin=nn.Linear(4, 6))
+    if name == "abs":  # the method spelling
+        return Lambda(lambda s, x: s.lin(x).abs(), 6), (4,), dict(lin=nn.Linear(4, 6))
     if name == "leaky_relu":
         return Lambda(lambda s, x: F.leaky_relu(s.lin(x), 0.2), 6), (4,), dict(lin=nn.Linear(4, 6))
     if name == "softplus":
