@@ -66,6 +66,14 @@ def check(got: Tensor, want: Tensor, *, against: str, dtypes: tuple, causes: str
     if bool((ex > 0).any()):
         i = int(ex.argmax())
         d = float((got[i].double() - want[i].double()).abs().max())
+        if not (bool(torch.isfinite(got[i]).all()) and bool(torch.isfinite(want[i]).all())):
+            raise GraphMismatchError(
+                f"on sample {i} of the batch the clean logits are not finite: {got[i].tolist()} from the compiled "
+                f"graph against {want[i].tolist()} from {against}. An overflow or a division by zero in the "
+                "model (a float16 cast of a value above 65504, say) gives inf or NaN, which one of the two "
+                "computations reached and the other did not, or both in different places. No certificate is "
+                "given for such an input; keep the model's values finite (cast to float16 only where they are "
+                "small, or not at all).")
         raise GraphMismatchError(
             f"the compiled graph does not compute this model: on sample {i} of the batch its clean logits differ "
             f"from {against} by {d:.3g} (tolerance {atol:g} + {rtol:g} * max|logit|). No certificate is given. "

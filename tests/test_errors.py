@@ -268,3 +268,17 @@ def test_training_loss_checks_labels_but_not_values():
     with pytest.raises(errors.InvalidInputError, match="labels must lie"):
         cert.loss(torch.rand(2, 4), torch.tensor([0, 5]), 0.1)
     assert torch.isnan(cert.loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]), 0.1))
+
+
+def test_non_finite_logits_are_named_as_such_not_as_a_bcpc_bug():
+    """An overflow (inf) that one computation reaches and the other does not (a float16 cast near
+    65504 rounds differently from the float64 copy) is a property of the model at that input."""
+    from bcpc import guard
+
+    got = torch.tensor([[1.0, 2.0], [65504.0, 3.0]], dtype=torch.float64)
+    want = torch.tensor([[1.0, 2.0], [float("inf"), 3.0]])
+    with pytest.raises(errors.GraphMismatchError) as e:
+        guard.check(got, want, against="model(x)", dtypes=(torch.float64, torch.float32))
+    msg = str(e.value)
+    assert "sample 1" in msg and "not finite" in msg and "float16" in msg and "bcpc bug" not in msg
+    guard.check(got[:1], want[:1], against="model(x)", dtypes=(torch.float64, torch.float32))  # finite: agrees
