@@ -32,8 +32,8 @@ from bcpc import guard, losses, ops
 from bcpc import margins as margins_mod
 from bcpc.meta import where
 from bcpc.state import Snapshot, changes, copy_in_dtype, structure
-from bcpc.errors import (GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError, ModelModeError,
-                         NonFiniteBoundError)
+from bcpc.errors import (ConfigError, GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError,
+                         ModelModeError, NonFiniteBoundError)
 
 #: A certified margin must exceed ``CERTIFY_ATOL + CERTIFY_RTOL * max|logit|`` (float64 run).
 #: Rounding in a float64 forward pass is many orders of magnitude below this; a certificate that
@@ -311,7 +311,14 @@ class CertifiedModule(nn.Module):
             guard.check(logits, live, against=f"model(x) (the live model, {live.dtype})",
                         dtypes=(logits.dtype, live.dtype))
             if self.guard == "strict":
-                guard.check(logits, gm.model(x), against=f"the model's own forward in {x.dtype} (its certified copy)",
+                try:
+                    own = gm.model(x)
+                except RuntimeError as exc:
+                    raise ConfigError(
+                        f"guard='strict' runs the model's own forward in {x.dtype}, which this model cannot do "
+                        f"({type(exc).__name__}: {exc}): its forward casts to another dtype (x.float(), say). "
+                        "Use the default guard=True, which checks against the live model in its own dtype.") from exc
+                guard.check(logits, own, against=f"the model's own forward in {x.dtype} (its certified copy)",
                             dtypes=(logits.dtype,))
 
     def _prepare(self, x, eps, y, sound: bool, dtype):

@@ -127,14 +127,19 @@ def group_sort(x: Tensor, group_size: int, dim: int = 1, strided: bool = False, 
 def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x.to(dtype)`` (the canonical dtype cast); ``dtype=None`` (a device move) returns ``x``.
 
-    A floating value cast to a *less precise* floating dtype is rounded to it and kept in its own
-    dtype: ``x.to(dtype).to(x.dtype)``. In a model of one floating dtype (the only kind bcpc
-    compiles) the spellings that work in the model itself are a no-op (``x.float()`` in a float32
-    model) or a round trip (``h.half().float()``), and both give the same values this way; the
-    float64 copy that certifies a float32 model then keeps computing in float64 after
-    ``x.float()`` instead of meeting its float64 weights with a float32 tensor."""
+    Between floating dtypes the value keeps its own dtype: a cast to a *less precise* dtype rounds
+    it to that dtype (``x.to(dtype).to(x.dtype)``), a cast to an equally or more precise one
+    changes nothing. In a model of one floating dtype (the only kind bcpc compiles) the spellings
+    that work in the model itself are no-ops (``x.float()`` in a float32 model), round trips
+    (``h.half().float()``, ``h.double().float()``) or a final widening (``logits.double()``), and
+    all give the same values this way; the float64 copy that certifies a float32 model keeps
+    computing in float64 after ``x.float()`` instead of meeting its float64 weights with a
+    float32 tensor, and the float32 path stays float32 after ``h.double()``."""
     if dtype is None:
         return x
-    if x.is_floating_point() and dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(x.dtype).eps:
-        return x.to(dtype).to(x.dtype)
+    if x.is_floating_point() and dtype.is_floating_point:
+        if torch.finfo(dtype).eps > torch.finfo(x.dtype).eps:
+            return x.to(dtype).to(x.dtype)
+        return x
+    return x.to(dtype).to(x.dtype)
     return x.to(dtype)

@@ -9,6 +9,8 @@ compare the values themselves: one pass over the weights, far cheaper than what 
 from __future__ import annotations
 
 import copy
+import sys
+import sysconfig
 import types
 from typing import Iterable, Optional
 
@@ -117,23 +119,64 @@ def _code_names(code) -> set:
     return names
 
 
-def _function_data(fn) -> tuple:
+#: Packages whose functions and module attributes are library code, not the user's model state.
+_LIBRARY_PACKAGES = frozenset(["torch", "bcpc", "numpy", "math", "functools", "builtins", "typing", "collections",
+                               "operator", "itertools", "copy", "types", "einops", "scipy"])
+_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _user_code(obj) -> bool:
+    """A function or module of the user's own (not of the standard library or an installed package)."""
+    module = isinstance(obj, types.ModuleType)
+    name = getattr(obj, "__name__" if module else "__module__", None) or ""
+    if name.split(".")[0] in _LIBRARY_PACKAGES or name in sys.builtin_module_names:
+        return False
+    path = getattr(obj, "__file__", None) if module else obj.__code__.co_filename
+    if not path:
+        return module  # a module made in memory (types.ModuleType) is the user's
+    return not path.startswith(_LIBRARY_DIRS)
+
+
+def _function_data(fn, seen: Optional[set] = None) -> tuple:
     """Globals and closure cells a function reads that hold data: fx bakes their values into the
-    graph at trace time, so a later change must be seen."""
+    graph at trace time, so a later change must be seen. Followed into the user's own helper
+    functions it calls and the attributes it reads from the user's own modules (``add_bias(h)``
+    reading a global ``BIAS``, ``h + consts.BIAS``): rebinding such a constant leaves the traced
+    graph with the old value (found by a new-user review)."""
     fn = getattr(fn, "__func__", fn)
     if not isinstance(fn, types.FunctionType):
         return ()
+    seen = set() if seen is None else seen
+    if id(fn) in seen or len(seen) > 64:
+        return ()
+    seen.add(id(fn))
+    names = sorted(_code_names(fn.__code__))
     out = []
-    for name in sorted(_code_names(fn.__code__)):
-        if name in fn.__globals__ and _data(fn.__globals__[name]):
-            out.append((f"global {name!r} read by {fn.__qualname__}", _freeze(fn.__globals__[name])))
+
+    def follow(label, value):
+        if _data(value):
+            out.append((label, _freeze(value)))
+        elif isinstance(value, types.FunctionType) and _user_code(value):
+            out.extend(_function_data(value, seen))
+
+    for name in names:
+        if name not in fn.__globals__:
+            continue
+        value = fn.__globals__[name]
+        if isinstance(value, types.ModuleType):
+            if _user_code(value) and id(value) not in seen:
+                seen.add(id(value))
+                for attr in names:
+                    if attr in vars(value):
+                        follow(f"{value.__name__}.{attr} read by {fn.__qualname__}", vars(value)[attr])
+            continue
+        follow(f"global {name!r} read by {fn.__qualname__}", value)
     for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if _data(value):
-            out.append((f"closure variable {name!r} of {fn.__qualname__}", _freeze(value)))
+        follow(f"closure variable {name!r} of {fn.__qualname__}", value)
     return tuple(out)
 
 

@@ -232,6 +232,24 @@ class SoundnessReport:
     violations: list = field(default_factory=list)
 
 
+def reference_model(model: nn.Module, probe: Tensor) -> tuple:
+    """``(model, dtype)`` to check bounds against: a float64 copy of the user's model where it runs
+    in float64, else (a forward that casts to float32 inside, ``x.float()``, meets the float64
+    weights with a float32 tensor) the model itself in its own dtype, whose rounding then counts
+    against the bounds (a stricter check)."""
+    model64 = copy_in_dtype(model, torch.float64).eval()
+    try:
+        with torch.no_grad():
+            model64(probe.to(torch.float64))
+        return model64, torch.float64
+    except RuntimeError as exc:
+        if "dtype" not in str(exc) and "type" not in str(exc):
+            raise
+    own = next((t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()),
+               torch.get_default_dtype())
+    return model.eval(), own
+
+
 def _tile(t: Tensor, n: int) -> Tensor:
     return t.unsqueeze(0).expand((n,) + tuple(t.shape)).reshape((n * t.shape[0],) + tuple(t.shape[1:]))
 
@@ -247,9 +265,9 @@ def check_soundness(cert, model: nn.Module, x: Tensor, y: Tensor, eps, points: T
     """
     bounds = cert.node_bounds(x, eps, sound=True)
     cert_m = cert.margins(x, y, eps, sound=True)
-    model = copy_in_dtype(model, torch.float64).eval()
     n = points.shape[0]
-    flat = points.reshape((-1,) + tuple(points.shape[2:])).to(torch.float64)
+    model, dtype = reference_model(model, points[0])
+    flat = points.reshape((-1,) + tuple(points.shape[2:])).to(dtype)
     acts = record_activations(model, flat)
     rep = SoundnessReport(points=int(flat.shape[0]))
     for name, b in bounds.items():
@@ -272,7 +290,7 @@ def check_soundness(cert, model: nn.Module, x: Tensor, y: Tensor, eps, points: T
             if ex > 0:
                 rep.violations.append(f"node {name}: a value lies outside its ball by {ex:.3e}")
     with torch.no_grad():
-        logits = model(flat)
+        logits = model(flat).to(torch.float64)
     yy = _tile(y, n)
     sampled = logits.gather(1, yy[:, None]) - logits
     own = torch.nn.functional.one_hot(yy, logits.shape[1]).bool()
@@ -305,8 +323,8 @@ def audit(cert, x: Tensor, y: Tensor, eps, *, pgd_steps: int = 100, restarts: in
 
     For each certified input: PGD on the margin with ``restarts`` restarts (the first from x, the
     others random) plus ``sphere_samples`` points on the sphere / at box corners, all inside the
-    input domain, pushed through the model in float64. A violation is an attack point classified
-    other than y. Also reports the smallest gap between the certified margin lower bound and the
+    input domain, pushed through the model in float64 (in its own dtype where it cannot run in
+    float64, :func:`reference_model`). A violation is an attack point classified other than y. Also reports the smallest gap between the certified margin lower bound and the
     margin actually reached by the attack (it must be >= 0; small values mean a tight bound).
     """
     import time
@@ -315,7 +333,7 @@ def audit(cert, x: Tensor, y: Tensor, eps, *, pgd_steps: int = 100, restarts: in
 
     t0 = time.time()
     rep = AuditReport()
-    model64 = copy_in_dtype(cert.model, torch.float64).eval()
+    model_ref, dtype = reference_model(cert.model, x[:4])
     gen = torch.Generator().manual_seed(seed)
     for i in tqdm(range(0, x.shape[0], batch_size), disable=not progress, desc="audit", unit="batch"):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -328,12 +346,12 @@ def audit(cert, x: Tensor, y: Tensor, eps, *, pgd_steps: int = 100, restarts: in
         m_cert = cert.margins(xc, yc, eps)
         m_cert = m_cert.masked_fill(torch.nn.functional.one_hot(yc, m_cert.shape[1]).bool(), math.inf).amin(1)
         pts = sample_perturbations(xc, eps, cert.norm, n=sphere_samples, domain=cert.input_domain, generator=gen)
-        adv = pgd_margin(model64, xc, yc, eps, cert.norm, steps=pgd_steps, restarts=restarts,
+        adv = pgd_margin(model_ref, xc.to(dtype), yc, eps, cert.norm, steps=pgd_steps, restarts=restarts,
                          domain=cert.input_domain, random_start=False, generator=gen)
         worst = torch.full((xc.shape[0],), math.inf, dtype=torch.float64)
         with torch.no_grad():
-            for p in torch.cat([pts, adv[None]]):
-                worst = torch.minimum(worst, margin_of(model64(p), yc))
+            for p in torch.cat([pts.to(dtype), adv[None].to(dtype)]):
+                worst = torch.minimum(worst, margin_of(model_ref(p).to(torch.float64), yc))
         rep.attacked += xc.shape[0]
         rep.violations += int((worst <= 0).sum())
         rep.min_gap = min(rep.min_gap, float((worst - m_cert).min()))

@@ -422,7 +422,7 @@ def cast_ball(x: Bound, dtype=None):
         return None
     src, dst = x.center.dtype, (x.center.dtype if dtype is None else dtype)
     if _UNIT_ROUNDOFF[dst] <= _UNIT_ROUNDOFF[src]:
-        return x.radius.to(dst)
+        return x.radius  # the value is unchanged and keeps its dtype (bcpc.ops.cast)
     u, tiny = _UNIT_ROUNDOFF[dst], torch.finfo(dst).smallest_normal * _UNIT_ROUNDOFF[dst]
     c = x.center.flatten(1).norm(dim=1)
     n = x.center[0].numel()
@@ -436,8 +436,23 @@ def cast_ball(x: Bound, dtype=None):
 
 
 def cast_box(center, radius, x: Bound, dtype=None) -> Bound:
-    """[R(l), R(u)]: rounding to nearest is nondecreasing."""
-    return bound(center, radius, ops.cast(x.lower, dtype), ops.cast(x.upper, dtype))
+    """Widening: [l, u]. Narrowing: [R(l), R(u)] (rounding to nearest is nondecreasing), each end
+    moved out by one step of the new dtype. The step matters: the model rounds *its own*
+    pre-cast value, which differs from this computation's by the rounding of the layers before
+    (float32 against the float64 copy); next to a tie between two float16 values that tiny
+    difference picks the other neighbour, a whole float16 step away (found by a new-user review:
+    a certified input whose neighbour in the ball was misclassified). A step of the new dtype at
+    ``v`` is at most ``2 u |v|`` (normal numbers) or ``2 tiny`` (subnormal ones), ``u`` its unit
+    roundoff; the widening adds both, rounded up."""
+    src = x.lower.dtype
+    dst = src if dtype is None else dtype
+    lo, hi = ops.cast(x.lower, dtype), ops.cast(x.upper, dtype)
+    if _UNIT_ROUNDOFF[dst] > _UNIT_ROUNDOFF[src]:
+        u = _UNIT_ROUNDOFF[dst]
+        tiny = torch.finfo(dst).smallest_normal * u
+        lo = lo - ((2 * u) * lo.abs() + 2 * tiny) * (1 + 4 * _UNIT_ROUNDOFF[src])
+        hi = hi + ((2 * u) * hi.abs() + 2 * tiny) * (1 + 4 * _UNIT_ROUNDOFF[src])
+    return bound(center, radius, lo, hi)
 
 
 _METHOD_DTYPES = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}

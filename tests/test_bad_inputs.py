@@ -129,6 +129,42 @@ def _python_value_changed(what):
         LIMIT, _Global.threshold = 0.5, 0.1
 
 
+CEILING = 50.0  # read by _ceil, a helper forward calls: far above any value at X, so model(X) never shows it
+_consts = types.ModuleType("_consts")  # stands for a constants.py the model imports
+_consts.FLOOR = -50.0
+
+
+def _ceil(h):
+    return h.clamp(max=CEILING)
+
+
+class _Helpers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(_ceil(self.a(x)).clamp(min=_consts.FLOOR))
+
+
+def _indirect_value_changed(what):
+    """Rebound (not edited in place) constants that forward reads through a helper function or a
+    module: the clean logits at X do not change, so only the change check can see it."""
+    global CEILING
+    model = _Helpers().eval()
+    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
+    cert.certify(X, Y, 0.1)
+    if what == "helper":
+        CEILING = 40.0
+    else:
+        _consts.FLOOR = -40.0
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        CEILING, _consts.FLOOR = 50.0, -50.0
+
+
 def _mixed_dtypes():
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3).double())
     bcpc.compile(model, example_input=torch.rand(1, 4))
@@ -264,6 +300,10 @@ CASES = [
      errors.GraphMismatchError),
     ("a class attribute read by forward changed after compile", lambda t: _python_value_changed("class"),
      errors.GraphMismatchError),
+    ("a global read by a helper function forward calls, rebound after compile",
+     lambda t: _indirect_value_changed("helper"), errors.GraphMismatchError),
+    ("a constant of a module forward reads (consts.FLOOR), rebound after compile",
+     lambda t: _indirect_value_changed("module"), errors.GraphMismatchError),
     ("a field of a config object (SimpleNamespace) changed after compile",
      lambda t: _python_value_changed("object"), errors.GraphMismatchError),
     ("parameters of two floating dtypes (mixed precision)", lambda t: _mixed_dtypes(), errors.UnsupportedOpError),

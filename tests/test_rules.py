@@ -9,6 +9,7 @@ from torch import nn
 
 import bcpc
 from bcpc import registry
+from bcpc.errors import ConfigError
 from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
 import bcpc.rules  # noqa: F401
 
@@ -235,10 +236,12 @@ class _CastsAndConstants(nn.Module):
         h = self.conv(x).relu().flatten(1)
         if self.spelling == "h.half().float()":
             h = h.half().float()
+        if self.spelling == "h.double().float()":
+            h = h.double().float()
         return F.linear(h, self.w)
 
 
-@pytest.mark.parametrize("spelling", ["x.float()", "h.half().float()", "plain tensor weight"])
+@pytest.mark.parametrize("spelling", ["x.float()", "h.half().float()", "h.double().float()", "plain tensor weight"])
 def test_float32_casts_and_plain_tensor_constants_certify_soundly(spelling):
     torch.manual_seed(3)
     model = _CastsAndConstants(spelling).eval()
@@ -259,6 +262,50 @@ def test_float32_casts_and_plain_tensor_constants_certify_soundly(spelling):
     other = m != math.inf  # j != y
     assert torch.isfinite(m[other]).all()
     assert (reached[:, other] >= m[other] - 1e-5 * (1 + z.abs().amax())).all()
+    # bcpc's own checks run the model in float64, or in its own dtype where a cast inside forbids it
+    small = cert.certified_radius(x, y).max().item() * 0.9
+    rep = bcpc.testing.audit(cert, x, y, small, pgd_steps=10, restarts=1, sphere_samples=16)
+    assert rep.certified >= 1 and rep.violations == 0
+    cert.guard = "strict"
+    if spelling != "plain tensor weight":  # a cast to float32 inside: the model cannot run in float64
+        with pytest.raises(ConfigError, match="guard='strict'.*guard=True"):
+            cert.margins(x, y, eps)
+    else:
+        cert.margins(x, y, eps)
+
+
+class _TieRoundTrip(nn.Module):
+    """``h = x + b1 + b2`` in float32, rounded to a half dtype next to a tie between two of its
+    values (constants found by a new-user review): float32 and the float64 copy land on
+    different sides of the tie, one half-precision step apart."""
+
+    def __init__(self, half, b1, b2, tie):
+        super().__init__()
+        self.half = half
+        self.b1, self.b2 = torch.tensor([b1, 0.0]), torch.tensor([b2, 0.0])
+        self.w, self.bias = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([-tie, 0.0])
+
+    def forward(self, x):
+        h = x + self.b1
+        h = h + self.b2
+        return F.linear(h.to(self.half).float(), self.w, self.bias)
+
+
+@pytest.mark.parametrize("half,v,b1,b2,lo,hi", [
+    (torch.float16, 0.5285548567771912, 0.5597227811813354, 0.493265300989151, 1.5810546875, 1.58203125),
+    (torch.bfloat16, 0.5108126401901245, 0.35113075375556946, 0.5638379454612732, 1.421875, 1.4296875)])
+def test_a_half_round_trip_at_a_tie_is_not_certified_past_the_tie(half, v, b1, b2, lo, hi):
+    model = _TieRoundTrip(half, b1, b2, (lo + hi) / 2).eval()
+    x = torch.tensor([[v + 0.01, 0.5]])
+    y = model(x).argmax(1)
+    xp = torch.tensor([[v, 0.5]])  # a point of the ball below: the float32 model rounds it past the tie
+    assert y.item() == 0 and model(xp).argmax(1).item() == 1
+    eps = float((x.double() - xp.double()).norm()) + 1e-12
+    cert = bcpc.compile(model, "l2", example_input=x, input_domain=(0.0, 1.0))
+    zp = model(xp).double()
+    assert cert.margins(x, y, eps)[0, 1] <= zp[0, 0] - zp[0, 1]
+    assert not cert.certify(x, y, eps).item()
+    assert cert.certified_radius(x, y).item() < eps - 1e-9
 
 
 def test_a_narrowing_cast_that_can_overflow_certifies_nothing():
