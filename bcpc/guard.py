@@ -109,5 +109,10 @@ def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_i
         got = graph(x)
     if not isinstance(want, Tensor):
         return  # the analysis has already refused a model that does not return one logits tensor
-    check(got, want, against="model(x) (checked at compile time, in eval mode)", dtypes=(dtype,),
-          causes=COMPILE_CAUSES)
+    causes = COMPILE_CAUSES
+    if any(m.training for m in model.modules()):
+        causes = ("The model was in training mode when compiled, and torch.fx records a Python value such as "
+                  "self.training as it is at trace time: F.batch_norm(..., training=self.training) or "
+                  "F.dropout(..., training=self.training) were traced in training mode. Call model.eval() before "
+                  "bcpc.compile. Other " + COMPILE_CAUSES[0].lower() + COMPILE_CAUSES[1:])
+    check(got, want, against="model(x) (checked at compile time, in eval mode)", dtypes=(dtype,), causes=causes)

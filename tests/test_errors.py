@@ -282,3 +282,22 @@ def test_non_finite_logits_are_named_as_such_not_as_a_bcpc_bug():
     msg = str(e.value)
     assert "sample 1" in msg and "not finite" in msg and "float16" in msg and "bcpc bug" not in msg
     guard.check(got[:1], want[:1], against="model(x)", dtypes=(torch.float64, torch.float32))  # finite: agrees
+
+
+class _FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("mean", torch.full((6,), 0.3))
+        self.register_buffer("var", torch.full((6,), 2.0))
+
+    def forward(self, x):
+        return self.b(torch.relu(F.batch_norm(self.a(x), self.mean, self.var, training=self.training)))
+
+
+def test_a_model_compiled_in_training_mode_that_reads_self_training_is_told_to_call_eval():
+    with pytest.raises(errors.GraphMismatchError) as e:
+        bcpc.compile(_FunctionalBN().train(), example_input=torch.rand(4, 4))
+    assert "training mode when compiled" in str(e.value) and "model.eval()" in str(e.value)
+    bcpc.compile(_FunctionalBN().eval(), example_input=torch.rand(4, 4))  # the fix works
