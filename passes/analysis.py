@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import networkx as nx
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from bcpc import ops, registry
 from bcpc.errors import GraphStructureError, UnsupportedOpError
 from bcpc.meta import info, where
+from bcpc.rules._util import unsupported
 
 
 @dataclass
@@ -189,12 +191,77 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             rec.residual_merge = True
             merges.append(node)
 
+    _refuse_narrow_arithmetic(graph)
     last = None
     folds = {n: n.args[0] for n in graph.nodes if _folds_into(n)}
     if result.target is F.linear and info(result.args[0]).perturbed:
         last = result
         info(last).last_affine = True
     return Analysis(output=result, last_affine=last, residual_merges=merges, dag=dag, folds=folds)
+
+
+#: Rules whose result is one of their inputs' values (or a sign change of one), so that running
+#: them in a less precise dtype rounds nothing.
+_EXACT_IN_ANY_DTYPE = frozenset(["relu", "abs", "neg", "cat", "stack", "flatten", "reshape", "max_pool2d", "amax",
+                                 "amin", "group_sort", "maximum", "minimum", "expand", "flip", "getitem",
+                                 "movedim", "narrow", "permute", "repeat", "roll", "select", "squeeze",
+                                 "transpose", "unsqueeze"])
+
+
+def _less_precise(a, b) -> bool:
+    return torch.finfo(a).eps > torch.finfo(b).eps
+
+
+def _refuse_narrow_arithmetic(graph: fx.Graph) -> None:
+    """Between ``h.half()`` and the cast back, the model computes in float16: every op rounds its
+    result to float16, which the certification copy (which keeps its working dtype, bcpc.ops.cast,
+    and rounds once at the cast) does not model. Ops that only move or select values round
+    nothing and pass; any other op on a value the model holds in a less precise dtype than its
+    own is refused (found by a new-user review: ``(h.half() + 1024).float()`` certified a flip of
+    a whole float16 step). An op with a perturbed operand of the working dtype runs in that dtype
+    (torch promotes) and passes."""
+    narrow: dict = {}  # node -> the less precise dtype the model holds its value in
+    for node in graph.nodes:
+        if node.op != "call_function" or not info(node).perturbed:
+            continue
+        inputs = [a for a in node.all_input_nodes if info(a).perturbed]
+        if node.target is ops.cast:
+            src, dst, work = narrow.get(node.args[0]), node.args[1], info(node).dtype
+            if dst is None:
+                held = src
+            elif dst.is_floating_point and work is not None and _less_precise(dst, work):
+                held = dst if src is None or _less_precise(dst, src) else src
+            else:
+                held = None  # cast to the working precision or above: exact from here on
+            if held is not None:
+                narrow[node] = held
+            continue
+        held = [narrow[a] for a in inputs if a in narrow]
+        if not held or len(held) < len(inputs):
+            continue  # no narrow operand, or one of the working dtype: promoted, computed in the working dtype
+        rule = registry.rule_for(node.target)
+        name = rule.name if rule is not None else str(node.target)
+        dtype = max(held, key=lambda d: torch.finfo(d).eps)
+        if name in _EXACT_IN_ANY_DTYPE:
+            narrow[node] = dtype
+            continue
+        raise unsupported(
+            node, f"{name} runs on a value the model holds in {str(dtype).replace('torch.', '')} (cast there by "
+            f"{_cast_origin(node, narrow)}), so the model rounds its result to that dtype, which bcpc does not model",
+            "Cast back to the model's dtype before computing (h.half().float() + c), or drop the cast")
+
+
+def _cast_origin(node: fx.Node, narrow: dict) -> str:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in narrow and a not in seen:
+                if a.target is ops.cast:
+                    return f"node '{a.name}' at {where(a)}"
+                seen.add(a)
+                todo.append(a)
+    return "an earlier cast"
 
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)

@@ -9,7 +9,7 @@ from torch import nn
 
 import bcpc
 from bcpc import registry
-from bcpc.errors import ConfigError
+from bcpc.errors import ConfigError, UnsupportedOpError
 from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
 import bcpc.rules  # noqa: F401
 
@@ -306,6 +306,40 @@ def test_a_half_round_trip_at_a_tie_is_not_certified_past_the_tie(half, v, b1, b
     assert cert.margins(x, y, eps)[0, 1] <= zp[0, 0] - zp[0, 1]
     assert not cert.certify(x, y, eps).item()
     assert cert.certified_radius(x, y).item() < eps - 1e-9
+
+
+class _NarrowArithmetic(nn.Module):
+    """A step gated so that neither the clean point nor the compile-time probes see it: 1 at
+    x0 = 0, 0 from x0 = 0.05 on; then arithmetic in a half dtype, where one step is 1 (found by
+    a new-user review: certified, and the model flips a whole float16 step inside the ball)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, x):
+        t = torch.relu(0.05 - x[:, :1]) * 20.0
+        if self.spelling == "(t.half() + 1024) - 1024":
+            h = ((t.half() + 1024.0) - 1024.0).float()
+        elif self.spelling == "t.to(torch.bfloat16) * 2 + 256":
+            h = (t.to(torch.bfloat16) * 2.0 + 256.0).float() - 256.0
+        else:  # a float64 model computing in float32
+            h = ((t.float() + 2.0 ** 23) - 2.0 ** 23).double()
+        return torch.cat([-h, torch.full_like(h, -0.2)], 1)
+
+
+@pytest.mark.parametrize("spelling", ["(t.half() + 1024) - 1024", "t.to(torch.bfloat16) * 2 + 256",
+                                      "float64 model, (t.float() + 2**23) - 2**23"])
+def test_arithmetic_in_a_less_precise_dtype_is_refused(spelling):
+    dtype = torch.float64 if spelling.startswith("float64") else torch.float32
+    with pytest.raises(UnsupportedOpError, match=r"runs on a value the model holds in (float16|bfloat16|float32).*"
+                                                 r"Cast back to the model's dtype"):
+        bcpc.compile(_NarrowArithmetic(spelling), "l2", example_input=torch.zeros(1, 8, dtype=dtype),
+                     input_domain=(0.0, 1.0))
+    # moving and selecting values rounds nothing: allowed between the casts
+    model = Lambda(lambda s, x: torch.cat([s.lin(x).half().relu().flatten(1), s.lin(x)], 1).float(), 12)
+    model.add_module("lin", nn.Linear(8, 6))
+    bcpc.compile(model.eval(), "l2", example_input=torch.rand(1, 8), input_domain=(0.0, 1.0))
 
 
 def test_a_narrowing_cast_that_can_overflow_certifies_nothing():
