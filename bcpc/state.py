@@ -9,6 +9,7 @@ compare the values themselves: one pass over the weights, far cheaper than what 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import sysconfig
 import types
@@ -86,8 +87,15 @@ def _freeze(value, depth: int = 0):
         return value
     if isinstance(value, torch.Tensor):
         return _TensorValue(value)
-    if depth > 4:
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):  # an array or a numpy scalar
+        return ("ndarray", str(getattr(value, "dtype", "")), tuple(getattr(value, "shape", ())), value.tobytes())
+    if depth > 8:
         return ("object", type(value).__qualname__, id(value))
+    if isinstance(value, functools.partial):
+        return ("partial", _freeze(value.func, depth + 1), _freeze(value.args, depth + 1),
+                _freeze(value.keywords, depth + 1))
+    if isinstance(value, types.FunctionType):
+        return ("function", value.__qualname__, _code_key(value.__code__), _freeze(value.__defaults__, depth + 1))
     if isinstance(value, (tuple, list)):
         return (type(value).__name__,) + tuple(_freeze(v, depth + 1) for v in value)
     if isinstance(value, dict):
@@ -95,7 +103,18 @@ def _freeze(value, depth: int = 0):
     if _plain_object(value):
         return ("object", type(value).__qualname__, id(value)) + tuple(
             (k, _freeze(v, depth + 1)) for k, v in sorted(vars(value).items()) if not k.startswith("__"))
+    slots = [n for klass in type(value).__mro__ for n in getattr(klass, "__slots__", ())
+             if isinstance(n, str) and not n.startswith("__")]
+    if slots and not isinstance(value, (nn.Module, torch.Tensor)):
+        return ("object", type(value).__qualname__, id(value)) + tuple(
+            (n, _freeze(getattr(value, n, None), depth + 1)) for n in sorted(set(slots)))
     return ("object", type(value).__qualname__, id(value))
+
+
+def _code_key(code) -> tuple:
+    """What a function computes, not where it is written: an identical re-definition compares equal."""
+    return (code.co_code, code.co_names, code.co_varnames,
+            tuple(_code_key(c) if isinstance(c, types.CodeType) else c for c in code.co_consts))
 
 
 def _plain_object(value) -> bool:
@@ -127,6 +146,8 @@ _LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib"
 
 def _user_code(obj) -> bool:
     """A function or module of the user's own (not of the standard library or an installed package)."""
+    if obj is None:
+        return False
     module = isinstance(obj, types.ModuleType)
     name = getattr(obj, "__name__" if module else "__module__", None) or ""
     if name.split(".")[0] in _LIBRARY_PACKAGES or name in sys.builtin_module_names:
@@ -153,24 +174,36 @@ def _function_data(fn, seen: Optional[set] = None) -> tuple:
     names = sorted(_code_names(fn.__code__))
     out = []
 
-    def follow(label, value):
-        if _data(value):
+    def follow(label, value, depth=0):
+        if isinstance(value, types.FunctionType):
+            if _user_code(value):  # its code (a helper rebound to another function) and what it reads
+                out.append((label, _freeze(value)))
+                out.extend(_function_data(value, seen))
+        elif isinstance(value, (staticmethod, classmethod)):
+            follow(label, value.__func__, depth)
+        elif isinstance(value, functools.partial):
             out.append((label, _freeze(value)))
-        elif isinstance(value, types.FunctionType) and _user_code(value):
-            out.extend(_function_data(value, seen))
-
-    for name in names:
-        if name not in fn.__globals__:
-            continue
-        value = fn.__globals__[name]
-        if isinstance(value, types.ModuleType):
-            if _user_code(value) and id(value) not in seen:
+            follow(label + " (its function)", value.func, depth)
+        elif isinstance(value, type):
+            if _user_code(sys.modules.get(value.__module__)) and id(value) not in seen:
+                seen.add(id(value))
+                out.extend(_class_data(value, seen))
+        elif isinstance(value, types.ModuleType):
+            if _user_code(value) and id(value) not in seen and depth < 4:
                 seen.add(id(value))
                 for attr in names:
                     if attr in vars(value):
-                        follow(f"{value.__name__}.{attr} read by {fn.__qualname__}", vars(value)[attr])
-            continue
-        follow(f"global {name!r} read by {fn.__qualname__}", value)
+                        follow(f"{value.__name__}.{attr} read by {fn.__qualname__}", vars(value)[attr], depth + 1)
+        elif _data(value):
+            out.append((label, _freeze(value)))
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+            for item in items:  # functions kept in a registry dict or a list
+                if isinstance(item, (types.FunctionType, functools.partial)):
+                    follow(label + " (an item)", item, depth)
+
+    for name in names:
+        if name in fn.__globals__:
+            follow(f"global {name!r} read by {fn.__qualname__}", fn.__globals__[name])
     for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
         try:
             value = cell.cell_contents
@@ -180,9 +213,10 @@ def _function_data(fn, seen: Optional[set] = None) -> tuple:
     return tuple(out)
 
 
-def _class_data(cls) -> tuple:
+def _class_data(cls, seen: Optional[set] = None) -> tuple:
     """Class attributes holding data and the data globals of the methods, for the user's classes
     (torch's own are not user state)."""
+    seen = set() if seen is None else seen
     out = []
     for klass in cls.__mro__:
         if klass is object or klass.__module__.startswith("torch"):
@@ -193,7 +227,7 @@ def _class_data(cls) -> tuple:
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
             if isinstance(value, types.FunctionType):
-                out.extend(_function_data(value))
+                out.extend(_function_data(value, seen))
             elif _data(value) and not isinstance(value, property):
                 out.append((f"class attribute {klass.__qualname__}.{name}", _freeze(value)))
     return tuple(out)
@@ -224,6 +258,12 @@ def structure(module: nn.Module) -> list:
 
 def _render(frozen) -> str:
     """A :func:`_freeze` record as the user would write the value."""
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "ndarray":
+        return f"a numpy array of shape {frozen[2]} (other values)"
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "function":
+        return f"function {frozen[1]}"
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "partial":
+        return f"functools.partial({_render(frozen[1])}, ...)"
     if isinstance(frozen, tuple) and frozen and frozen[0] == "object":
         fields = ", ".join(f"{k}={_render(v)}" for k, v in frozen[3:])
         return f"{frozen[1]}({fields})" if len(frozen) > 3 else f"<{frozen[1]} object>"

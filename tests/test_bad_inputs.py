@@ -2,6 +2,7 @@
 answer, never a raw traceback from deep inside torch). The table in docs/soundness.md is generated
 from CASES: run `UPDATE_DOCS=1 pytest tests/test_bad_inputs.py` after changing them."""
 import argparse
+import functools
 import gzip
 import os
 import pickle
@@ -134,8 +135,18 @@ _consts = types.ModuleType("_consts")  # stands for a constants.py the model imp
 _consts.FLOOR = -50.0
 
 
+BOUNDS = np.array([60.0])  # read in place through a registry of helpers
+
+
 def _ceil(h):
     return h.clamp(max=CEILING)
+
+
+def _clip(h, low):
+    return h.clamp(min=low, max=float(BOUNDS[0]))
+
+
+_CLIPS = {"clip": functools.partial(_clip, low=-60.0)}
 
 
 class _Helpers(nn.Module):
@@ -145,7 +156,7 @@ class _Helpers(nn.Module):
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.b(_ceil(self.a(x)).clamp(min=_consts.FLOOR))
+        return self.b(_CLIPS["clip"](_ceil(self.a(x)).clamp(min=_consts.FLOOR)))
 
 
 def _indirect_value_changed(what):
@@ -155,14 +166,24 @@ def _indirect_value_changed(what):
     model = _Helpers().eval()
     cert = bcpc.compile(model, example_input=torch.rand(1, 4))
     cert.certify(X, Y, 0.1)
+    global _ceil
+    saved = _ceil, dict(_CLIPS)
     if what == "helper":
         CEILING = 40.0
-    else:
+    elif what == "module":
         _consts.FLOOR = -40.0
+    elif what == "numpy":
+        BOUNDS[0] = 55.0
+    elif what == "partial":
+        _CLIPS["clip"] = functools.partial(_clip, low=-55.0)
+    else:  # the helper function rebound to another one
+        _ceil = lambda h: h.clamp(max=45.0)  # noqa: E731
     try:
         cert.certify(X, Y, 0.1)
     finally:
-        CEILING, _consts.FLOOR = 50.0, -50.0
+        CEILING, _consts.FLOOR, BOUNDS[0] = 50.0, -50.0, 60.0
+        _ceil = saved[0]
+        _CLIPS.update(saved[1])
 
 
 def _mixed_dtypes():
@@ -304,6 +325,12 @@ CASES = [
      lambda t: _indirect_value_changed("helper"), errors.GraphMismatchError),
     ("a constant of a module forward reads (consts.FLOOR), rebound after compile",
      lambda t: _indirect_value_changed("module"), errors.GraphMismatchError),
+    ("a numpy array a helper reads, edited in place after compile",
+     lambda t: _indirect_value_changed("numpy"), errors.GraphMismatchError),
+    ("a functools.partial in a registry dict forward calls, replaced after compile",
+     lambda t: _indirect_value_changed("partial"), errors.GraphMismatchError),
+    ("a helper function forward calls, rebound to another function after compile",
+     lambda t: _indirect_value_changed("rebound helper"), errors.GraphMismatchError),
     ("a field of a config object (SimpleNamespace) changed after compile",
      lambda t: _python_value_changed("object"), errors.GraphMismatchError),
     ("parameters of two floating dtypes (mixed precision)", lambda t: _mixed_dtypes(), errors.UnsupportedOpError),
