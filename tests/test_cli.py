@@ -77,7 +77,7 @@ def _npz(tmp_path, n=20, scale=1.0) -> Path:
 
 
 @pytest.mark.parametrize("args,words", [
-    (("certify", "--checkpoint", "models"), "models is a directory (it holds mnist_4c3f.pt, mnist_small_demo.pt); "
+    (("certify", "--checkpoint", "models"), "models is a directory (it holds mnist_4c3f.pt, mnist_4c3f_minmax.pt, mnist_small_demo.pt); "
                                             "pass the .pt file inside, e.g. models/mnist_4c3f.pt"),
     (("evaluate", "--checkpoint", "WEIGHTS"),
      "is a plain state_dict, not a bcpc checkpoint (no model, no config): pass the model that builds it too, "
