@@ -141,5 +141,4 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
         if torch.finfo(dtype).eps > torch.finfo(x.dtype).eps:
             return x.to(dtype).to(x.dtype)
         return x
-    return x.to(dtype).to(x.dtype)
     return x.to(dtype)

@@ -300,3 +300,15 @@ def test_attention_product_is_refused_with_the_reason():
 def test_layout_refusals_say_why(fn, words):
     msg = _refusal(Reshaped(lambda x: fn(x[:, :8] * 1.0 + 0.0), 8), torch.rand(2, 12))
     assert words in msg
+
+
+def test_cast_of_a_non_floating_value_takes_the_target_dtype():
+    """Only floating values keep their dtype through ops.cast; a mask or an index becomes the dtype
+    the user asked for, as in the model itself."""
+    mask = torch.tensor([True, False])
+    assert ops.cast(mask, torch.float32).dtype == torch.float32
+    assert ops.cast(torch.tensor([1, 2]), torch.float64).dtype == torch.float64
+    assert torch.equal(ops.cast(torch.tensor([3, 5]), torch.float32) / 2, torch.tensor([1.5, 2.5]))
+    h = torch.tensor([1.0, 2.0 ** -12 + 1.0], dtype=D)
+    assert ops.cast(h, torch.float16).dtype == D and ops.cast(h, torch.float16)[1] == 1.0  # rounded, kept
+    assert ops.cast(h.float(), torch.float64).dtype == torch.float32  # widening: unchanged
