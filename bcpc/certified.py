@@ -593,4 +593,3 @@ def gm_dtype(gm: nn.Module) -> torch.dtype:
         if b.dtype.is_floating_point:
             return b.dtype
     return torch.get_default_dtype()
-

@@ -124,6 +124,11 @@ def group_sort(x: Tensor, group_size: int, dim: int = 1, strided: bool = False, 
     return grouped.sort(dim + 1, descending=descending).values.flatten(dim, dim + 1)
 
 
+def less_precise(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether floating ``dtype`` rounds more coarsely than ``than`` (float16 than float32, say)."""
+    return torch.finfo(dtype).eps > torch.finfo(than).eps
+
+
 def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x.to(dtype)`` (the canonical dtype cast); ``dtype=None`` (a device move) returns ``x``.
 
@@ -138,7 +143,7 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype is None:
         return x
     if x.is_floating_point() and dtype.is_floating_point:
-        if torch.finfo(dtype).eps > torch.finfo(x.dtype).eps:
+        if less_precise(dtype, x.dtype):
             return x.to(dtype).to(x.dtype)
         return x
     return x.to(dtype)

@@ -208,10 +208,6 @@ _EXACT_IN_ANY_DTYPE = frozenset(["relu", "abs", "neg", "cat", "stack", "flatten"
                                  "transpose", "unsqueeze"])
 
 
-def _less_precise(a, b) -> bool:
-    return torch.finfo(a).eps > torch.finfo(b).eps
-
-
 def _refuse_narrow_arithmetic(graph: fx.Graph) -> None:
     """Between ``h.half()`` and the cast back, the model computes in float16: every op rounds its
     result to float16, which the certification copy (which keeps its working dtype, bcpc.ops.cast,
@@ -229,8 +225,8 @@ def _refuse_narrow_arithmetic(graph: fx.Graph) -> None:
             src, dst, work = narrow.get(node.args[0]), node.args[1], info(node).dtype
             if dst is None:
                 held = src
-            elif dst.is_floating_point and work is not None and _less_precise(dst, work):
-                held = dst if src is None or _less_precise(dst, src) else src
+            elif dst.is_floating_point and work is not None and ops.less_precise(dst, work):
+                held = dst if src is None or ops.less_precise(dst, src) else src
             else:
                 held = None  # cast to the working precision or above: exact from here on
             if held is not None:
