@@ -4,8 +4,8 @@ Two checks, both raising :class:`~bcpc.errors.GraphMismatchError` (never a certi
 
 * **at compile time** (:func:`verify_compiled`): the canonical graph and a copy of the user's
   model, both in eval mode, on the example input and on a random input, must agree. This catches a
-  trace that is not the model (Python side effects, ``h += ...`` on a tensor that is also used
-  elsewhere: fx records it as an out-of-place add) before anyone trains on it.
+  trace that is not the model (Python side effects: a counter, a value cached on the module at
+  the first call) before anyone trains on it.
 * **at run time** (``CertifiedModule``, before returning any sound result): the clean logits of
   the certification graph against the live ``model(x)`` in the model's own dtype (this also
   catches a Python attribute or submodule changed after compilation); with ``cert.guard =
@@ -48,10 +48,10 @@ def excess(got: Tensor, want: Tensor, atol: float, rtol: float) -> Tensor:
 
 
 _RUNTIME_CAUSES = ("Causes: the model changed after bcpc.compile (compile again); a forward that torch.fx cannot see "
-                   "(Python side effects, `h += ...` on a tensor that is also used elsewhere: write h = h + ...); or a "
+                   "(Python side effects: a counter or a value cached on the module by forward); or a "
                    "bcpc bug (please report it with the model).")
-COMPILE_CAUSES = ("Causes: a forward that torch.fx cannot see (`h += ...` on a tensor that is also used elsewhere: "
-                  "write h = h + ...; Python side effects such as counters or random numbers); or a bcpc bug (please "
+COMPILE_CAUSES = ("Causes: a forward that torch.fx cannot see (Python side effects such as a call counter or a "
+                  "value cached on the module by forward, which fx records once as a constant); or a bcpc bug (please "
                   "report it with the model).")
 
 

@@ -70,4 +70,7 @@ def _module_path(node: fx.Node) -> str:
 
 
 # torch's frames and bcpc's own (bcpc.nn.GroupSort's forward): the user's line is the call site
-_LIBRARY_ROOTS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+# (``bcpc.passes`` and ``bcpc.rules`` live beside ``bcpc/`` in a source checkout, inside it once installed)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_LIBRARY_ROOTS = (os.path.dirname(torch.__file__) + os.sep, _HERE + os.sep,
+                  *(os.path.join(os.path.dirname(_HERE), sub) + os.sep for sub in ("passes", "rules")))

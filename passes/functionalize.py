@@ -56,6 +56,8 @@ _INPLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.ipow: operator.pow,
     operator.imatmul: operator.matmul, operator.iand: operator.and_, operator.ior: operator.or_,
+    operator.imod: operator.mod, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+    operator.irshift: operator.rshift,
 }
 
 
@@ -134,6 +136,9 @@ def _refuse(node: fx.Node, why: str, fix: str) -> UnsupportedOpError:
 
 
 def _describe(node: fx.Node) -> str:
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        spelling = fx.graph.inplace_methods[node.target.__name__]
+        return "the augmented assignment " + spelling.format(*(getattr(a, "name", repr(a)) for a in node.args[:2]))
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     if node.op == "call_module":
@@ -247,6 +252,8 @@ def functionalize(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphMo
                         node, f"modifies '{arg.name}' in place, and '{m.name}' shares its memory (a view, its base, "
                         f".data or .detach()) and is used after the change by '{later[0].name}'",
                         "Write the out-of-place op (h = h.relu() rather than h.relu_()) so no other value changes")
+        elif isinstance(value, (int, float, complex, bool, str, tuple, torch.Size, type(None))):
+            same = []  # ``n += 1`` on an immutable value rebinds the name only: other names keep the old value
         else:
             same = [arg]
         candidates[node]()

@@ -7,6 +7,8 @@ failed, not a raw fx traceback.
 """
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 from torch import nn
 
@@ -38,10 +40,42 @@ def _defines_behaviour(cls: type) -> bool:
                if name not in _BUILD_ONLY and name not in ("__dict__", "__weakref__"))
 
 
+#: Python's augmented assignments, by dunder name. torch.fx's Proxy defines none of them, so
+#: Python falls back to the plain operator and ``h += f(h)`` is recorded as ``h = h + f(h)``:
+#: another name bound to the same tensor (``skip = h`` before it) keeps the old value in the
+#: graph but sees the new one in eager PyTorch. Recording the in-place operator instead lets
+#: functionalize redirect those aliases (or refuse what it cannot rewrite).
+_AUGMENTED = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+    "__ipow__": operator.ipow, "__imatmul__": operator.imatmul, "__iand__": operator.iand,
+    "__ior__": operator.ior, "__ixor__": operator.ixor, "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+}
+
+
+def _augmented(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+class _Proxy(fx.Proxy):
+    """A Proxy that records ``h += v`` (and the other augmented assignments) as the in-place
+    operator the user wrote."""
+
+
+for _name, _op in _AUGMENTED.items():
+    setattr(_Proxy, _name, _augmented(_op))
+
+
 class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) or _builtin_with_new_constructor(type(m))

@@ -158,6 +158,37 @@ def test_functionalize_rewrites_in_place_ops_and_redirects_later_uses():
     torch.testing.assert_close(gm(x), InPlace()(x.clone()))
 
 
+class AugmentedAssignments(nn.Module):
+    """``h += ...`` on a tensor another name still holds: eager PyTorch changes both names, and the
+    Python numbers (``n += 1``) rebind one name only."""
+
+    def forward(self, x):
+        h = x * 2
+        skip = h
+        h += torch.relu(h)
+        h *= 0.5
+        kept = h
+        h -= torch.tanh(kept)
+        n = x.shape[1]
+        m = n
+        n += 1
+        return (h + skip + kept) * (m / n)
+
+
+def test_augmented_assignments_are_recorded_in_place_and_their_aliases_follow():
+    from bcpc.passes.functionalize import functionalize
+
+    gm = trace(AugmentedAssignments())
+    assert {operator.iadd, operator.imul, operator.isub} <= set(targets(gm))  # not fx's silent out-of-place add
+    gm = functionalize(gm, torch.zeros(1, 3))
+    assert not {operator.iadd, operator.imul, operator.isub} & set(targets(gm))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(gm(x), AugmentedAssignments()(x.clone()))
+    model = nn.Sequential(nn.Linear(3, 3), AugmentedAssignments(), nn.Linear(3, 2)).eval()
+    cert = bcpc.compile(model, example_input=torch.rand(2, 3))
+    torch.testing.assert_close(cert(x, 0.1).logits.float(), model(x))
+
+
 class MutatesAView(nn.Module):
     def forward(self, x):
         h = x * 2
