@@ -311,6 +311,16 @@ class CertifiedModule(nn.Module):
             guard.check(logits, live, against=f"model(x) (the live model, {live.dtype})",
                         dtypes=(logits.dtype, live.dtype))
             if self.guard == "strict":
+                narrowing = [n for n in self.canonical.graph.nodes if n.op == "call_function" and n.target is ops.cast
+                             and isinstance(n.args[1], torch.dtype) and n.args[1].is_floating_point
+                             and ops.less_precise(n.args[1], x.dtype)]
+                if narrowing:
+                    n = narrowing[0]
+                    raise ConfigError(
+                        f"guard='strict' compares against the model's own forward in {x.dtype}, and this model rounds "
+                        f"to {str(n.args[1]).replace('torch.', '')} inside (node '{n.name}' at {where(n)}), which its "
+                        f"{x.dtype} copy would not. Use the default guard=True, which checks against the live model "
+                        "in its own dtype.")
                 try:
                     own = gm.model(x)
                 except RuntimeError as exc:

@@ -129,8 +129,10 @@ def less_precise(dtype: torch.dtype, than: torch.dtype) -> bool:
     return torch.finfo(dtype).eps > torch.finfo(than).eps
 
 
-def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x.to(dtype)`` (the canonical dtype cast); ``dtype=None`` (a device move) returns ``x``.
+def cast(x: Tensor, dtype: torch.dtype, device=None) -> Tensor:
+    """``x.to(device, dtype)`` (the canonical cast); ``dtype=None``: a device move only, which
+    changes no value (``device`` is one the model reads at run time, ``h.device``; a literal one
+    is dropped: the compiled module follows its input's device).
 
     Between floating dtypes the value keeps its own dtype: a cast to a *less precise* dtype rounds
     it to that dtype (``x.to(dtype).to(x.dtype)``), a cast to an equally or more precise one
@@ -140,6 +142,8 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     all give the same values this way; the float64 copy that certifies a float32 model keeps
     computing in float64 after ``x.float()`` instead of meeting its float64 weights with a
     float32 tensor, and the float32 path stays float32 after ``h.double()``."""
+    if device is not None:
+        x = x.to(device)
     if dtype is None:
         return x
     if x.is_floating_point() and dtype.is_floating_point:

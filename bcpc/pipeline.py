@@ -1,6 +1,6 @@
 """The compiler pipeline: the one place that says which passes run, in which order.
 
-    trace -> functionalize -> canonicalize -> shapes -> patterns (-> shapes) -> analyze -> verify -> lower
+    trace -> functionalize -> dtypes -> canonicalize -> shapes -> patterns (-> shapes) -> analyze -> verify -> lower
 
 ``verify`` (bcpc.guard) checks that the canonical graph computes the user's ``model(x)``.
 
@@ -17,6 +17,7 @@ from torch import nn
 from bcpc.guard import verify_compiled
 from bcpc.passes.analysis import Analysis, analyze
 from bcpc.passes.canonicalize import canonicalize
+from bcpc.passes.dtypes import resolve_dtypes
 from bcpc.passes.functionalize import functionalize
 from bcpc.passes.lower import Lowered, lower
 from bcpc.passes.patterns import rewrite_patterns
@@ -44,6 +45,8 @@ def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: flo
     gm = trace(model)
     _check(gm, debug)
     gm = functionalize(gm, example_input)
+    _check(gm, debug)
+    gm = resolve_dtypes(gm, example_input)
     _check(gm, debug)
     gm = canonicalize(gm)
     _check(gm, debug)

@@ -340,19 +340,44 @@ def test_a_product_with_a_parameter_points_to_f_linear():
     assert cert.margins(x, model(x).argmax(1), 0.1).shape == (2, 3)
 
 
-def test_a_cast_to_another_tensors_dtype_says_to_write_the_dtype():
-    from bcpc.errors import UnsupportedOpError
+class RunTimeDtypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.ref = torch.zeros(1, dtype=torch.float16)  # a plain attribute in a less precise dtype
 
-    class Cast(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+    def forward(self, x):
+        h = self.a(x).relu().to(x.dtype).type_as(self.b.weight)  # casts to the value's own dtype
+        h = h.to(self.ref.dtype).to(x)  # a float16 round trip, dtype read at run time
+        return self.b(h.to(dtype=x.dtype, device=x.device))
 
-        def forward(self, x):
-            return self.b(self.a(x).relu().to(x.dtype))
 
-    with pytest.raises(UnsupportedOpError, match=r"read at run time.*x.to\(torch.float32\)"):
-        bcpc.compile(Cast().eval(), example_input=torch.zeros(1, 4))
+def test_dtypes_read_at_run_time_become_constants_and_devices_stay_read():
+    from bcpc.passes.dtypes import resolve_dtypes
+    from bcpc.passes.functionalize import functionalize
+
+    model = RunTimeDtypes().eval()
+    gm = resolve_dtypes(functionalize(trace(model), torch.zeros(1, 4)), torch.zeros(1, 4))
+    casts = [n for n in gm.graph.nodes if n.op == "call_method" and n.target in ("to", "type_as", "type")]
+    dtypes = [a for n in casts for a in list(n.args[1:]) + list(n.kwargs.values()) if isinstance(a, torch.dtype)]
+    assert dtypes == [torch.float16, torch.float32]  # the own-dtype casts carry none; the round trip is fixed
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.args[1:] == ("dtype",)]
+    assert [n for n in gm.graph.nodes if n.op == "call_function" and n.args[1:] == ("device",)]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    cert = bcpc.compile(model, example_input=x[:1])
+    torch.testing.assert_close(cert(x, 0.1).logits.float(), model(x))
+    # the float16 rounding is in the float64 certification copy too (its clean logits are checked
+    # against model(x)), and the margins it certifies hold at attacked points
+    y = model(x).argmax(1)
+    m = cert.margins(x, y, 0.05)
+    from bcpc.testing import pgd_margin
+
+    adv = pgd_margin(model, x, y, 0.05, 2.0, steps=20)
+    z = model(adv).double()
+    reached = z.gather(1, y[:, None]) - z
+    other = m != float("inf")  # j != y
+    assert torch.isfinite(m[other]).all() and (reached[other] >= m[other] - 1e-5).all()
 
 
 def test_out_none_is_the_default_and_f_normalize_gets_its_own_refusal():

@@ -229,6 +229,7 @@ class _CastsAndConstants(nn.Module):
         self.spelling = spelling
         self.conv = nn.Conv2d(1, 3, 3)
         self.w = torch.randn(10, 3 * 6 * 6) * 0.2  # a plain attribute: not a parameter, not a buffer
+        self.half_ref = torch.zeros(1, dtype=torch.float16)
 
     def forward(self, x):
         if self.spelling == "x.float()":
@@ -238,10 +239,22 @@ class _CastsAndConstants(nn.Module):
             h = h.half().float()
         if self.spelling == "h.double().float()":
             h = h.double().float()
+        # dtypes and devices read at run time (passes/dtypes.py)
+        if self.spelling == "h.to(self.conv.weight.dtype)":
+            h = h.to(self.conv.weight.dtype)
+        if self.spelling == "h.type_as(x), w.to(x.device)":
+            return F.linear(h.type_as(x), self.w.to(x.device))
+        if self.spelling == "h.to(self.half_ref.dtype).to(x)":
+            h = h.to(self.half_ref.dtype).to(x)
         return F.linear(h, self.w)
 
 
-@pytest.mark.parametrize("spelling", ["x.float()", "h.half().float()", "h.double().float()", "plain tensor weight"])
+_CAST_INSIDE = ("x.float()", "h.half().float()", "h.double().float()", "h.to(self.half_ref.dtype).to(x)")
+
+
+@pytest.mark.parametrize("spelling", ["x.float()", "h.half().float()", "h.double().float()", "plain tensor weight",
+                                      "h.to(self.conv.weight.dtype)", "h.type_as(x), w.to(x.device)",
+                                      "h.to(self.half_ref.dtype).to(x)"])
 def test_float32_casts_and_plain_tensor_constants_certify_soundly(spelling):
     torch.manual_seed(3)
     model = _CastsAndConstants(spelling).eval()
@@ -267,7 +280,7 @@ def test_float32_casts_and_plain_tensor_constants_certify_soundly(spelling):
     rep = bcpc.testing.audit(cert, x, y, small, pgd_steps=10, restarts=1, sphere_samples=16)
     assert rep.certified >= 1 and rep.violations == 0
     cert.guard = "strict"
-    if spelling != "plain tensor weight":  # a cast to float32 inside: the model cannot run in float64
+    if spelling in _CAST_INSIDE:  # a cast to float32 or float16 inside: the model cannot run in float64
         with pytest.raises(ConfigError, match="guard='strict'.*guard=True"):
             cert.margins(x, y, eps)
     else:
