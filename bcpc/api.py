@@ -48,7 +48,8 @@ def _check_one_dtype(model: nn.Module) -> None:
         parts = "; ".join(f"{str(d).replace('torch.', '')}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                           for d, names in by_dtype.items())
         raise UnsupportedOpError(
-            f"the model's parameters have several floating dtypes ({parts}). bcpc certifies with a float64 copy "
+            f"the model's parameters and buffers have several floating dtypes ({parts}). bcpc certifies with a "
+            "float64 copy "
             "of the whole model, which a mixed-precision model with casts between its layers cannot run. Convert "
             "the model to one dtype (model.float() or model.double()) before bcpc.compile.")
 
@@ -138,5 +139,5 @@ def compile(
     return CertifiedModule(
         compiled.lowered, model=model, norm=p, method=method, input_domain=(lo, hi),
         input_shape=tuple(example_input.shape[1:]), num_classes=num_classes, analysis=compiled.analysis,
-        canonical=compiled.canonical, backend=backend,
+        canonical=compiled.canonical, backend=backend, cached_attributes=compiled.cached_attributes,
     )

@@ -91,7 +91,7 @@ class CertifiedModule(nn.Module):
 
     def __init__(self, lowered, *, model: nn.Module, norm: float, method: str, input_domain,
                  input_shape: tuple, num_classes: int, analysis, canonical: fx.GraphModule,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, cached_attributes: frozenset = frozenset()):
         super().__init__()
         self.propagation = lowered.graph_module
         self.norm, self.method = norm, method
@@ -106,7 +106,9 @@ class CertifiedModule(nn.Module):
         self._twin_state = None  # bcpc.state.Snapshot of the user's parameters the twin was built from
         #: the model's module tree and Python attributes at compile time: fx bakes attributes into
         #: the graph, so a later change makes the graph another function (checked before sound results)
-        self._structure = structure(model)
+        #: (activations forward keeps on a module, self.cache = out, are outputs and change every call)
+        self._cached_attributes = frozenset(cached_attributes)
+        self._structure = structure(model, skip=self._cached_attributes)
         #: the runtime guard: compare the certification graph's clean logits with the user's model
         #: before returning any sound result (on by default; see bcpc.guard and docs/soundness.md)
         self.guard = True
@@ -274,7 +276,7 @@ class CertifiedModule(nn.Module):
         return found
 
     def _check_unchanged(self) -> None:
-        what = changes(self._structure, structure(self.model))
+        what = changes(self._structure, structure(self.model, skip=self._cached_attributes))
         if what is not None:
             raise GraphMismatchError(
                 f"the model changed after bcpc.compile: {what}. The compiled graph was traced from the model as it "

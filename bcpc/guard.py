@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bcpc.errors import GraphMismatchError
+from bcpc.state import copy_module
 
 #: ``dtype -> (atol, rtol)`` of the comparison, by the less precise of the two dtypes.
 TOLERANCE = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 2e-2),
@@ -102,7 +103,7 @@ def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_i
     if not dtype.is_floating_point:
         dtype = torch.float64
     x = _probe_inputs(example_input, input_domain).to(dtype)
-    ref_model = copy.deepcopy(model).eval()
+    ref_model = copy_module(model).eval()
     graph = copy.deepcopy(canonical).eval()
     with torch.no_grad():
         want = ref_model(x)

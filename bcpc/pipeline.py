@@ -33,6 +33,9 @@ class Compiled:
     canonical: torch.fx.GraphModule
     analysis: Analysis
     lowered: Lowered
+    #: ``(module name, attribute)`` pairs forward assigns values computed from the input to
+    #: (activations kept on the module): outputs of forward, not state it reads
+    cached_attributes: frozenset = frozenset()
 
 
 def _check(gm: torch.fx.GraphModule, debug: bool) -> None:
@@ -43,6 +46,7 @@ def _check(gm: torch.fx.GraphModule, debug: bool) -> None:
 def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: float, input_domain,
         lipschitz_iters: int = 1, debug: bool = False) -> Compiled:
     gm = trace(model)
+    cached = gm.meta["bcpc_cached_attributes"]
     _check(gm, debug)
     gm = functionalize(gm, example_input)
     _check(gm, debug)
@@ -61,4 +65,4 @@ def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: flo
     lowered = lower(gm, analysis, method=method, norm=norm, domain_bounds=input_domain, model=model,
                     lipschitz_iters=lipschitz_iters)
     _check(lowered.graph_module, debug)
-    return Compiled(canonical=gm, analysis=analysis, lowered=lowered)
+    return Compiled(canonical=gm, analysis=analysis, lowered=lowered, cached_attributes=cached)

@@ -43,6 +43,20 @@ class Snapshot:
         return self.matches(named_state(module))
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, also where a module keeps a tensor autograd computed (an
+    activation cached by forward, ``self.cache = out``, which ``deepcopy`` refuses): the copy holds
+    a detached copy of it."""
+    memo = {}
+    for m in module.modules():
+        for value in vars(m).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+            for t in items:
+                if isinstance(t, Tensor) and not t.is_leaf and id(t) not in memo:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 def copy_in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A deep copy of ``module`` with every floating tensor in ``dtype``: parameters and buffers
     (``Module.to``), and also floating tensors kept as plain attributes (``self.w =
@@ -50,7 +64,7 @@ def copy_in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     ``Module.to`` leaves alone, so that the float64 copy that certifies a float32 model does not
     meet a float32 constant in a matmul. (Plain tensor attributes are constants of the model;
     their values are watched by the change check, :func:`changes`.)"""
-    twin = copy.deepcopy(module).to(dtype)
+    twin = copy_module(module).to(dtype)
     for sub in twin.modules():
         for name, value in list(vars(sub).items()):
             if (isinstance(value, Tensor) and not isinstance(value, nn.Parameter)
@@ -244,12 +258,14 @@ class _TensorValue:
         return f"tensor of shape {tuple(self.t.shape)}"
 
 
-def structure(module: nn.Module) -> list:
+def structure(module: nn.Module, skip: frozenset = frozenset()) -> list:
     """The module tree and every non-tensor-state attribute of every module (Python numbers and
-    flags, plain tensor attributes, hooks, a monkeypatched ``forward``), for :func:`changes`."""
+    flags, plain tensor attributes, hooks, a monkeypatched ``forward``), for :func:`changes`;
+    ``skip``: ``(module name, attribute)`` pairs left out (activations forward keeps on a module)."""
     out = []
     for name, m in module.named_modules():
-        attrs = tuple((k, _freeze(v)) for k, v in sorted(m.__dict__.items()) if k not in _SKIP_ATTRIBUTES)
+        attrs = tuple((k, _freeze(v)) for k, v in sorted(m.__dict__.items())
+                      if k not in _SKIP_ATTRIBUTES and (name, k) not in skip)
         functions = tuple(item for v in m.__dict__.values() if isinstance(v, types.FunctionType)
                           for item in _function_data(v))  # e.g. a lambda stored as an attribute
         out.append((name, type(m), id(m), attrs + functions + _class_data(type(m))))

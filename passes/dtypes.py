@@ -4,7 +4,7 @@ user's model, found by running the graph once on the example batch.
 
 The dtype is fixed at compile time, as a literal ``x.to(torch.float32)`` would be, so the float64
 copy that certifies a float32 model rounds exactly where the model itself does
-(:func:`bcpc.ops.cast`: to a float16 buffer's dtype, say); reading it at run time in that copy
+(:func:`bcpc.ops.cast`: to the dtype of a float16 plain tensor attribute, say); reading it at run time in that copy
 would give float64 and skip the rounding. Where the model casts a value to its own dtype
 (``h.to(x.dtype)`` in a float32 model: nothing changes) the cast is dropped, so that the float64
 copy does not round there either. A device read at run time (``x.to(h.device)``, the device half of ``x.to(other)`` and

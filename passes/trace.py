@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from bcpc.errors import TraceError
+from bcpc.errors import TraceError, UnsupportedOpError
+from bcpc.meta import where
 
 
 _CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -73,9 +75,17 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+        #: id -> (tensor, its version counter) of every real tensor the graph holds as a constant,
+        #: at the moment the graph first used it
+        self.captured: dict = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            self.captured.setdefault(id(a), (a, a._version))
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return super().is_leaf_module(m, module_qualified_name) or _builtin_with_new_constructor(type(m))
@@ -165,17 +175,90 @@ def _refuse_forward_hooks(model: nn.Module) -> None:
             "handle.remove()), or move what they compute into the module's forward.")
 
 
+def _attributes(model: nn.Module) -> dict:
+    """Each module's ``__dict__`` entries, by module name (a shallow copy)."""
+    return {name: dict(vars(m)) for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def _undo_assignments(model: nn.Module, before: dict) -> dict:
+    """Put back the attributes forward assigned a traced value while fx traced it (``self.cache =
+    out`` would otherwise leave a tracing Proxy on the user's module, and in the graph where forward
+    reads it) and return them: ``{(module name, attribute): the value forward assigned}``. Other
+    assignments (a call counter) stay, as a call of forward in eager PyTorch leaves them."""
+    written = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        old = before.get(name)
+        if old is None:
+            continue
+        d = vars(m)
+        for key in list(d):
+            if not _holds_proxy(d[key]):
+                continue
+            if key not in old:
+                written[(name, key)] = d.pop(key)
+            elif d[key] is not old[key]:
+                written[(name, key)] = d[key]
+                d[key] = old[key]
+    return written
+
+
+def _holds_proxy(value, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    return False
+
+
+def _refuse_mutated_constants(tracer: _Tracer, graph: fx.Graph) -> None:
+    """A tensor that does not depend on the input (``lim = self.cap.clone()``, ``torch.zeros(3)``)
+    is computed by fx while tracing and recorded in the graph as the tensor object itself. An
+    in-place change of it later in forward (``lim -= 97``) then changes what the graph reads at its
+    earlier uses too, where eager PyTorch read the old value (found by a new-user review: a clamp
+    at 3 instead of 100, invisible at the clean input, gave a false certificate). Refused."""
+    for t, version in tracer.captured.values():
+        if t._version == version:
+            continue
+        name = tracer.tensor_attrs.get(t)
+        uses = [u for n in graph.nodes if n.op == "get_attr" and n.target == name for u in n.users]
+        at = f" by node '{uses[0].name}' at {where(uses[0])}" if uses else ""
+        raise UnsupportedOpError(
+            f"a tensor of shape {tuple(t.shape)} that does not depend on the input (a constant of the graph, "
+            f"used{at}) is changed in place later in forward (an in-place op or h += ... on it). torch.fx records "
+            "such a tensor once, as it is at the end of tracing, so the graph would read the changed value where "
+            "the model read the old one. Write the change out of place (c = c - 1 rather than c -= 1 or c.sub_(1)).")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; the result shares parameters with it. Forward hooks are
-    refused (:func:`_refuse_forward_hooks`)."""
+    refused (:func:`_refuse_forward_hooks`), and so is an in-place change of a tensor the graph
+    holds as a constant (:func:`_refuse_mutated_constants`). Attributes forward assigns are put
+    back; those holding values computed from the input (activations kept on the module) are
+    listed in ``gm.meta["bcpc_cached_attributes"]`` as ``(module name, attribute)`` pairs."""
     _refuse_forward_hooks(model)
     tracer = _Tracer()
+    before = _attributes(model)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        where = _failing_module(exc)
+        _undo_assignments(model, before)
+        failed = _failing_module(exc)
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: the failure is in {where}: "
+            f"torch.fx could not trace {type(model).__name__}: the failure is in {failed}: "
             f"{type(exc).__name__}: {exc}. {_advice(exc)}"
         ) from exc
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    written = _undo_assignments(model, before)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _refuse_mutated_constants(tracer, graph)
+    for (name, key), value in written.items():
+        old = before[name].get(key)
+        if isinstance(old, torch.Tensor) and id(old) in tracer.captured:
+            raise UnsupportedOpError(
+                f"forward reads the tensor attribute {key!r} of {name or 'the model'} and assigns it a new value "
+                "(state carried from one call to the next): the graph would hold its value at compile time for "
+                "ever, and each call of the model changes what it computes. Keep the value out of the model, or "
+                "pass it as a constant (a buffer forward does not assign).")
+    gm.meta["bcpc_cached_attributes"] = frozenset(written)
+    return gm

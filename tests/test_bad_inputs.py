@@ -61,6 +61,23 @@ def _view_then_mutate(s, h):
     return v
 
 
+def _constant_changed_after_use(s, h):
+    lim = torch.full((6,), 100.0)  # computed by fx while tracing: a constant of the graph
+    h = torch.minimum(h, lim)  # eager PyTorch clamps at 100 here
+    lim -= 97.0  # ... and fx's constant is 3 from here on, at the use above too
+    return h
+
+
+def _state_between_calls():
+    def body(s, h):
+        out = h + s.prev
+        s.prev = h.detach()[:1]  # read above, assigned here: the next call computes another function
+        return out
+    model = _Net(body).eval()
+    model.prev = torch.zeros(1, 6)
+    return bcpc.compile(model, example_input=torch.rand(1, 4))
+
+
 def _call_counter(s, h):
     s.calls = getattr(s, "calls", 0) + 1  # a Python side effect: fx records the first call's value
     return h * s.calls
@@ -311,6 +328,10 @@ CASES = [
     ("in-place overwrite (h.fill_(0))", lambda t: _compile(lambda s, h: h.fill_(0) + h), errors.UnsupportedOpError),
     ("F.dropout(h, p) (training=True by default)",
      lambda t: _compile(lambda s, h: torch.nn.functional.dropout(h, 0.2)), errors.UnsupportedOpError),
+    ("a constant tensor changed in place after a use (lim = torch.full(...); torch.minimum(h, lim); lim -= 97)",
+     lambda t: _compile(_constant_changed_after_use), errors.UnsupportedOpError),
+    ("a tensor attribute forward reads and assigns (state carried between calls)",
+     lambda t: _state_between_calls(), errors.UnsupportedOpError),
     ("a forward with a Python side effect (a call counter scaling h)", lambda t: _compile(_call_counter),
      errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),

@@ -409,3 +409,33 @@ def test_out_none_is_the_default_and_f_normalize_gets_its_own_refusal():
 class _AddClamp(nn.Module):
     def forward(self, h):
         return torch.clamp(h + 1.0, min=0.0)
+
+
+class _KeepsActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, h):
+        out = torch.relu(self.l(h))
+        self.cache = out  # kept for inspection, never read by forward
+        return out
+
+
+def test_an_activation_kept_on_a_module_is_put_back_and_not_a_change():
+    """Tracing runs forward with Proxies: ``self.cache = out`` left one on the user's module (and
+    every later certify saw 'the model changed'). The attribute is put back after tracing and
+    left out of the change check: it is an output of forward, new at every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _KeepsActivation(), nn.Linear(4, 2)).eval()
+    x = torch.rand(5, 3)
+    y = model(x).argmax(1)  # with autograd: a non-leaf tensor on the module (deepcopy refuses those)
+    kept = model[1].cache
+    cert = bcpc.compile(model, example_input=x[:1])
+    assert model[1].cache is kept
+    first = cert.margins(x, y, 0.01)
+    model(torch.rand(2, 3))  # the model caches another activation: not a change of the function
+    torch.testing.assert_close(cert.margins(x, y, 0.01), first)
+    fresh = nn.Sequential(nn.Linear(3, 4), _KeepsActivation(), nn.Linear(4, 2)).eval()
+    bcpc.compile(fresh, example_input=x[:1])
+    assert not hasattr(fresh[1], "cache")  # never run before compile: nothing left behind
