@@ -22,6 +22,7 @@ import math
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -406,7 +407,7 @@ _UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float1
                   torch.bfloat16: 2.0**-8}
 
 
-def cast_ball(x: Bound, dtype=None):
+def cast_ball(x: Bound, dtype=None, device=None):
     """Widening (to the same or a more precise dtype, or ``dtype=None``: a device move): exact,
     radius unchanged. Narrowing rounds each coordinate and keeps its dtype (:func:`bcpc.ops.cast`):
     ``R(a) = a (1 + d) + e``, ``|d| <= u``,
@@ -435,7 +436,7 @@ def cast_ball(x: Bound, dtype=None):
     return r * (1 + 4 * u)  # the rounded value keeps the source dtype (ops.cast)
 
 
-def cast_box(center, radius, x: Bound, dtype=None) -> Bound:
+def cast_box(center, radius, x: Bound, dtype=None, device=None) -> Bound:
     """Widening: [l, u]. Narrowing: [R(l), R(u)] (rounding to nearest is nondecreasing), each end
     moved out by one step of the new dtype. The step matters: the model rounds *its own*
     pre-cast value, which differs from this computation's by the rounding of the layers before
@@ -458,20 +459,30 @@ def cast_box(center, radius, x: Bound, dtype=None) -> Bound:
 _METHOD_DTYPES = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _reads_device(a) -> bool:
+    """``a`` is ``h.device`` read at run time (passes/dtypes.py leaves devices so)."""
+    return (isinstance(a, fx.Node) and a.op == "call_function" and a.target is getattr
+            and len(a.args) == 2 and a.args[1] == "device")
+
+
 def _to_adapter(module, args, kwargs):
     x, *rest = args
-    dtype = kwargs.get("dtype")
+    dtype, device = kwargs.get("dtype"), kwargs.get("device")
     for a in rest:
         if isinstance(a, torch.dtype):
             dtype = a
+        elif _reads_device(a):
+            device = a
         elif isinstance(a, (str, torch.device)) or a is None:
-            continue  # a device: the value is unchanged
+            continue  # a literal device: the value is unchanged, the module follows its input's device
         elif isinstance(a, bool):
             continue  # non_blocking / copy
         else:
-            raise ValueError(f"x.to({a!r}): the dtype (or tensor) is read at run time, which bcpc cannot follow; "
-                             "write the dtype itself (x.to(torch.float32)), or drop the cast where it changes nothing")
-    return (x, dtype), {}
+            raise ValueError(f"x.to({a!r}): bcpc cannot tell what this argument is (a dtype, a device or a tensor "
+                             "read at run time are followed); write the dtype itself (x.to(torch.float32))")
+    if not _reads_device(device):
+        device = None
+    return ((x, dtype, device) if device is not None else (x, dtype)), {}
 
 
 def _method_cast(name):
