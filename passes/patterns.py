@@ -18,6 +18,9 @@ runs again when anything changed).
    the readability of the graph, not the bound: a reshape keeps the radius.
 4. *SiLU written by hand.* ``h * torch.sigmoid(h)`` becomes ``F.silu(h)`` (a product of two
    perturbed values has no rule; the activation has).
+5. *Broadcast perturbed operands.* In ``h - h.mean(1, keepdim=True)`` the perturbed ``(B, 1)``
+   operand is broadcast to ``(B, n)``: it becomes an explicit ``expand`` (whose rule counts the
+   copies), so the elementwise rules see operands of the output's shape.
 
 Every rewrite computes the same values (the verify step checks the whole graph against the
 model). Rewritten nodes keep the user's node name and source line.
@@ -277,11 +280,39 @@ def _silu(graph: fx.Graph, node: fx.Node) -> bool:
     return False
 
 
+#: elementwise ops whose rules take operands of the output's shape (bcpc.rules: add, sub, mul,
+#: div, maximum, minimum, where)
+_ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, torch.maximum, torch.minimum, torch.where)
+
+
+def _broadcast_operands(graph: fx.Graph, node: fx.Node) -> bool:
+    """``h - h.mean(1, keepdim=True)``: a perturbed operand broadcast to a larger shape is made an
+    explicit ``expand``, whose rule accounts for the copies (radius times the square root of the
+    most copies of one coordinate); the elementwise rules then see operands of one shape."""
+    if node.op != "call_function" or node.target not in _ELEMENTWISE:
+        return False
+    out = tuple(info(node).shape or ())
+    changed = False
+    for a in node.all_input_nodes:
+        shape = tuple(info(a).shape or ())
+        if not info(a).perturbed or shape == out or len(shape) != len(out) or len(out) < 2:
+            continue
+        if any(s != o and s != 1 for s, o in zip(shape[1:], out[1:])) or shape[0] != out[0]:
+            continue  # not a broadcast of this operand: left for the rule's check to refuse
+        from bcpc.rules.layout import expand  # the canonical expand (bcpc.rules imports this module's users)
+        with graph.inserting_before(node):
+            e = graph.call_function(expand, (a, (-1,) + out[1:]))
+        e.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        node.replace_input_with(a, e)
+        changed = True
+    return changed
+
+
 def rewrite_patterns(gm: fx.GraphModule) -> bool:
     """Apply the rewrites until none applies; True if the graph changed (then re-run shapes)."""
     graph = gm.graph
     changed = False
-    for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu):
+    for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu, _broadcast_operands):
         for node in list(graph.nodes):
             if not getattr(node, "_erased", False) and info(node).perturbed:
                 changed |= step(graph, node)

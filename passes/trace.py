@@ -121,6 +121,10 @@ _ADVICE = (
      "A for loop over a tensor (for c in h.chunk(2, 1), for row in h) needs its length at trace time. "
      "Unpack into names (a, b = h.chunk(2, 1)) or index with a fixed range (parts = h.chunk(2, 1); "
      "sum(parts[i] for i in range(2)))."),
+    (("is not installed as a submodule",),
+     "A module built inside forward (nn.AvgPool2d(4)(h), nn.ReLU()(h)) is not part of the model, and "
+     "torch.fx cannot record it. Build it once in __init__ (self.pool = nn.AvgPool2d(4)) or call the "
+     "function instead (F.avg_pool2d(h, 4), torch.relu(h))."),
     (("does not support item assignment",),
      "Writing into a tensor (h[:, 0] = v) is not traced. Build the result out of place: "
      "torch.cat([v, h[:, 1:]], 1), or torch.where(mask, v, h) with a constant mask."),

@@ -18,7 +18,7 @@ import math
 
 from bcpc import kernels
 from bcpc.domain import Bound, bound, enclose
-from bcpc.registry import register
+from bcpc.registry import Attr, register
 from bcpc.rules._util import perturbed, pick, unsupported
 
 
@@ -81,6 +81,57 @@ monotone(torch.sigmoid, lipschitz=0.25, name="sigmoid", spellings=(torch.sigmoid
 monotone(F.leaky_relu, lipschitz=lambda slope: max(1.0, float(slope)), name="leaky_relu",
          spellings=(F.leaky_relu, nn.LeakyReLU), params=("negative_slope",), defaults={"negative_slope": 0.01},
          check=_check_leaky)
+
+# --- PReLU ------------------------------------------------------------------------------------
+#
+# prelu(x) = x for x >= 0, a x below (a learned, one slope or one per channel of dim 1). With any
+# sign of a it is max(1, |a|)-Lipschitz per coordinate and linear on each side of 0, so on [l, u]
+# its extremes are at l, u, or at 0 where the box holds 0.
+
+def _prelu_slopes(weight, like):
+    """The slopes broadcast against ``like`` (B, C, ...): one per channel of dim 1, or one."""
+    if weight.numel() == 1 or like.dim() < 2:
+        return weight.reshape(())
+    return weight.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def prelu_ball(x: Bound, weight):
+    """radius_out = max(1, max |a|) * radius_in."""
+    if x.radius is None:
+        return None
+    return torch.clamp(weight.abs().max(), min=1.0).to(x.radius.dtype) * x.radius
+
+
+def prelu_box(center, radius, x: Bound, weight) -> Bound:
+    """[min(f(l), f(u)), max(f(l), f(u))], widened to 0 where the box holds 0 (f is linear on
+    each side of 0); inside the output ball box."""
+    a = _prelu_slopes(weight, x.lower)
+    fl = torch.where(x.lower >= 0, x.lower, a * x.lower)
+    fu = torch.where(x.upper >= 0, x.upper, a * x.upper)
+    lo, hi = torch.minimum(fl, fu), torch.maximum(fl, fu)
+    holds0 = (x.lower < 0) & (x.upper > 0)
+    zero = torch.zeros_like(lo)
+    return bound(center, radius, torch.where(holds0, torch.minimum(lo, zero), lo),
+                 torch.where(holds0, torch.maximum(hi, zero), hi))
+
+
+def _prelu_adapter(module, args, kwargs):
+    x, w = pick(args, kwargs, ("input", "weight"), {})
+    return (x, w), {}
+
+
+def _prelu_module_adapter(module, args, kwargs):
+    (x,) = args
+    return (x, Attr("weight")), {}
+
+
+def _check_prelu(node):
+    if perturbed(node.args[1]):
+        raise unsupported(node, "the PReLU slope depends on the input", "Use a parameter or a constant slope")
+
+
+register(torch.prelu, ball=prelu_ball, box=prelu_box, family="activation", name="prelu", check=_check_prelu,
+         spellings=((torch.prelu, _prelu_adapter), ("prelu", _prelu_adapter), (nn.PReLU, _prelu_module_adapter)))
 
 # --- abs ------------------------------------------------------------------------------------
 #

@@ -512,3 +512,24 @@ def _check_cast(node):
 register(ops.cast, ball=cast_ball, box=cast_box, family="layout", name="cast", check=_check_cast,
          spellings=((ops.cast, None), ("to", _to_adapter), ("type", _type_adapter))
          + tuple((m, _method_cast(m)) for m in _METHOD_DTYPES))
+
+
+# --- detach ------------------------------------------------------------------------------------
+
+def detach_ball(x: Bound):
+    """radius_out = radius_in (the value is unchanged); no gradient flows back through it, as in the model."""
+    return None if x.radius is None else x.radius.detach()
+
+
+def detach_box(center, radius, x: Bound) -> Bound:
+    """[lower, upper], detached like the value."""
+    return enclose(center, radius, x.lower.detach(), x.upper.detach())
+
+
+def _detach_adapter(module, args, kwargs):
+    (x,) = pick(args, kwargs, ("input",), {})
+    return (x,), {}
+
+
+register(torch.detach, ball=detach_ball, box=detach_box, family="layout", name="detach",
+         spellings=((torch.detach, _detach_adapter), ("detach", _detach_adapter)))

@@ -1,4 +1,4 @@
-"""Pooling: max pooling, average pooling, adaptive average pooling.
+"""Pooling: max pooling, adaptive max pooling, average pooling, adaptive average pooling.
 
 * max pool: nondecreasing in every input, so the box is ``[pool(l), pool(u)]``. Ball: an input
   lies in at most ``n`` windows (per spatial dim ``min(k, ceil((d (k-1) + 1) / s))``), and
@@ -69,6 +69,59 @@ def _max_pool_fn_adapter(module, args, kwargs):
 
 register(F.max_pool2d, ball=max_pool2d_ball, box=max_pool2d_box, family="pool", name="max_pool2d",
          spellings=((F.max_pool2d, _max_pool_fn_adapter), (nn.MaxPool2d, _max_pool_module_adapter)))
+
+
+def _adaptive_windows(size: int, out: int) -> int:
+    """Most adaptive-pooling windows one of ``size`` positions belongs to (window ``i`` covers
+    ``[floor(i size / out), ceil((i + 1) size / out))``, as torch computes them)."""
+    counts = [0] * size
+    for i in range(out):
+        for j in range((i * size) // out, -(-((i + 1) * size) // out)):
+            counts[j] += 1
+    return max(counts)
+
+
+def _adaptive_sizes(output_size, spatial) -> tuple:
+    sizes = ntuple(output_size, 2) if not isinstance(output_size, (tuple, list)) else tuple(output_size)
+    return tuple(int(d if o is None else o) for o, d in zip(sizes, spatial))
+
+
+def adaptive_max_pool2d_ball(x: Bound, output_size):
+    """radius_out = sqrt(windows per input) * radius_in (as for max_pool2d; the adaptive windows
+    may overlap by one position where the size does not divide)."""
+    if x.radius is None:
+        return None
+    spatial = tuple(x.center.shape[-2:])
+    n = 1
+    for d, o in zip(spatial, _adaptive_sizes(output_size, spatial)):
+        n *= _adaptive_windows(d, o)
+    return math.sqrt(n) * x.radius
+
+
+def adaptive_max_pool2d_box(center, radius, x: Bound, output_size) -> Bound:
+    """[pool(lower), pool(upper)] (a max over each window is nondecreasing; inside the output ball box)."""
+    return enclose(center, radius, F.adaptive_max_pool2d(x.lower, output_size),
+                   F.adaptive_max_pool2d(x.upper, output_size))
+
+
+def _adaptive_max_fn_adapter(module, args, kwargs):
+    x, size, indices = pick(args, kwargs, ("input", "output_size", "return_indices"), {"return_indices": False})
+    if indices:
+        raise ValueError("adaptive_max_pool2d(return_indices=True) is not supported")
+    return (x, size), {}
+
+
+def _adaptive_max_module_adapter(module, args, kwargs):
+    (x,) = args
+    if module.return_indices:
+        raise ValueError("nn.AdaptiveMaxPool2d(return_indices=True) is not supported")
+    return (x, module.output_size), {}
+
+
+register(F.adaptive_max_pool2d, ball=adaptive_max_pool2d_ball, box=adaptive_max_pool2d_box, family="pool",
+         name="adaptive_max_pool2d",
+         spellings=((F.adaptive_max_pool2d, _adaptive_max_fn_adapter),
+                    (nn.AdaptiveMaxPool2d, _adaptive_max_module_adapter)))
 
 
 # --- average pooling (nonnegative linear maps) ----------------------------------------------

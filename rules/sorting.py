@@ -29,7 +29,7 @@ from bcpc import ops
 from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
 from bcpc.rules._util import lower_of as _lo, upper_of as _hi
-from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, pick, shape, unsupported
+from bcpc.rules._util import check_same_shape_as_perturbed, is_bound, perturbed, pick, shape, unsupported
 
 
 # --- GroupSort ------------------------------------------------------------------------------
@@ -201,3 +201,47 @@ register(torch.amax, ball=amax_ball, box=amax_box, family="sorting", name="amax"
          spellings=((torch.amax, _reduce_adapter), ("amax", _reduce_adapter)))
 register(torch.amin, ball=amin_ball, box=amin_box, family="sorting", name="amin", check=_check_reduce,
          spellings=((torch.amin, _reduce_adapter), ("amin", _reduce_adapter)))
+
+
+# --- selection by a constant mask ------------------------------------------------------------
+#
+# torch.where(mask, a, b) with a mask that does not depend on the input picks each coordinate from
+# a or from b: ||Δout||^2 = sum over the mask of Δa_i^2 + sum off it of Δb_i^2 <= ||Δa||^2 + ||Δb||^2.
+
+def where_ball(cond, a, b):
+    """radius_out = sqrt(r_a^2 + r_b^2) (r of the perturbed one if the other is constant)."""
+    return _pair_radius(a, b)
+
+
+def where_box(center, radius, cond, a, b) -> Bound:
+    """[where(mask, l_a, l_b), where(mask, u_a, u_b)] (inside the output ball box)."""
+    return enclose(center, radius, torch.where(cond, _lo(a), _lo(b)), torch.where(cond, _hi(a), _hi(b)))
+
+
+def _where_adapter(module, args, kwargs):
+    cond, a, b = pick(args, kwargs, ("condition", "input", "other"), {})
+    return (cond, a, b), {}
+
+
+def _where_method_adapter(module, args, kwargs):
+    a, cond, b = pick(args, kwargs, ("self", "condition", "other"), {})
+    return (cond, a, b), {}
+
+
+def _masked_fill_adapter(module, args, kwargs):
+    x, mask, value = pick(args, kwargs, ("self", "mask", "value"), {})
+    return (mask, value, x), {}
+
+
+def _check_where(node):
+    cond = node.args[0]
+    if perturbed(cond):
+        raise unsupported(node, "the mask depends on the input, so the selection changes inside the perturbation set",
+                          "Use a mask that does not depend on the input, or write the activation itself "
+                          "(torch.relu(h) rather than torch.where(h > 0, h, 0))")
+    check_same_shape_as_perturbed(node)
+
+
+register(torch.where, ball=where_ball, box=where_box, family="sorting", name="where", check=_check_where,
+         spellings=((torch.where, _where_adapter), ("where", _where_method_adapter),
+                    ("masked_fill", _masked_fill_adapter)))

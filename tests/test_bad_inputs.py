@@ -332,6 +332,8 @@ CASES = [
      lambda t: _compile(_constant_changed_after_use), errors.UnsupportedOpError),
     ("a tensor attribute forward reads and assigns (state carried between calls)",
      lambda t: _state_between_calls(), errors.UnsupportedOpError),
+    ("a module built inside forward (nn.AvgPool1d(2)(h))",
+     lambda t: _compile(lambda s, h: nn.AvgPool1d(2)(h.unsqueeze(1)).repeat(1, 1, 2).flatten(1)), errors.TraceError),
     ("a forward with a Python side effect (a call counter scaling h)", lambda t: _compile(_call_counter),
      errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),

@@ -439,3 +439,35 @@ def test_an_activation_kept_on_a_module_is_put_back_and_not_a_change():
     fresh = nn.Sequential(nn.Linear(3, 4), _KeepsActivation(), nn.Linear(4, 2)).eval()
     bcpc.compile(fresh, example_input=x[:1])
     assert not hasattr(fresh[1], "cache")  # never run before compile: nothing left behind
+
+
+class _Broadcasts(nn.Module):
+    """Perturbed (B, 1) and (B, C, 1, 1) operands broadcast against the full value."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(1, 3, 3), nn.Linear(3 * 4 * 4 + 6, 2)
+        self.lin = nn.Linear(36, 6)
+
+    def forward(self, x):
+        h = self.c(x)
+        h = torch.maximum(h - h.mean((2, 3), keepdim=True), 0.5 * h.amax((2, 3), keepdim=True))
+        g = self.lin(x.flatten(1))
+        g = g - g.mean(1, keepdim=True) + torch.where(torch.arange(6) < 3, g.sum(1, keepdim=True), 0.0)
+        return self.head(torch.cat([h.flatten(1), g], 1))
+
+
+def test_broadcast_perturbed_operands_become_explicit_expands_and_stay_sound():
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    torch.manual_seed(0)
+    model = _Broadcasts().double().eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1], input_domain=(0.0, 1.0))
+    assert list(cert.rules.values()).count("expand") == 4
+    y = model(x).argmax(1)
+    eps = 0.3
+    pts = torch.cat([sample_perturbations(x, eps, 2.0, n=200, domain=(0.0, 1.0)),
+                     pgd_margin(model, x, y, eps, 2.0, steps=30, domain=(0.0, 1.0))[None]])
+    assert check_soundness(cert, model, x, y, eps, pts).nodes_checked > 5
+    assert cert.certified_radius(x, y).max() > 0

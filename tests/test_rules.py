@@ -95,6 +95,9 @@ def case(name):
         return Lambda(lambda s, x: F.avg_pool2d(x, 2, stride=1, padding=1, count_include_pad=False), 72), img, {}
     if name == "adaptive_avg_pool2d":
         return Lambda(lambda s, x: F.adaptive_avg_pool2d(x, (2, 3)), 12), img, {}
+    if name == "adaptive_max_pool2d":  # 5 -> 2 and 5 -> 3: overlapping windows
+        return (Lambda(lambda s, x: F.adaptive_max_pool2d(x, (2, 3)) - s.p(x), 12), img,
+                dict(p=nn.AdaptiveMaxPool2d((2, 3))))
     layout = _layout_case(name)
     if layout is not None:
         return layout
@@ -137,6 +140,11 @@ def _layout_case(name):
         "maximum": (lambda s, x: torch.maximum(s.lin(x), torch.relu(-s.lin(x))) + torch.max(s.lin(x), s.k), 8,
                     dict(lin=nn.Linear(4, 8), k=torch.randn(8))),
         "minimum": (lambda s, x: torch.minimum(s.lin(x), torch.tanh(s.lin(x))), 8, lin),
+        "where": (lambda s, x: torch.where(s.m, s.lin(x), torch.tanh(s.lin(x))) + s.lin(x).masked_fill(s.m, 0.3), 8,
+                  dict(lin=nn.Linear(4, 8), m=torch.arange(8) % 3 == 0)),
+        "prelu": (lambda s, x: s.pr(s.lin(x)) + F.prelu(s.lin(x), s.a), 8,  # slopes 0.25 and -0.7
+                  dict(lin=nn.Linear(4, 8), pr=nn.PReLU(8), a=nn.Parameter(torch.tensor([-0.7])))),
+        "detach": (lambda s, x: s.lin(x).detach() * 2 + torch.relu(s.lin(x)), 8, lin),
         "sum": (lambda s, x: three(s, x).sum(2), 3, grid),
         "mean": (lambda s, x: three(s, x).mean(dim=1, keepdim=True), 4, grid),
         "amax": (lambda s, x: three(s, x).amax(2), 3, grid),
