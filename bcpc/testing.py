@@ -92,6 +92,15 @@ def margin_of(logits: Tensor, y: Tensor) -> Tensor:
     return (own - others.amax(1, keepdim=True)).squeeze(1)
 
 
+def _input_grad(out: Tensor, x: Tensor) -> Tensor:
+    """d out / d x; zeros where no gradient reaches the input (a model that detaches every path:
+    the attack cannot move, and the sampled points are what test it)."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(out, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 def pgd_margin(model: nn.Module, x: Tensor, y: Tensor, eps, norm: float = 2.0, steps: int = 50,
                step_size: Optional[float] = None, restarts: int = 1, domain=None, random_start: bool = True,
                generator: Optional[torch.Generator] = None) -> Tensor:
@@ -116,7 +125,7 @@ def pgd_margin(model: nn.Module, x: Tensor, y: Tensor, eps, norm: float = 2.0, s
         for _ in range(steps):
             adv.requires_grad_(True)
             m = margin_of(model(adv), y)
-            (grad,) = torch.autograd.grad(m.sum(), adv)
+            grad = _input_grad(m.sum(), adv)
             with torch.no_grad():
                 better = m < best_m
                 best = torch.where(better.reshape(shape), adv.detach(), best)
@@ -151,7 +160,7 @@ def pgd_ce_last(model: nn.Module, x: Tensor, y: Tensor, eps, steps: int = 100,
     for _ in range(steps):
         adv.requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(adv), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, adv)
+        grad = _input_grad(loss, adv)
         with torch.no_grad():
             step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(shape)
             adv = adv.detach() + alpha.reshape(shape) * step
@@ -283,7 +292,7 @@ def check_soundness(cert, model: nn.Module, x: Tensor, y: Tensor, eps, points: T
             if ex > 0:
                 rep.violations.append(f"node {name}: a value lies outside its box by {ex:.3e}")
         if b.radius is not None:
-            dist = (a - _tile(b.center, n)).flatten(1).norm(dim=1)
+            dist = (a - _tile(b.center, n)).reshape(a.shape[0], -1).norm(dim=1)
             r = _tile(b.radius, n)
             ex = (dist - r - atol * (1 + r)).max().item()
             rep.worst_ball_excess = max(rep.worst_ball_excess, ex)

@@ -303,6 +303,9 @@ def _broadcast_operands(graph: fx.Graph, node: fx.Node) -> bool:
         with graph.inserting_before(node):
             e = graph.call_function(expand, (a, (-1,) + out[1:]))
         e.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        # part of the user's op: its origin (a name of its own could be another node's in the user's graph)
+        e.meta["bcpc"] = NodeInfo(origin=info(node).origin, spelling=info(node).spelling, perturbed=True,
+                                  shape=out, dtype=info(a).dtype, is_tensor=True)
         node.replace_input_with(a, e)
         changed = True
     return changed

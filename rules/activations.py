@@ -187,7 +187,7 @@ def softplus_ball(x: Bound, beta, threshold):
     if x.lower is None:
         k = torch.full_like(x.radius, float(x.center[0].numel()))
     else:
-        k = _straddles(x.lower, x.upper, threshold / beta).flatten(1).sum(1).to(x.radius.dtype)
+        k = _straddles(x.lower, x.upper, threshold / beta).reshape(x.lower.shape[0], -1).sum(1).to(x.radius.dtype)
     return x.radius + jump * k.sqrt()
 
 

@@ -425,12 +425,13 @@ def cast_ball(x: Bound, dtype=None, device=None):
     if _UNIT_ROUNDOFF[dst] <= _UNIT_ROUNDOFF[src]:
         return x.radius  # the value is unchanged and keeps its dtype (bcpc.ops.cast)
     u, tiny = _UNIT_ROUNDOFF[dst], torch.finfo(dst).smallest_normal * _UNIT_ROUNDOFF[dst]
-    c = x.center.flatten(1).norm(dim=1)
+    rows = lambda t: t.reshape(t.shape[0], -1)  # noqa: E731 (a (B,) value too)
+    c = rows(x.center).norm(dim=1)
     n = x.center[0].numel()
     r = x.radius + u * (2 * c + x.radius) + 2 * math.sqrt(n) * tiny
-    reach = x.center.flatten(1).abs().amax(dim=1) + x.radius
+    reach = rows(x.center).abs().amax(dim=1) + x.radius
     if x.lower is not None:
-        reach = torch.minimum(reach, torch.maximum(x.lower.flatten(1).abs(), x.upper.flatten(1).abs()).amax(dim=1))
+        reach = torch.minimum(reach, torch.maximum(rows(x.lower).abs(), rows(x.upper).abs()).amax(dim=1))
     overflow = ~(reach < torch.finfo(dst).max)  # NaN reach counts as overflow
     r = torch.where(overflow, torch.full_like(r, math.inf), r)
     return r * (1 + 4 * u)  # the rounded value keeps the source dtype (ops.cast)

@@ -87,8 +87,9 @@ def _adaptive_sizes(output_size, spatial) -> tuple:
 
 
 def adaptive_max_pool2d_ball(x: Bound, output_size):
-    """radius_out = sqrt(windows per input) * radius_in (as for max_pool2d; the adaptive windows
-    may overlap by one position where the size does not divide)."""
+    """radius_out = sqrt(windows per input) * radius_in (as for max_pool2d; adaptive windows
+    overlap where the output size does not divide the input size, and an output larger than its
+    input puts one position in several windows)."""
     if x.radius is None:
         return None
     spatial = tuple(x.center.shape[-2:])

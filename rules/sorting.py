@@ -209,7 +209,8 @@ register(torch.amin, ball=amin_ball, box=amin_box, family="sorting", name="amin"
 # a or from b: ||Δout||^2 = sum over the mask of Δa_i^2 + sum off it of Δb_i^2 <= ||Δa||^2 + ||Δb||^2.
 
 def where_ball(cond, a, b):
-    """radius_out = sqrt(r_a^2 + r_b^2) (r of the perturbed one if the other is constant)."""
+    """radius_out = sqrt(r_a^2 + r_b^2) (r of the perturbed one if the other is constant); a
+    perturbed operand broadcast to the output shape is an explicit expand before it (patterns)."""
     return _pair_radius(a, b)
 
 

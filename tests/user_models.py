@@ -24,11 +24,12 @@ ACTIVATION_SPELLINGS = [
     "h.clamp(min=0)", "h.clamp_(min=0) unassigned",
     "nn.GELU", "F.gelu(h, approximate='tanh')", "nn.SiLU(inplace)", "h * torch.sigmoid(h)", "F.mish", "nn.Hardswish",
     "nn.ReLU6(inplace)", "F.hardtanh(h, -0.5, 0.5)", "h.clip(-1, 1)", "F.hardsigmoid", "bcpc.nn.MaxMin",
-    "bcpc.nn.GroupSort(2)",
+    "bcpc.nn.GroupSort(2)", "nn.PReLU", "F.prelu(h, -0.5)",
 ]
 LAYOUT_SPELLINGS = ["transpose round trip", "h.flip(1)", "torch.roll(h, 1, 1)", "slices cat", "pad crop",
                     "expand mean", "stack amax", "cast round trip", "upsample stride", "movedim round trip",
-                    "unsqueeze squeeze", "narrow cat", "h + h.sum(1, keepdim=True)", "h.view(B, -1, 2).sort(2)"]
+                    "unsqueeze squeeze", "narrow cat", "h + h.sum(1, keepdim=True)", "h.view(B, -1, 2).sort(2)",
+                    "h - h.mean(1, keepdim=True)", "torch.where(const mask, h, -h)", "h.masked_fill(const mask, 0.5)"]
 SCALE_SPELLINGS = ["h * 2", "2 * h", "h.mul(0.5)", "h.mul_(3) unassigned", "h *= 3", "h / 4", "h.div_(2) unassigned",
                    "h + 1", "h.add_(1) unassigned", "h += 1", "h - 0.5", "h.sub_(1) unassigned", "-h", "h.neg_()"]
 TUPLE_SPELLINGS = ["chunk maxmin", "split maxmin", "h.max(1) keepdim", "h.sort(1)[0]", "h.topk(2)", "unbind cat",
@@ -71,7 +72,7 @@ class Program(nn.Module):
             "nn.Dropout": nn.Dropout(0.3), "nn.Dropout(inplace)": nn.Dropout(0.3, inplace=True),
             "nn.GELU": nn.GELU(), "nn.SiLU(inplace)": nn.SiLU(inplace=True), "nn.Hardswish": nn.Hardswish(),
             "nn.ReLU6(inplace)": nn.ReLU6(inplace=True), "bcpc.nn.MaxMin": bcpc.nn.MaxMin(),
-            "bcpc.nn.GroupSort(2)": bcpc.nn.GroupSort(2),
+            "bcpc.nn.GroupSort(2)": bcpc.nn.GroupSort(2), "nn.PReLU": nn.PReLU(),
         }
         return table.get(spelling, nn.Identity())
 
@@ -79,8 +80,10 @@ class Program(nn.Module):
         m = self.mods[i]
         if s in ("nn.ReLU", "nn.ReLU(inplace)", "nn.Tanh", "nn.LeakyReLU(0.1, inplace)", "nn.ELU(inplace)",
                  "nn.Softplus(threshold=1)", "nn.Softplus", "nn.GELU", "nn.SiLU(inplace)", "nn.Hardswish",
-                 "nn.ReLU6(inplace)", "bcpc.nn.MaxMin", "bcpc.nn.GroupSort(2)"):
+                 "nn.ReLU6(inplace)", "bcpc.nn.MaxMin", "bcpc.nn.GroupSort(2)", "nn.PReLU"):
             return m(h)
+        if s == "F.prelu(h, -0.5)":
+            return F.prelu(h, torch.tensor([-0.5], dtype=h.dtype))
         if s == "F.gelu(h, approximate='tanh')":
             return F.gelu(h, approximate="tanh")
         if s == "h * torch.sigmoid(h)":
@@ -252,6 +255,12 @@ class Program(nn.Module):
             return h + h.sum(1, keepdim=True)
         if s == "h.view(B, -1, 2).sort(2)":
             return h.view(h.size(0), -1, 2).sort(2, descending=True)[0].view(h.size(0), -1)
+        if s == "h - h.mean(1, keepdim=True)":
+            return h - h.mean(1, keepdim=True)
+        if s == "torch.where(const mask, h, -h)":
+            return torch.where(torch.arange(w, device=h.device) % 2 == 0, h, -h)
+        if s == "h.masked_fill(const mask, 0.5)":
+            return h.masked_fill(torch.arange(w, device=h.device) < w // 2, 0.5)
         raise AssertionError(s)
 
     def mask(self, s, h):
