@@ -108,13 +108,20 @@ def _has_constant_operand(node: fx.Node) -> bool:
     return len(node.args) >= 2 and (len(operands) < 2 or any(not info(a).perturbed for a in operands))
 
 
+def _has_constant_operand_after(node: fx.Node, start: int) -> bool:
+    """``torch.einsum(eq, a, b)``: one of the operands from ``start`` on does not depend on the input."""
+    operands = node.args[start:]
+    return len(operands) >= 2 and any(not (isinstance(a, fx.Node) and info(a).perturbed) for a in operands)
+
+
 def _hint(node: fx.Node, module=None) -> str:
     """Why a perturbed node of this kind cannot be held constant, and what to write instead."""
     name = type(module).__name__ if module is not None else _op_name(node)
-    if name in ("matmul", "__matmul__", "mm") and module is None and _has_constant_operand(node):
-        return (" A product with a constant factor (x @ W, a parameter or buffer W) is an affine map, but this "
-                "spelling has no rule yet: write F.linear(x, W.t()) (or an nn.Linear), which bcpc bounds with "
-                "W's guaranteed norm.")
+    if name in ("matmul", "__matmul__", "mm", "einsum", "bmm", "tensordot") and module is None and (
+            _has_constant_operand(node) or (name == "einsum" and _has_constant_operand_after(node, 1))):
+        return (" A product with a constant factor is an affine map, and bcpc bounds h @ W (and W @ h) with a "
+                "constant 2-D W (h of any rank, batch first) with W's guaranteed norm; this form has no rule: "
+                "write h @ W, F.linear(h, W.t()) or an nn.Linear.")
     known = _known_refusal(name)
     if known:
         return known

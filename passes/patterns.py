@@ -21,6 +21,8 @@ runs again when anything changed).
 5. *Broadcast perturbed operands.* In ``h - h.mean(1, keepdim=True)`` the perturbed ``(B, 1)``
    operand is broadcast to ``(B, n)``: it becomes an explicit ``expand`` (whose rule counts the
    copies), so the elementwise rules see operands of the output's shape.
+6. *Products by a constant matrix.* ``h @ W`` with a constant 2-D ``W`` becomes
+   ``F.linear(h, W.t())`` (``W @ h`` likewise, through transposes).
 
 Every rewrite computes the same values (the verify step checks the whole graph against the
 model). Rewritten nodes keep the user's node name and source line.
@@ -311,11 +313,42 @@ def _broadcast_operands(graph: fx.Graph, node: fx.Node) -> bool:
     return changed
 
 
+_MATMULS = (operator.matmul, torch.matmul, torch.mm)
+
+
+def _matmul_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
+    """``h @ W`` (``torch.matmul``, ``torch.mm``, ``h.matmul(W)``, ``h.mm(W)``) with a constant 2-D
+    ``W`` is ``F.linear(h, W.t())``, and ``W @ h`` with ``h`` of 3 or more dims is
+    ``F.linear(h.transpose(-1, -2), W).transpose(-1, -2)``: the linear rule bounds them with ``W``'s
+    guaranteed norm. Products of two perturbed values stay as they are (refused)."""
+    is_mm = (node.op == "call_function" and node.target in _MATMULS) or (
+        node.op == "call_method" and node.target in ("matmul", "mm"))
+    if not is_mm or len(node.args) != 2 or node.kwargs:
+        return False
+    a, b = node.args
+    if not all(isinstance(v, fx.Node) for v in (a, b)):
+        return False
+    pa, pb = info(a).perturbed, info(b).perturbed
+    if pa and not pb and len(info(b).shape or ()) == 2 and len(info(a).shape or ()) >= 2:
+        with graph.inserting_before(node):
+            wt = graph.call_function(torch.t, (b,))
+        _replace(graph, node, F.linear, (a, wt))
+        return True
+    if pb and not pa and len(info(a).shape or ()) == 2 and len(info(b).shape or ()) >= 3:
+        with graph.inserting_before(node):
+            bt = graph.call_function(torch.transpose, (b, -1, -2))
+            lin = graph.call_function(F.linear, (bt, a))
+        _replace(graph, node, torch.transpose, (lin, -1, -2))
+        return True
+    return False
+
+
 def rewrite_patterns(gm: fx.GraphModule) -> bool:
     """Apply the rewrites until none applies; True if the graph changed (then re-run shapes)."""
     graph = gm.graph
     changed = False
-    for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu, _broadcast_operands):
+    for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu, _broadcast_operands,
+                 _matmul_by_constant):
         for node in list(graph.nodes):
             if not getattr(node, "_erased", False) and info(node).perturbed:
                 changed |= step(graph, node)

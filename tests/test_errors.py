@@ -99,7 +99,9 @@ class Product(nn.Module):
 
 class Broadcast(nn.Module):
     def forward(self, x):
-        return x + torch.zeros(1, 4)  # x is (B, 1): every coordinate is copied 4 times
+        # x (B, 4) is broadcast to (3, B, 4): the batch is no longer dim 0 (a (B, 1) operand
+        # broadcast to (B, 4) is an explicit expand since the twelfth session: tests/test_passes.py)
+        return (x + torch.zeros(3, 1, 4)).sum(0)
 
 
 class BatchMix(nn.Module):
@@ -114,7 +116,7 @@ class TwoInputs(nn.Module):
 
 @pytest.mark.parametrize("model,shape,exc,words", [
     (Product(), (1, 4), errors.UnsupportedOpError, "two perturbed"),
-    (Broadcast(), (1, 1), errors.UnsupportedOpError, "broadcast"),
+    (Broadcast(), (1, 4), errors.UnsupportedOpError, "broadcast"),
     (TwoInputs(), (1, 4), errors.GraphStructureError, "exactly one tensor input"),
     (nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), nn.Flatten()), (1, 1, 4, 4),
      errors.UnsupportedOpError, "padding_mode='reflect'"),

@@ -311,9 +311,11 @@ def test_cat_of_a_sliced_tuple_is_refused_cleanly_not_crashed():
         bcpc.compile(Swap().eval(), example_input=torch.zeros(1, 4))
 
 
-def test_a_product_with_a_parameter_points_to_f_linear():
-    """x @ W with W a parameter is affine; the refusal says how to write it (it said both factors
-    depend on the input, which was wrong), and the advice compiles."""
+def test_a_product_with_a_parameter_is_linear_and_other_forms_point_to_it():
+    """x @ W with W a parameter is affine: it compiles to the linear rule (since the twelfth
+    session); an einsum with a constant factor is refused with the spellings that work (it said
+    both factors depend on the input, which was wrong); a product of two perturbed values is
+    refused as such."""
     from bcpc.errors import UnsupportedOpError
 
     class MatMul(nn.Module):
@@ -323,10 +325,12 @@ def test_a_product_with_a_parameter_points_to_f_linear():
             self.w, self.spelling = nn.Parameter(torch.randn(4, 3)), spelling
 
         def forward(self, x):
+            if self.spelling == "einsum":
+                return torch.einsum("bi,ij->bj", x, self.w)
             return x @ self.w if self.spelling == "matmul" else F.linear(x, self.w.t())
 
-    with pytest.raises(UnsupportedOpError, match=r"constant factor .*F.linear\(x, W.t\(\)\)"):
-        bcpc.compile(MatMul("matmul").eval(), example_input=torch.zeros(1, 4))
+    with pytest.raises(UnsupportedOpError, match=r"constant factor .*h @ W, F.linear\(h, W.t\(\)\)"):
+        bcpc.compile(MatMul("einsum").eval(), example_input=torch.zeros(1, 4))
 
     class Bilinear(nn.Module):
         def forward(self, x):
@@ -334,10 +338,10 @@ def test_a_product_with_a_parameter_points_to_f_linear():
 
     with pytest.raises(UnsupportedOpError, match="both depend on the input"):
         bcpc.compile(Bilinear().eval(), example_input=torch.zeros(1, 4))
-    model = MatMul("linear").eval()
     x = torch.rand(2, 4)
-    cert = bcpc.compile(model, example_input=x[:1])
-    assert cert.margins(x, model(x).argmax(1), 0.1).shape == (2, 3)
+    y = MatMul("linear")(x).argmax(1)
+    margins = [bcpc.compile(MatMul(s).eval(), example_input=x[:1]).margins(x, y, 0.1) for s in ("matmul", "linear")]
+    torch.testing.assert_close(margins[0], margins[1])
 
 
 class RunTimeDtypes(nn.Module):
@@ -487,3 +491,46 @@ def test_attacks_run_on_a_model_that_detaches_every_path():
     y = full(x).argmax(1)
     adv = pgd_margin(full, x, y, 0.1, 2.0, steps=5)
     assert adv.shape == x.shape and ((adv - x).flatten(1).norm(dim=1) <= 0.1 + 1e-12).all()
+
+
+class _Products(nn.Module):
+    """Products by constant matrices, in the spellings of hand-written layers."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.lin = nn.Linear(3, 6)
+        self.W = nn.Parameter(torch.randn(6, 4) * 0.5)
+        self.M = nn.Parameter(torch.randn(5, 2) * 0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.spelling == "h @ W":
+            return self.head(h @ self.W)
+        if self.spelling == "torch.matmul(h, head.weight.T)":
+            return torch.matmul(torch.relu(h[:, :4]), self.head.weight.T)
+        if self.spelling == "h.mm(W)":
+            return self.head(h.mm(self.W))
+        if self.spelling == "tokens @ W":  # (B, T, n): the matrix acts on the last dim of every token
+            return self.head((h.view(-1, 2, 3) @ self.W[:3, :2]).flatten(1))
+        if self.spelling == "M.T @ tokens":  # (B, T, n): the matrix mixes the tokens
+            return self.head((self.M.t()[:, :3] @ h.view(-1, 3, 2)).flatten(1))
+        raise AssertionError(self.spelling)
+
+
+@pytest.mark.parametrize("spelling", ["h @ W", "torch.matmul(h, head.weight.T)", "h.mm(W)", "tokens @ W",
+                                      "M.T @ tokens"])
+def test_products_by_a_constant_matrix_become_linear_and_stay_sound(spelling):
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    torch.manual_seed(0)
+    model = _Products(spelling).double().eval()
+    x = torch.rand(3, 3, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1])
+    assert "linear" in cert.rules.values()
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x))
+    y = model(x).argmax(1)
+    pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
+    check_soundness(cert, model, x, y, 0.3, pts)
+    assert cert.certified_radius(x, y).max() > 0
