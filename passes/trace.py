@@ -180,8 +180,15 @@ def _refuse_forward_hooks(model: nn.Module) -> None:
 
 
 def _attributes(model: nn.Module) -> dict:
-    """Each module's ``__dict__`` entries, by module name (a shallow copy)."""
-    return {name: dict(vars(m)) for name, m in model.named_modules(remove_duplicate=False)}
+    """Each module's ``__dict__`` entries, by module name (a shallow copy), and under the key
+    ``(name, "contents")`` a copy of each list and dict attribute's items (``self.history.append(h)``
+    changes a list in place)."""
+    out = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        out[name] = dict(vars(m))
+        out[(name, "contents")] = {k: (list(v) if isinstance(v, list) else dict(v))
+                                   for k, v in vars(m).items() if type(v) in (list, dict)}
+    return out
 
 
 def _undo_assignments(model: nn.Module, before: dict) -> dict:
@@ -195,8 +202,17 @@ def _undo_assignments(model: nn.Module, before: dict) -> dict:
         if old is None:
             continue
         d = vars(m)
+        contents = before[(name, "contents")]
         for key in list(d):
             if not _holds_proxy(d[key]):
+                continue
+            if key in old and d[key] is old[key] and key in contents:  # a list or dict changed in place
+                written[(name, key)] = type(d[key])(d[key])
+                if isinstance(d[key], list):
+                    d[key][:] = contents[key]
+                else:
+                    d[key].clear()
+                    d[key].update(contents[key])
                 continue
             if key not in old:
                 written[(name, key)] = d.pop(key)

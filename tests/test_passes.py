@@ -419,10 +419,12 @@ class _KeepsActivation(nn.Module):
     def __init__(self):
         super().__init__()
         self.l = nn.Linear(4, 4)
+        self.history = []
 
     def forward(self, h):
         out = torch.relu(self.l(h))
         self.cache = out  # kept for inspection, never read by forward
+        self.history.append(out)  # a list changed in place
         return out
 
 
@@ -436,7 +438,7 @@ def test_an_activation_kept_on_a_module_is_put_back_and_not_a_change():
     y = model(x).argmax(1)  # with autograd: a non-leaf tensor on the module (deepcopy refuses those)
     kept = model[1].cache
     cert = bcpc.compile(model, example_input=x[:1])
-    assert model[1].cache is kept
+    assert model[1].cache is kept and len(model[1].history) == 1 and model[1].history[0] is kept
     first = cert.margins(x, y, 0.01)
     model(torch.rand(2, 3))  # the model caches another activation: not a change of the function
     torch.testing.assert_close(cert.margins(x, y, 0.01), first)
