@@ -13,13 +13,13 @@ must follow the model to another device.
 """
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
 import torch.fx as fx
 
 from bcpc.errors import UnsupportedOpError
+from bcpc.state import copy_module
 from bcpc.meta import where
 
 _CASTS = ("to", "type_as", "type")
@@ -38,7 +38,7 @@ def resolve_dtypes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphM
              and any(isinstance(a, fx.Node) for a in list(n.args[1:]) + list(n.kwargs.values()))]
     if not casts:
         return gm
-    run = fx.Interpreter(copy.deepcopy(gm), garbage_collect_values=False)
+    run = fx.Interpreter(copy_module(gm), garbage_collect_values=False)
     example = torch.cat([example_input[:1], example_input[:1]], dim=0).clone()
     try:
         with torch.no_grad():

@@ -27,7 +27,6 @@ with :class:`~bcpc.errors.UnsupportedOpError`:
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 
@@ -36,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bcpc.errors import UnsupportedOpError
+from bcpc.state import copy_module
 from bcpc.meta import where
 
 #: In-place methods whose out-of-place form is not "the same name without the underscore", or
@@ -191,7 +191,7 @@ def functionalize(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphMo
         if kind is not None:
             candidates[node] = rewrite
     # One run on a copy (the model may mutate what it should not: refuse that, don't suffer it).
-    run = _Run(copy.deepcopy(gm))
+    run = _Run(copy_module(gm))
     example = torch.cat([example_input[:1], example_input[:1]], dim=0).clone()
     with torch.no_grad():
         try:

@@ -86,13 +86,17 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
             cause = cause.__cause__
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise GraphStructureError(
-            f"running the model on the example input (shape {tuple(example_input.shape[1:])} per sample) failed: "
-            f"{type(cause).__name__}: {first}. Pass an example_input / input_shape the model accepts."
+            f"running the model on a batch of two copies of the example input's first sample (shape "
+            f"{tuple(example_input.shape[1:])} per sample) failed: {type(cause).__name__}: {first}. Pass an "
+            "example_input / input_shape the model accepts; a model that runs at one batch size only mixes the "
+            "samples of a batch (a reshape or a product across the batch), which no per-input certificate covers."
         ) from exc
     finally:
         with torch.no_grad():
             for k, v in gm.named_buffers():
-                if k in saved:
+                # only what the run changed (BatchNorm's running statistics in training mode): a
+                # constant that is an expanded view (self.c.expand(8)) cannot be written into
+                if k in saved and not torch.equal(v, saved[k]):
                     v.copy_(saved[k])
     for node in gm.graph.nodes:
         rec = info(node)

@@ -83,8 +83,9 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def create_arg(self, a):
-        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
-            self.captured.setdefault(id(a), (a, a._version))
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) not in self.captured:
+            # the values too: a write through .data (c.data.mul_(2)) does not move c's version counter
+            self.captured[id(a)] = (a, a._version, a.detach().clone())
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -232,14 +233,36 @@ def _holds_proxy(value, depth: int = 0) -> bool:
     return False
 
 
+def _same(t: torch.Tensor, values: torch.Tensor) -> bool:
+    return t.shape == values.shape and torch.allclose(t.detach(), values, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def _refuse_changed_buffers(model: nn.Module, before: dict) -> None:
+    """fx runs a buffer's own code for real while tracing (it is a tensor, not a Proxy), so a
+    forward that reassigns a buffer or writes into it (``self.prev = -self.prev``,
+    ``self.prev.data.mul_(-1)``) changes the model at every call, and a certificate for its state
+    at one call says nothing of the next (found by a new-user review: certified, then the next
+    ``model(x)`` misclassified the certified input). Refused."""
+    now = dict(model.named_buffers(remove_duplicate=False))
+    for name, (t, values) in before.items():
+        cur = now.get(name)
+        if cur is t and _same(cur, values):
+            continue
+        raise UnsupportedOpError(
+            f"forward changes the buffer {name!r} (assigns it, or writes into it in place or through .data): state "
+            "carried from one call to the next, so the model computes another function at every call and no "
+            "certificate for one call holds for the next. Keep buffers constant in forward (nn.BatchNorm updates "
+            "its running statistics in training mode only, which bcpc handles).")
+
+
 def _refuse_mutated_constants(tracer: _Tracer, graph: fx.Graph) -> None:
     """A tensor that does not depend on the input (``lim = self.cap.clone()``, ``torch.zeros(3)``)
     is computed by fx while tracing and recorded in the graph as the tensor object itself. An
     in-place change of it later in forward (``lim -= 97``) then changes what the graph reads at its
     earlier uses too, where eager PyTorch read the old value (found by a new-user review: a clamp
     at 3 instead of 100, invisible at the clean input, gave a false certificate). Refused."""
-    for t, version in tracer.captured.values():
-        if t._version == version:
+    for t, version, values in tracer.captured.values():
+        if t._version == version and _same(t, values):
             continue
         name = tracer.tensor_attrs.get(t)
         uses = [u for n in graph.nodes if n.op == "get_attr" and n.target == name for u in n.users]
@@ -260,6 +283,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     _refuse_forward_hooks(model)
     tracer = _Tracer()
     before = _attributes(model)
+    buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)}
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
@@ -271,6 +295,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
     written = _undo_assignments(model, before)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _refuse_changed_buffers(model, buffers)
     _refuse_mutated_constants(tracer, graph)
     for (name, key), value in written.items():
         old = before[name].get(key)

@@ -78,6 +78,16 @@ def _state_between_calls():
     return bcpc.compile(model, example_input=torch.rand(1, 4))
 
 
+def _buffer_state():
+    def body(s, h):
+        out = h + s.prev
+        s.prev = -s.prev  # fx runs this for real while tracing: a buffer is a tensor, not a Proxy
+        return out
+    model = _Net(body).eval()
+    model.register_buffer("prev", torch.full((6,), 5.0))
+    return bcpc.compile(model, example_input=torch.rand(1, 4))
+
+
 def _call_counter(s, h):
     s.calls = getattr(s, "calls", 0) + 1  # a Python side effect: fx records the first call's value
     return h * s.calls
@@ -334,6 +344,8 @@ CASES = [
      lambda t: _state_between_calls(), errors.UnsupportedOpError),
     ("a module built inside forward (nn.AvgPool1d(2)(h))",
      lambda t: _compile(lambda s, h: nn.AvgPool1d(2)(h.unsqueeze(1)).repeat(1, 1, 2).flatten(1)), errors.TraceError),
+    ("a buffer forward reads and reassigns (state carried between calls)",
+     lambda t: _buffer_state(), errors.UnsupportedOpError),
     ("a forward with a Python side effect (a call counter scaling h)", lambda t: _compile(_call_counter),
      errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),

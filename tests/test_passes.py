@@ -536,3 +536,27 @@ def test_products_by_a_constant_matrix_become_linear_and_stay_sound(spelling):
     pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
     check_soundness(cert, model, x, y, 0.3, pts)
     assert cert.certified_radius(x, y).max() > 0
+
+
+class _ExpandedConstants(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 8)
+        self.c = torch.rand(8, 1)  # a plain attribute; its expanded view overlaps in memory
+
+    def forward(self, x):
+        h = self.lin(x)
+        return (h @ self.c.expand(8, 4)) * self.c[:4, 0].expand(2, 4)[0] + torch.ones(1).expand(4)
+
+
+def test_expanded_views_of_constants_compile():
+    """The shapes pass restored every constant with copy_, which an expanded view refuses (a raw
+    RuntimeError, found by a new-user review); and a module caching a non-leaf tensor on a
+    submodule is copied for the compile-time check."""
+    torch.manual_seed(0)
+    model = _ExpandedConstants().eval()
+    x = torch.rand(3, 3)
+    cert = bcpc.compile(model, example_input=x[:1])
+    torch.testing.assert_close(cert(x, 0.1).logits.float(), model(x))
+    model.lin.last = model.lin(x)  # a tensor with autograd history on a submodule (copy.deepcopy refuses it)
+    bcpc.compile(model, example_input=x[:1])
