@@ -283,7 +283,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     _refuse_forward_hooks(model)
     tracer = _Tracer()
     before = _attributes(model)
-    buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)}
+    # (BatchNorm's own counter, which a traced-through BatchNorm subclass bumps in training mode:
+    # it only weights the running statistics, which the training step owns)
+    buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)
+               if not name.endswith("num_batches_tracked")}
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
