@@ -532,5 +532,14 @@ def _detach_adapter(module, args, kwargs):
     return (x,), {}
 
 
+def _data_adapter(module, args, kwargs):
+    """``h.data`` (fx records ``getattr(h, "data")``): ``h``'s values without autograd, as
+    ``h.detach()`` (writes through it were refused or rewritten by functionalize before). Other
+    attributes (``h.shape``, ``h.dtype``) are another op: left as they are."""
+    if len(args) != 2 or args[1] != "data" or kwargs:
+        return None
+    return (args[0],), {}
+
+
 register(torch.detach, ball=detach_ball, box=detach_box, family="layout", name="detach",
-         spellings=((torch.detach, _detach_adapter), ("detach", _detach_adapter)))
+         spellings=((torch.detach, _detach_adapter), ("detach", _detach_adapter), (getattr, _data_adapter)))

@@ -144,7 +144,7 @@ def _layout_case(name):
                   dict(lin=nn.Linear(4, 8), m=torch.arange(8) % 3 == 0)),
         "prelu": (lambda s, x: s.pr(s.lin(x)) + F.prelu(s.lin(x), s.a), 8,  # slopes 0.25 and -0.7
                   dict(lin=nn.Linear(4, 8), pr=nn.PReLU(8), a=nn.Parameter(torch.tensor([-0.7])))),
-        "detach": (lambda s, x: s.lin(x).detach() * 2 + torch.relu(s.lin(x)), 8, lin),
+        "detach": (lambda s, x: s.lin(x).detach() * 2 + torch.relu(s.lin(x).data) + s.lin(x), 8, lin),
         "sum": (lambda s, x: three(s, x).sum(2), 3, grid),
         "mean": (lambda s, x: three(s, x).mean(dim=1, keepdim=True), 4, grid),
         "amax": (lambda s, x: three(s, x).amax(2), 3, grid),
