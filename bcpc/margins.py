@@ -40,7 +40,7 @@ def last_layer_margins(p: Bound, weight: Tensor, bias: Optional[Tensor], logits:
     """(B, C) certified lower bounds on ``z_ref - z_j`` over the perturbation set."""
     ref = _reference(logits, y)
     c, offset = spec(weight, bias, ref)
-    m = solver.margin_lower(p.center, p.radius, p.lower, p.upper, c, offset)
+    m = solver.margin_lower(p.center, p.radius, p.lower, p.upper, c, offset, c_from=(weight, ref))
     return _mask_reference(m, ref)
 
 

@@ -452,13 +452,20 @@ class _DualValue(torch.autograd.Function):
     with ``p`` recomputed in backward rather than stored (tests/test_solver.py compares both)."""
 
     @staticmethod
-    def forward(ctx, z, lo, hi, c, t, rho2):
-        ctx.save_for_backward(z, lo, hi, c, t, rho2)
+    def forward(ctx, z, lo, hi, c, t, rho2, weight=None, ref=None):
+        # c = W[ref] - W (the last layer's margins, bcpc.margins.spec) is (B, K, n), K times the
+        # layer's input: kept as W and ref and rebuilt in backward (W is a parameter, kept anyway)
+        ctx.rebuild = weight is not None
+        ctx.save_for_backward(z, lo, hi, *((weight, ref) if ctx.rebuild else (c,)), t, rho2)
         return _dual_value(z, lo, hi, c, t, rho2)
 
     @staticmethod
     def backward(ctx, g):
-        z, lo, hi, c, t, rho2 = ctx.saved_tensors
+        if ctx.rebuild:
+            z, lo, hi, weight, ref, t, rho2 = ctx.saved_tensors
+            c = weight[ref].unsqueeze(1) - weight.unsqueeze(0)
+        else:
+            z, lo, hi, c, t, rho2 = ctx.saved_tensors
         scaled = torch.isfinite(t) & (t > 0)
         t_div = torch.where(scaled, t, 1.0)  # (B, K)
         t_far = torch.where(torch.isinf(t), torch.finfo(t.dtype).max, t).unsqueeze(-1)
@@ -475,10 +482,10 @@ class _DualValue(torch.autograd.Function):
         g_hi = torch.where(x > hi3, g_p, 0.0).sum(-2) if ctx.needs_input_grad[2] else None
         g_c = g.unsqueeze(-1) * p - t_far * g_x if ctx.needs_input_grad[3] else None
         g_rho2 = (-g_pen.squeeze(-1) / 2).sum(-1, keepdim=True) if ctx.needs_input_grad[5] else None
-        return g_z, g_lo, g_hi, g_c, None, g_rho2
+        return g_z, g_lo, g_hi, g_c, None, g_rho2, None, None
 
 
-def dual_margin_lower(z, rho, lower, upper, c, offset, t):
+def dual_margin_lower(z, rho, lower, upper, c, offset, t, c_from=None):
     """A certified lower bound ``g(1/t)`` (B, K) on ``min c·p + offset`` over ball ∩ box, valid for every ``t`` in ``[0, inf]``.
 
     ``g(mu) = min_{p in box} c·p + mu/2 (||p - z||^2 - rho^2) + offset`` with ``mu = 1/t``. For any
@@ -487,7 +494,8 @@ def dual_margin_lower(z, rho, lower, upper, c, offset, t):
     ``clip(z - t c, l, u)``. Limits: ``t = inf`` (``mu = 0``) is the box-only minimum (the corner);
     ``t = 0`` (``mu = inf``) is ``c·z`` when ``rho == 0`` (the set is ``{z}``) and ``-inf`` otherwise.
     ``t`` is detached: gradients are those of the dual at fixed ``mu``, which equal those of the
-    optimum at ``t = t*`` (Danskin).
+    optimum at ``t = t*`` (Danskin). ``c_from = (W, ref)``: ``c`` is ``W[ref] - W`` (rebuilt in
+    backward instead of kept).
 
     The corner at ``t = inf`` is reached through ``t = finfo.max``: exact for every ``c_i`` with
     ``|c_i| >= d_i / finfo.max``; a smaller (subnormal-range) ``c_i`` stops short of its face and
@@ -501,7 +509,7 @@ def dual_margin_lower(z, rho, lower, upper, c, offset, t):
     if torch.is_grad_enabled() and any(x.requires_grad for x in (z, lo, hi, c, rho2)):
         # same numbers; the backward is written out (Danskin at fixed t), keeping only c and the
         # (B, n) inputs instead of four (B, K, n) intermediates of autograd's
-        value = _DualValue.apply(z, lo, hi, c, t, rho2)
+        value = _DualValue.apply(z, lo, hi, c, t, rho2, *(c_from or ()))
     else:
         value = _dual_value(z, lo, hi, c, t, rho2)
     value = torch.where((t == 0) & (rho2 > 0), -math.inf, value)
@@ -537,7 +545,7 @@ def box_margin_lower(lower, upper, c, offset):
     return _poison(value, per_sample=(lower, upper), finite_per_pair=(c, offset))
 
 
-def margin_lower(z, rho, lower, upper, c, offset):
+def margin_lower(z, rho, lower, upper, c, offset, c_from=None):
     """Certified lower bound (B, K) on ``min c·p + offset`` over ``ball(z, rho) ∩ box[lower, upper]``; exact and differentiable.
 
     Shapes: z (B, n); rho (B,) >= 0; lower, upper (B, n); c (B, K, n); offset (B, K) or None (0).
@@ -548,7 +556,8 @@ def margin_lower(z, rho, lower, upper, c, offset):
 
     Handled: ``z`` a hair outside the box (box widened to contain it), ``c == 0`` rows (= offset),
     ``rho == 0`` (= ``c·z + offset``), degenerate boxes ``l == u``, infinite box sides and
-    ``rho = inf``. NaN in any input, or a non-finite ``z``, ``c`` or ``offset``, gives NaN in the
+    ``rho = inf``. ``c_from = (W, ref)``: ``c`` is ``W[ref] - W`` (bcpc.margins.spec), rebuilt in
+    backward rather than kept. NaN in any input, or a non-finite ``z``, ``c`` or ``offset``, gives NaN in the
     affected entries — never a number. Call ``check_finite`` on the certification path to raise.
     Batched, no Python loops over samples or classes, no host-device sync.
     """
@@ -566,7 +575,7 @@ def margin_lower(z, rho, lower, upper, c, offset):
     # Any t > 0 is a sound dual point, so nudge it off zero.
     tiny = torch.finfo(t.dtype).tiny
     t = torch.where(rho.unsqueeze(-1) > 0, t.clamp_min(tiny), t)
-    return dual_margin_lower(z, rho, lower, upper, c, offset, t)
+    return dual_margin_lower(z, rho, lower, upper, c, offset, t, c_from)
 
 
 def check_finite(z=None, rho=None, lower=None, upper=None, c=None, offset=None):

@@ -150,6 +150,21 @@ def measure(name, batch, reps, inductor=False, peers=False, steps_only=False):
     return out
 
 
+def memory_table(args) -> None:
+    """Only what a training step keeps for backward, certified / plain: exact and independent of
+    the machine's load and thread count, so it can be measured beside other work."""
+    print("saved for backward (one training step, storage of the parameters excluded), certified / plain")
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            model, cert, x, y, _ = setup(name, batch)
+            model.train()
+            cert.loss(x, y, 36 / 255, 1.0).backward()  # the first step's one-off work
+            plain = saved_for_backward_mib(lambda: F.cross_entropy(model(x), y), model.parameters())
+            cert.propagation.lip.eval()  # its power iteration cannot run under saved-tensor hooks
+            certified = saved_for_backward_mib(lambda: cert.loss(x, y, 36 / 255, 1.0), model.parameters())
+            print(f"{name:>17} {batch:>5} {certified / plain:5.2f}x ({certified:.1f} / {plain:.1f} MiB)", flush=True)
+
+
 def table(args, threads) -> list:
     """One table: every model and batch at ``threads`` threads."""
     rows = []
@@ -190,11 +205,16 @@ def main():
     ap.add_argument("--threads", default="1", help="thread counts, one table each (e.g. 1,2)")
     ap.add_argument("--steps-only", action="store_true",
                     help="only the training steps and their memory (no forward-only timings, certification)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the saved-for-backward memory of the training steps (exact: no idle machine needed)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the raw figures here")
     ap.add_argument("--inductor", action="store_true", help="also time backend='inductor' (torch.compile)")
     ap.add_argument("--peers", action="store_true", help="also time auto_LiRPA IBP / CROWN-IBP (needs auto-lirpa)")
     args = ap.parse_args()
+    if args.memory_only:
+        memory_table(args)
+        return
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)

@@ -30,6 +30,9 @@ def test_bench_prints_ratios_to_the_plain_step():
               "--steps-only")
     rows = [line for line in out.splitlines() if line.strip().startswith("mnist_small_minmax")]
     assert len(rows) == 2 and all(r.count("x") >= 3 for r in rows), out  # one table per thread count
+    out = run("bench.py", "--models", "mnist_small_minmax", "--batches", "2,3", "--memory-only")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("mnist_small_minmax")]
+    assert len(rows) == 2 and all(float(r[2].rstrip("x")) > 1 for r in rows), out  # certified keeps more
 
 
 def test_solver_kernel_benchmark_runs():
