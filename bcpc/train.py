@@ -244,11 +244,12 @@ class FitResult:
     best: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     interrupted: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole run, over all its sessions (resumes included)
 
 
-def _state(cfg, model, lip_owner, opt, step, epoch, best, history) -> dict:
+def _state(cfg, model, lip_owner, opt, step, epoch, best, history, elapsed_s: float = 0.0) -> dict:
     return {
+        "elapsed_s": elapsed_s,  # wall time of the run so far, over all its sessions
         "format": FORMAT,
         "model_state": model.state_dict(),
         "lip_state": lip_owner.propagation.lip.state_dict(),
@@ -382,6 +383,9 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         lip_owner.propagation.lip.load_state_dict(ckpt["lip_state"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best, history = int(ckpt["step"]), dict(ckpt["best"]), list(ckpt["history"])
+        # the log's elapsed_s counts the whole run's wall time, across resumes (older checkpoints
+        # carry no total: their last validation's figure, which misses the time after it)
+        t0 -= float(ckpt.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0))
         torch.set_rng_state(ckpt["rng"].cpu())
         log(f"resumed {last} at step {step} (epoch {step / spe:.2f}) with {ctx.world} process(es)")
     elif not resume and last.exists():
@@ -409,7 +413,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                                          "was (finite), not overwritten")
         if ctx.main:
             with interrupts.deferred(reraise):
-                checkpoint.save(_state(cfg, model, lip_owner, opt, step, epoch, best, history), last)
+                checkpoint.save(_state(cfg, model, lip_owner, opt, step, epoch, best, history,
+                                       round(time.time() - t0, 1)), last)
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()

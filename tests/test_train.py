@@ -96,8 +96,14 @@ def test_resume_equivalence(tmp_path):
     assert first.step == 7
     with pytest.raises(CheckpointError, match="--resume"):
         fit(part, progress=False, log=lambda *_: None)
+    state = checkpoint.load(first.run_dir / "last.pt")
+    assert 0 < state["elapsed_s"] <= first.seconds + 1
+    state["elapsed_s"] = 1000.0  # as if the first session had trained for 1000 s
+    checkpoint.save(state, first.run_dir / "last.pt")
     second = fit(part, resume=True, progress=False, log=lambda *_: None)
     assert second.step == full.step == 20
+    # wall time counts the whole run: the resumed session adds to the first one's
+    assert second.seconds > 1000 and all(row["elapsed_s"] > 1000 for row in second.history)
     a = checkpoint.load(full.run_dir / "last.pt")["model_state"]
     b = checkpoint.load(second.run_dir / "last.pt")["model_state"]
     for k in a:
