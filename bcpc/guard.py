@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bcpc.errors import GraphMismatchError
-from bcpc.state import copy_module
+from bcpc.errors import GraphMismatchError, UnsupportedOpError
+from bcpc.state import changes, copy_module, structure
 
 #: ``dtype -> (atol, rtol)`` of the comparison, by the less precise of the two dtypes.
 TOLERANCE = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 2e-2),
@@ -96,17 +96,23 @@ def _probe_inputs(example_input: Tensor, input_domain) -> Tensor:
     return torch.cat([x0.detach().to(torch.float64), r.to(x0.device)])
 
 
-def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_input: Tensor, input_domain) -> None:
-    """Compile-time check: the canonical graph computes ``model`` (both copied, in eval mode)."""
+def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_input: Tensor, input_domain,
+                    cached_attributes: frozenset = frozenset()) -> None:
+    """Compile-time check: the canonical graph computes ``model`` (both copied, in eval mode), and
+    a call of the model leaves its Python state as it was (``cached_attributes``, activations
+    forward keeps on a module, aside)."""
     dtype = next((p.dtype for p in model.parameters()), example_input.dtype)
     if not dtype.is_floating_point:
         dtype = torch.float64
     x = _probe_inputs(example_input, input_domain).to(dtype)
     ref_model = copy_module(model).eval()
     graph = copy_module(canonical).eval()
+    state = structure(ref_model, skip=cached_attributes)
     with torch.no_grad():
         want = ref_model(x)
         got = graph(x)
+        again = ref_model(x)  # the same input again: the output must not depend on the call before
+    moved = changes(state, structure(ref_model, skip=cached_attributes))
     if not isinstance(want, Tensor):
         return  # the analysis has already refused a model that does not return one logits tensor
     causes = COMPILE_CAUSES
@@ -116,3 +122,15 @@ def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_i
                   "F.dropout(..., training=self.training) were traced in training mode. Call model.eval() before "
                   "bcpc.compile. Other " + COMPILE_CAUSES[0].lower() + COMPILE_CAUSES[1:])
     check(got, want, against="model(x) (checked at compile time, in eval mode)", dtypes=(dtype,), causes=causes)
+    if isinstance(again, Tensor) and not torch.allclose(again, want, rtol=0.0, atol=0.0, equal_nan=True):
+        raise UnsupportedOpError(
+            "the model's output for the same input changes from one call to the next: forward reads state that "
+            "the call before left on the model (an activation kept on a module and read back, a running value) "
+            "or draws random numbers. A certificate for one call would say nothing of the next; keep forward a "
+            "function of its input and the weights.")
+    if moved is not None:
+        raise UnsupportedOpError(
+            f"a call of the model changes its own state: {moved} (a counter, or a value forward keeps for the next "
+            "call). bcpc checks before every sound result that the model is as it was compiled, so every "
+            "certificate after the first would be refused. Keep such state out of forward (count calls outside "
+            "the model).")

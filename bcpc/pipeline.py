@@ -61,7 +61,7 @@ def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: flo
         _check(gm, debug)
     analysis = analyze(gm)
     _check(gm, debug)
-    verify_compiled(gm, model, example_input, input_domain)
+    verify_compiled(gm, model, example_input, input_domain, cached)
     lowered = lower(gm, analysis, method=method, norm=norm, domain_bounds=input_domain, model=model,
                     lipschitz_iters=lipschitz_iters)
     _check(lowered.graph_module, debug)

@@ -88,6 +88,17 @@ def _buffer_state():
     return bcpc.compile(model, example_input=torch.rand(1, 4))
 
 
+def _unused_counter(s, h):
+    s.seen = getattr(s, "seen", 0) + 1  # changes at every call, read by nothing
+    return h
+
+
+def _reads_last_call(s, h):
+    out = h + getattr(s, "last", torch.zeros_like(h))  # the previous call's activation, read back
+    s.last = h.detach()
+    return out
+
+
 def _call_counter(s, h):
     s.calls = getattr(s, "calls", 0) + 1  # a Python side effect: fx records the first call's value
     return h * s.calls
@@ -346,6 +357,10 @@ CASES = [
      lambda t: _compile(lambda s, h: nn.AvgPool1d(2)(h.unsqueeze(1)).repeat(1, 1, 2).flatten(1)), errors.TraceError),
     ("a buffer forward reads and reassigns (state carried between calls)",
      lambda t: _buffer_state(), errors.UnsupportedOpError),
+    ("a forward that changes the model's Python state at every call (an unused counter)",
+     lambda t: _compile(_unused_counter), errors.UnsupportedOpError),
+    ("a forward that reads back an activation it kept on the module in the previous call",
+     lambda t: _compile(_reads_last_call), errors.UnsupportedOpError),
     ("a forward with a Python side effect (a call counter scaling h)", lambda t: _compile(_call_counter),
      errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
