@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,6 +75,20 @@ _UNKNOWN = object()  # a batch-norm argument computed in the graph, not read fro
 
 #: Modules whose output depends on ``.training``: certifying them in training mode is refused.
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
+
+
+def _forward_reads_training(m: nn.Module) -> bool:
+    """A module of the user's whose forward (a method its class defines, or a function kept on it)
+    names ``training`` (``if self.training:``); torch's own modules are covered by the
+    mode-dependent list above."""
+    cls = type(m)
+    if cls.__module__.startswith(("torch.", "bcpc.")):
+        return False
+    from bcpc.state import _code_names  # the names a function's code reads, nested code included
+    functions = [v for klass in cls.__mro__ if not klass.__module__.startswith("torch") for v in vars(klass).values()]
+    functions += list(vars(m).values())
+    return any("training" in _code_names(getattr(v, "__func__", v).__code__) for v in functions
+               if isinstance(getattr(v, "__func__", v), types.FunctionType))
 
 
 class CertifiedModule(nn.Module):
@@ -231,6 +246,14 @@ class CertifiedModule(nn.Module):
             raise ModelModeError(
                 f"modules {training} are in training mode: they compute another (random) function than in eval "
                 "mode, and the certificate is for eval mode. Call model.eval() (or cert.eval()) before certifying.")
+        reads = [f"{name or type(self.model).__name__} ({type(m).__name__})" for name, m in self.model.named_modules()
+                 if m.training and _forward_reads_training(m)]
+        if reads:
+            raise ModelModeError(
+                f"modules {reads} are in training mode and their forward reads self.training: the graph was traced "
+                "in eval mode, so in training mode the model may compute another function (a branch the trace did "
+                "not take) wherever the inputs of the ball reach it. Call model.eval() (or cert.eval()) before "
+                "certifying.")
         bad = [name for name, m in self.model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
         batch_stats = [name for name, m in self.model.named_modules()

@@ -8,6 +8,7 @@ failed, not a raw fx traceback.
 from __future__ import annotations
 
 import operator
+import types
 
 import torch
 import torch.fx as fx
@@ -122,6 +123,10 @@ _ADVICE = (
      "A for loop over a tensor (for c in h.chunk(2, 1), for row in h) needs its length at trace time. "
      "Unpack into names (a, b = h.chunk(2, 1)) or index with a fixed range (parts = h.chunk(2, 1); "
      "sum(parts[i] for i in range(2)))."),
+    (("takes 1 positional argument but",),
+     "A tensor constructor given a size read from the input's shape (torch.zeros(x.shape[0], n), "
+     "torch.ones(B, n)) cannot take a traced size. Build it from a tensor of the graph instead: "
+     "h.new_zeros(h.shape[0], n), h.new_ones(...), h.new_full(...), or torch.zeros_like(h)."),
     (("is not installed as a submodule",),
      "A module built inside forward (nn.AvgPool2d(4)(h), nn.ReLU()(h)) is not part of the model, and "
      "torch.fx cannot record it. Build it once in __init__ (self.pool = nn.AvgPool2d(4)) or call the "
@@ -274,6 +279,42 @@ def _refuse_mutated_constants(tracer: _Tracer, graph: fx.Graph) -> None:
             "the model read the old one. Write the change out of place (c = c - 1 rather than c -= 1 or c.sub_(1)).")
 
 
+#: names that tell a forward whether torch.fx is tracing it (transformers' is_torch_fx_proxy, ...)
+_FX_CHECKS = frozenset(["Proxy", "is_fx_tracing", "is_torch_fx_proxy", "_is_fx_tracing_flag", "is_fx_symbolic_tracing"])
+
+
+def _refuse_tracing_checks(model: nn.Module) -> None:
+    """A forward that asks whether it is being traced (``isinstance(h, torch.fx.Proxy)``,
+    ``is_fx_tracing()``) runs one branch for the trace and another for the user: the graph bcpc
+    certifies is not the model (found by a new-user review: an eager-only clamp, invisible at the
+    clean points, absent from the certified graph). Refused, for the user's own classes and the
+    functions of theirs that forward calls."""
+    from bcpc.state import _code_names, _user_code
+
+    for name, m in model.named_modules():
+        cls = type(m)
+        owners = [(klass.__name__, vars(klass)) for klass in cls.__mro__
+                  if not klass.__module__.startswith(("torch.", "bcpc.")) and klass is not object]
+        owners.append((cls.__name__, vars(m)))  # functions kept on the instance (self.body = fn)
+        for owner, attrs in owners:
+            for attr, fn in attrs.items():
+                fn = getattr(fn, "__func__", fn)
+                if not isinstance(fn, types.FunctionType):
+                    continue
+                names = set(_code_names(fn.__code__))
+                for g in list(names):  # one level into the user's own helpers
+                    helper = fn.__globals__.get(g)
+                    if isinstance(helper, types.FunctionType) and _user_code(helper):
+                        names |= _code_names(helper.__code__)
+                hit = sorted(names & _FX_CHECKS)
+                if hit:
+                    raise TraceError(
+                        f"{owner}.{attr} (module {name or '<root>'!r}) checks whether torch.fx is tracing it "
+                        f"({', '.join(hit)}): the trace takes one branch and the model, run by you, the other, so the "
+                        "graph bcpc would certify is not the model. Remove the check, or make both branches compute "
+                        "the same.")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; the result shares parameters with it. Forward hooks are
     refused (:func:`_refuse_forward_hooks`), and so is an in-place change of a tensor the graph
@@ -281,6 +322,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     back; those holding values computed from the input (activations kept on the module) are
     listed in ``gm.meta["bcpc_cached_attributes"]`` as ``(module name, attribute)`` pairs."""
     _refuse_forward_hooks(model)
+    _refuse_tracing_checks(model)
     tracer = _Tracer()
     before = _attributes(model)
     # (BatchNorm's own counter, which a traced-through BatchNorm subclass bumps in training mode:

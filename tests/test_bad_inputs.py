@@ -99,6 +99,19 @@ def _reads_last_call(s, h):
     return out
 
 
+def _eager_only(s, h):
+    if not isinstance(h, torch.fx.Proxy):  # transformers' is_torch_fx_proxy: a branch the trace never takes
+        h = h.clamp(min=0.5)
+    return h
+
+
+def _training_branch():
+    model = _Net(lambda s, h: h.clamp(min=0.5) if s.training else h).eval()
+    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
+    model.train()  # no BatchNorm or Dropout: only forward's own `if self.training` differs
+    cert.certify(X, Y, 0.1)
+
+
 def _call_counter(s, h):
     s.calls = getattr(s, "calls", 0) + 1  # a Python side effect: fx records the first call's value
     return h * s.calls
@@ -361,6 +374,10 @@ CASES = [
      lambda t: _compile(_unused_counter), errors.UnsupportedOpError),
     ("a forward that reads back an activation it kept on the module in the previous call",
      lambda t: _compile(_reads_last_call), errors.UnsupportedOpError),
+    ("a forward that checks whether torch.fx traces it (isinstance(h, torch.fx.Proxy))",
+     lambda t: _compile(_eager_only), errors.TraceError),
+    ("certifying in training mode a model whose forward reads self.training",
+     lambda t: _training_branch(), errors.ModelModeError),
     ("a forward with a Python side effect (a call counter scaling h)", lambda t: _compile(_call_counter),
      errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
