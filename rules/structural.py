@@ -174,6 +174,30 @@ register(torch.flatten, ball=reshape_ball, box=flatten_box, family="reshape", na
          spellings=((torch.flatten, _flatten_adapter), ("flatten", _flatten_adapter), (nn.Flatten, _flatten_adapter)),
          check=_check_batch_kept)
 
+def unflatten_box(center, radius, x, dim, sizes) -> Bound:
+    """The box unflattened the same way."""
+    return enclose(center, radius, torch.unflatten(x.lower, dim, sizes), torch.unflatten(x.upper, dim, sizes))
+
+
+def _unflatten_adapter(module, args, kwargs):
+    if module is not None:
+        (x,) = args
+        return (x, int(module.dim), tuple(module.unflattened_size)), {}
+    x, dim, sizes = pick(args, kwargs, ("input", "dim", "sizes"), {})
+    return (x, int(dim), tuple(sizes)), {}
+
+
+def _check_unflatten(node):
+    if node.args[1] % len(shape(node.args[0])) == 0:
+        raise unsupported(node, "unflatten of dim 0 splits the batch dimension", "Unflatten a dim >= 1")
+
+
+register(torch.unflatten, ball=reshape_ball, box=unflatten_box, family="reshape", name="unflatten",
+         spellings=((torch.unflatten, _unflatten_adapter), ("unflatten", _unflatten_adapter),
+                    (nn.Unflatten, _unflatten_adapter)),
+         check=_check_unflatten)
+
+
 def _dropout_fn_adapter(module, args, kwargs):
     """``F.dropout`` is the identity only when ``training`` is False at trace time: its default is
     True, so ``F.dropout(h, 0.5)`` drops units in eval mode too (a random function)."""

@@ -89,6 +89,9 @@ def case(name):
         return Lambda(lambda s, x: s.lin(x.view(x.size(0), -1)), 3), (2, 2), dict(lin=nn.Linear(4, 3))
     if name == "flatten":
         return Lambda(lambda s, x: torch.flatten(x, 1), 50), img, {}
+    if name == "unflatten":  # module and method spellings
+        return (Lambda(lambda s, x: s.u(s.lin(x)).unflatten(2, (2, 2)).flatten(1), 12), (4,),
+                dict(lin=nn.Linear(4, 12), u=nn.Unflatten(1, (3, 4))))
     if name == "max_pool2d":
         return Lambda(lambda s, x: F.max_pool2d(x, 3, stride=2, padding=1), 18), img, {}
     if name == "avg_pool2d":
