@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import types
 from typing import NamedTuple, Optional
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from bcpc import guard, losses, ops
 from bcpc import margins as margins_mod
 from bcpc.meta import where
-from bcpc.state import Snapshot, changes, copy_in_dtype, structure
+from bcpc.state import Snapshot, changes, copy_in_dtype, names_read, structure, user_functions
 from bcpc.errors import (ConfigError, GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError,
                          ModelModeError, NonFiniteBoundError)
 
@@ -81,14 +80,9 @@ def _forward_reads_training(m: nn.Module) -> bool:
     """A module of the user's whose forward (a method its class defines, or a function kept on it)
     names ``training`` (``if self.training:``); torch's own modules are covered by the
     mode-dependent list above."""
-    cls = type(m)
-    if cls.__module__.startswith(("torch.", "bcpc.")):
+    if type(m).__module__.startswith(("torch.", "bcpc.")):
         return False
-    from bcpc.state import _code_names  # the names a function's code reads, nested code included
-    functions = [v for klass in cls.__mro__ if not klass.__module__.startswith("torch") for v in vars(klass).values()]
-    functions += list(vars(m).values())
-    return any("training" in _code_names(getattr(v, "__func__", v).__code__) for v in functions
-               if isinstance(getattr(v, "__func__", v), types.FunctionType))
+    return any("training" in names_read(fn) for _, _, fn in user_functions(m))
 
 
 class CertifiedModule(nn.Module):

@@ -227,6 +227,34 @@ def _function_data(fn, seen: Optional[set] = None) -> tuple:
     return tuple(out)
 
 
+def user_functions(m: nn.Module) -> list:
+    """``(owner, name, function)`` for the code of the user's own that runs as ``m``'s forward: the
+    methods its classes define (torch's and bcpc's own classes left out) and functions kept on the
+    instance (``self.body = fn``)."""
+    owners = [(klass.__name__, vars(klass)) for klass in type(m).__mro__
+              if klass is not object and not klass.__module__.startswith(("torch.", "bcpc."))]
+    owners.append((type(m).__name__, vars(m)))
+    out = []
+    for owner, attrs in owners:
+        for attr, fn in attrs.items():
+            fn = getattr(fn, "__func__", fn)  # staticmethod / classmethod
+            if isinstance(fn, types.FunctionType):
+                out.append((owner, attr, fn))
+    return out
+
+
+def names_read(fn, helpers: bool = False) -> set:
+    """The global and attribute names ``fn``'s code reads (nested code included); ``helpers``: also
+    those of the user's own functions it names (one level)."""
+    names = set(_code_names(fn.__code__))
+    if helpers:
+        for g in list(names):
+            helper = fn.__globals__.get(g)
+            if isinstance(helper, types.FunctionType) and _user_code(helper):
+                names |= _code_names(helper.__code__)
+    return names
+
+
 def _class_data(cls, seen: Optional[set] = None) -> tuple:
     """Class attributes holding data and the data globals of the methods, for the user's classes
     (torch's own are not user state)."""

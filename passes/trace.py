@@ -8,7 +8,6 @@ failed, not a raw fx traceback.
 from __future__ import annotations
 
 import operator
-import types
 
 import torch
 import torch.fx as fx
@@ -16,6 +15,7 @@ from torch import nn
 
 from bcpc.errors import TraceError, UnsupportedOpError
 from bcpc.meta import where
+from bcpc.state import names_read, user_functions
 
 
 _CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -289,30 +289,15 @@ def _refuse_tracing_checks(model: nn.Module) -> None:
     certifies is not the model (found by a new-user review: an eager-only clamp, invisible at the
     clean points, absent from the certified graph). Refused, for the user's own classes and the
     functions of theirs that forward calls."""
-    from bcpc.state import _code_names, _user_code
-
     for name, m in model.named_modules():
-        cls = type(m)
-        owners = [(klass.__name__, vars(klass)) for klass in cls.__mro__
-                  if not klass.__module__.startswith(("torch.", "bcpc.")) and klass is not object]
-        owners.append((cls.__name__, vars(m)))  # functions kept on the instance (self.body = fn)
-        for owner, attrs in owners:
-            for attr, fn in attrs.items():
-                fn = getattr(fn, "__func__", fn)
-                if not isinstance(fn, types.FunctionType):
-                    continue
-                names = set(_code_names(fn.__code__))
-                for g in list(names):  # one level into the user's own helpers
-                    helper = fn.__globals__.get(g)
-                    if isinstance(helper, types.FunctionType) and _user_code(helper):
-                        names |= _code_names(helper.__code__)
-                hit = sorted(names & _FX_CHECKS)
-                if hit:
-                    raise TraceError(
-                        f"{owner}.{attr} (module {name or '<root>'!r}) checks whether torch.fx is tracing it "
-                        f"({', '.join(hit)}): the trace takes one branch and the model, run by you, the other, so the "
-                        "graph bcpc would certify is not the model. Remove the check, or make both branches compute "
-                        "the same.")
+        for owner, attr, fn in user_functions(m):
+            hit = sorted(names_read(fn, helpers=True) & _FX_CHECKS)
+            if hit:
+                raise TraceError(
+                    f"{owner}.{attr} (module {name or '<root>'!r}) checks whether torch.fx is tracing it "
+                    f"({', '.join(hit)}): the trace takes one branch and the model, run by you, the other, so the "
+                    "graph bcpc would certify is not the model. Remove the check, or make both branches compute "
+                    "the same.")
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
