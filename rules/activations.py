@@ -287,3 +287,28 @@ register(torch.clamp, ball=clamp_ball, box=clamp_box, family="monotone", name="c
                     (F.hardtanh, _hardtanh_adapter), (nn.Hardtanh, _hardtanh_adapter), (F.relu6, _relu6_adapter)))
 # hardsigmoid: relu6(x + 3) / 6, nondecreasing with slope <= 1/6.
 monotone(F.hardsigmoid, lipschitz=1.0 / 6.0, name="hardsigmoid", spellings=(F.hardsigmoid, nn.Hardsigmoid))
+
+
+# --- more nondecreasing activations --------------------------------------------------------------
+#
+# softsign x / (1 + |x|): derivative 1 / (1 + |x|)^2 <= 1.
+# logsigmoid -softplus(-x): derivative sigmoid(-x) < 1.
+# tanhshrink x - tanh(x): derivative tanh(x)^2 < 1.
+# celu: x for x > 0, alpha (e^(x / alpha) - 1) below, alpha > 0: derivative e^(x / alpha) <= 1.
+# selu: scale x for x > 0, scale alpha (e^x - 1) below: derivative <= scale alpha = 1.75809934084737685994...
+# (torch's constants), rounded up.
+SELU_LIPSCHITZ = 1.7580993408473770
+
+
+def _check_celu(node):
+    alpha = node.args[1]
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise unsupported(node, f"celu with alpha={alpha!r} is not monotone with a bounded slope", "Use alpha > 0")
+
+
+monotone(F.softsign, lipschitz=1.0, name="softsign", spellings=(F.softsign, nn.Softsign))
+monotone(F.logsigmoid, lipschitz=1.0, name="logsigmoid", spellings=(F.logsigmoid, nn.LogSigmoid))
+monotone(F.tanhshrink, lipschitz=1.0, name="tanhshrink", spellings=(F.tanhshrink, nn.Tanhshrink))
+monotone(F.celu, lipschitz=1.0, name="celu", spellings=(F.celu, nn.CELU), params=("alpha",), defaults={"alpha": 1.0},
+         check=_check_celu)
+monotone(F.selu, lipschitz=SELU_LIPSCHITZ, name="selu", spellings=(F.selu, nn.SELU))

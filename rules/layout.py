@@ -6,10 +6,10 @@ Every output coordinate of these ops is either one input coordinate or a constan
   pad value is its own box);
 * ball: if each input coordinate appears at most ``n`` times in the output, then
   ``||op(a') - op(a)||^2 <= n ||a' - a||^2``: radius ``sqrt(n) * r``. ``n = 1`` for permutes,
-  transposes, (un)squeezes, slicing, ``narrow``, ``select``, ``flip``, ``roll`` and constant
-  padding; ``expand`` / ``repeat`` / nearest upsampling / reflect, replicate and circular padding
-  copy values, and ``n`` is counted exactly (the gradient of ``op(ones).sum()`` is the number
-  of copies of each input coordinate) and cached per input shape.
+  transposes, (un)squeezes, slicing, ``narrow``, ``select``, ``flip``, ``roll``, pixel and channel
+  shuffles and constant padding; ``expand`` / ``repeat`` / nearest upsampling / reflect,
+  replicate and circular padding copy values, and ``n`` is counted exactly (the gradient of
+  ``op(ones).sum()`` is the number of copies of each input coordinate) and cached per input shape.
 
 The batch dimension must stay the first dimension, untouched: an op that moves, slices or
 copies it mixes samples, and is refused. Linear resampling (bilinear, ...) is a nonnegative
@@ -195,6 +195,29 @@ selection(torch.squeeze, name="squeeze", check=_check_squeeze,
           spellings=((torch.squeeze, _squeeze_adapter), ("squeeze", _squeeze_adapter)))
 selection(torch.flip, name="flip", check=_check_flip, spellings=((torch.flip, _flip_adapter), ("flip", _flip_adapter)))
 selection(torch.roll, name="roll", check=_check_roll, spellings=((torch.roll, _roll_adapter), ("roll", _roll_adapter)))
+
+
+# --- channel and pixel shuffles (permutations within a sample) --------------------------------
+
+def _shuffle_adapter(arg: str, attr: str):
+    def adapter(module, args, kwargs):
+        if module is not None:
+            (x,) = args
+            return (x, int(getattr(module, attr))), {}
+        x, v = pick(args, kwargs, ("input", arg), {})
+        return (x, int(v)), {}
+    return adapter
+
+
+_pixel = _shuffle_adapter("upscale_factor", "upscale_factor")
+_unpixel = _shuffle_adapter("downscale_factor", "downscale_factor")
+_groups = _shuffle_adapter("groups", "groups")
+selection(torch.pixel_shuffle, name="pixel_shuffle",
+          spellings=((torch.pixel_shuffle, _pixel), (nn.PixelShuffle, _pixel)))
+selection(torch.pixel_unshuffle, name="pixel_unshuffle",
+          spellings=((torch.pixel_unshuffle, _unpixel), (nn.PixelUnshuffle, _unpixel)))
+selection(torch.channel_shuffle, name="channel_shuffle",
+          spellings=((torch.channel_shuffle, _groups), (nn.ChannelShuffle, _groups)))
 
 
 # --- slicing ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Pooling: max pooling, adaptive max pooling, average pooling, adaptive average pooling.
+"""Pooling in 1, 2 and 3 spatial dimensions: max pooling, adaptive max pooling, average pooling,
+adaptive average pooling.
 
 * max pool: nondecreasing in every input, so the box is ``[pool(l), pool(u)]``. Ball: an input
   lies in at most ``n`` windows (per spatial dim ``min(k, ceil((d (k-1) + 1) / s))``), and
@@ -8,6 +9,10 @@
   ball radius ``sigma * r`` with the Schur bound ``sigma <= sqrt(max row sum * max column sum)``
   (guaranteed; row sums are ``pool(1)``, column sums ``pool^T(1)``, computed once per pool and
   input shape), which is exact for the usual non-overlapping pools.
+
+Each rule is registered once per dimension (``max_pool1d``, ``max_pool2d``, ``max_pool3d``, ...),
+with the functional and the module spellings; its canonical arguments are the functional's, in
+order, so the bound functions call the op itself on the box ends.
 """
 from __future__ import annotations
 
@@ -21,6 +26,21 @@ from bcpc.domain import Bound, bound, enclose
 from bcpc.registry import register
 from bcpc.rules._util import linear_map_sums, ntuple, pick
 
+_DIMS = (1, 2, 3)
+
+
+def _export(name: str, ball, box):
+    """Name the bound functions ``<name>_ball`` / ``<name>_box`` and make them importable from
+    this module (the emitted code names them)."""
+    ball.__name__, box.__name__ = f"{name}_ball", f"{name}_box"
+    ball.__qualname__, box.__qualname__ = ball.__name__, box.__name__
+    globals()[ball.__name__], globals()[box.__name__] = ball, box
+    return ball, box
+
+
+def _stride(kernel, stride, nd: int) -> tuple:
+    return kernel if stride is None or stride == [] or stride == () else ntuple(stride, nd)
+
 
 # --- max pooling ----------------------------------------------------------------------------
 
@@ -32,43 +52,42 @@ def windows_per_input(kernel, stride, dilation) -> int:
     return n
 
 
-def max_pool2d_ball(x: Bound, kernel_size, stride, padding, dilation, ceil_mode):
-    """radius_out = sqrt(windows per input) * radius_in."""
-    if x.radius is None:
-        return None
-    return math.sqrt(windows_per_input(kernel_size, stride, dilation)) * x.radius
+def _max_pool(nd: int):
+    op = getattr(F, f"max_pool{nd}d")
+    name = f"max_pool{nd}d"
 
+    def ball(x: Bound, kernel_size, stride, padding, dilation, ceil_mode):
+        if x.radius is None:
+            return None
+        return math.sqrt(windows_per_input(kernel_size, stride, dilation)) * x.radius
 
-def max_pool2d_box(center, radius, x: Bound, kernel_size, stride, padding, dilation, ceil_mode) -> Bound:
-    """[pool(lower), pool(upper)] (max pooling is nondecreasing; inside the output ball box)."""
-    pool = lambda t: F.max_pool2d(t, kernel_size, stride, padding, dilation, ceil_mode)  # noqa: E731
-    return enclose(center, radius, pool(x.lower), pool(x.upper))
+    def box(center, radius, x: Bound, kernel_size, stride, padding, dilation, ceil_mode) -> Bound:
+        args = (kernel_size, stride, padding, dilation, ceil_mode)
+        return enclose(center, radius, op(x.lower, *args), op(x.upper, *args))
 
+    ball.__doc__ = "radius_out = sqrt(windows per input) * radius_in."
+    box.__doc__ = "[pool(lower), pool(upper)] (max pooling is nondecreasing; inside the output ball box)."
 
-def _max_pool_args(kernel, stride, padding, dilation, ceil_mode, return_indices):
-    if return_indices:
-        raise ValueError("max_pool2d(return_indices=True) is not supported")
-    kernel = ntuple(kernel, 2)
-    stride = kernel if stride is None or stride == [] or stride == () else ntuple(stride, 2)
-    return (kernel, stride, ntuple(padding, 2), ntuple(dilation, 2), bool(ceil_mode))
+    def canonical(kernel, stride, padding, dilation, ceil_mode, return_indices):
+        if return_indices:
+            raise ValueError(f"{name}(return_indices=True) is not supported")
+        kernel = ntuple(kernel, nd)
+        return (kernel, _stride(kernel, stride, nd), ntuple(padding, nd), ntuple(dilation, nd), bool(ceil_mode))
 
+    def module_adapter(module, args, kwargs):
+        (x,) = args
+        return (x,) + canonical(module.kernel_size, module.stride, module.padding, module.dilation,
+                                module.ceil_mode, module.return_indices), {}
 
-def _max_pool_module_adapter(module, args, kwargs):
-    (x,) = args
-    return (x,) + _max_pool_args(module.kernel_size, module.stride, module.padding, module.dilation,
-                                 module.ceil_mode, module.return_indices), {}
+    def fn_adapter(module, args, kwargs):
+        x, *rest = pick(args, kwargs, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                       "return_indices"),
+                        {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+        return (x,) + canonical(*rest), {}
 
-
-def _max_pool_fn_adapter(module, args, kwargs):
-    x, k, s, p, d, c, r = pick(args, kwargs,
-                               ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-                               {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
-    return (x,) + _max_pool_args(k, s, p, d, c, r), {}
-
-
-
-register(F.max_pool2d, ball=max_pool2d_ball, box=max_pool2d_box, family="pool", name="max_pool2d",
-         spellings=((F.max_pool2d, _max_pool_fn_adapter), (nn.MaxPool2d, _max_pool_module_adapter)))
+    ball, box = _export(name, ball, box)
+    register(op, ball=ball, box=box, family="pool", name=name,
+             spellings=((op, fn_adapter), (getattr(nn, f"MaxPool{nd}d"), module_adapter)))
 
 
 def _adaptive_windows(size: int, out: int) -> int:
@@ -82,47 +101,46 @@ def _adaptive_windows(size: int, out: int) -> int:
 
 
 def _adaptive_sizes(output_size, spatial) -> tuple:
-    sizes = ntuple(output_size, 2) if not isinstance(output_size, (tuple, list)) else tuple(output_size)
+    sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else ntuple(output_size, len(spatial))
     return tuple(int(d if o is None else o) for o, d in zip(sizes, spatial))
 
 
-def adaptive_max_pool2d_ball(x: Bound, output_size):
-    """radius_out = sqrt(windows per input) * radius_in (as for max_pool2d; adaptive windows
-    overlap where the output size does not divide the input size, and an output larger than its
-    input puts one position in several windows)."""
-    if x.radius is None:
-        return None
-    spatial = tuple(x.center.shape[-2:])
-    n = 1
-    for d, o in zip(spatial, _adaptive_sizes(output_size, spatial)):
-        n *= _adaptive_windows(d, o)
-    return math.sqrt(n) * x.radius
+def _adaptive_max_pool(nd: int):
+    op = getattr(F, f"adaptive_max_pool{nd}d")
+    name = f"adaptive_max_pool{nd}d"
 
+    def ball(x: Bound, output_size):
+        if x.radius is None:
+            return None
+        spatial = tuple(x.center.shape[-nd:])
+        n = 1
+        for d, o in zip(spatial, _adaptive_sizes(output_size, spatial)):
+            n *= _adaptive_windows(d, o)
+        return math.sqrt(n) * x.radius
 
-def adaptive_max_pool2d_box(center, radius, x: Bound, output_size) -> Bound:
-    """[pool(lower), pool(upper)] (a max over each window is nondecreasing; inside the output ball box)."""
-    return enclose(center, radius, F.adaptive_max_pool2d(x.lower, output_size),
-                   F.adaptive_max_pool2d(x.upper, output_size))
+    def box(center, radius, x: Bound, output_size) -> Bound:
+        return enclose(center, radius, op(x.lower, output_size), op(x.upper, output_size))
 
+    ball.__doc__ = ("radius_out = sqrt(windows per input) * radius_in (as for max pooling; adaptive windows "
+                    "overlap where the output size does not divide the input size, and an output larger than its "
+                    "input puts one position in several windows).")
+    box.__doc__ = "[pool(lower), pool(upper)] (a max over each window is nondecreasing; inside the output ball box)."
 
-def _adaptive_max_fn_adapter(module, args, kwargs):
-    x, size, indices = pick(args, kwargs, ("input", "output_size", "return_indices"), {"return_indices": False})
-    if indices:
-        raise ValueError("adaptive_max_pool2d(return_indices=True) is not supported")
-    return (x, size), {}
+    def fn_adapter(module, args, kwargs):
+        x, size, indices = pick(args, kwargs, ("input", "output_size", "return_indices"), {"return_indices": False})
+        if indices:
+            raise ValueError(f"{name}(return_indices=True) is not supported")
+        return (x, size), {}
 
+    def module_adapter(module, args, kwargs):
+        (x,) = args
+        if module.return_indices:
+            raise ValueError(f"nn.AdaptiveMaxPool{nd}d(return_indices=True) is not supported")
+        return (x, module.output_size), {}
 
-def _adaptive_max_module_adapter(module, args, kwargs):
-    (x,) = args
-    if module.return_indices:
-        raise ValueError("nn.AdaptiveMaxPool2d(return_indices=True) is not supported")
-    return (x, module.output_size), {}
-
-
-register(F.adaptive_max_pool2d, ball=adaptive_max_pool2d_ball, box=adaptive_max_pool2d_box, family="pool",
-         name="adaptive_max_pool2d",
-         spellings=((F.adaptive_max_pool2d, _adaptive_max_fn_adapter),
-                    (nn.AdaptiveMaxPool2d, _adaptive_max_module_adapter)))
+    ball, box = _export(name, ball, box)
+    register(op, ball=ball, box=box, family="pool", name=name,
+             spellings=((op, fn_adapter), (getattr(nn, f"AdaptiveMaxPool{nd}d"), module_adapter)))
 
 
 # --- average pooling (nonnegative linear maps) ----------------------------------------------
@@ -134,69 +152,63 @@ def schur_sigma_upper(linear_fn, in_shape, key) -> float:
     return math.sqrt(rows * cols) * (1 + lipschitz.SAFETY)
 
 
-def avg_pool2d_ball(x: Bound, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    """radius_out = Schur bound of the pooling matrix * radius_in."""
-    if x.radius is None:
-        return None
-    args = (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    fn = lambda t: F.avg_pool2d(t, *args)  # noqa: E731
-    return schur_sigma_upper(fn, x.center.shape[1:], ("avg_pool2d", repr(args))) * x.radius
+def _linear_pool(op, name: str, spellings):
+    """A pool with nonnegative weights ``op(x, *args)``: Schur-bounded ball, exact box."""
+
+    def ball(x: Bound, *args):
+        if x.radius is None:
+            return None
+        return schur_sigma_upper(lambda t: op(t, *args), x.center.shape[1:], (name, repr(args))) * x.radius
+
+    def box(center, radius, x: Bound, *args) -> Bound:
+        return bound(center, radius, op(x.lower, *args), op(x.upper, *args))
+
+    ball.__doc__ = "radius_out = Schur bound of the pooling matrix * radius_in."
+    box.__doc__ = "[pool(lower), pool(upper)] ∩ output ball box (nonnegative weights)."
+    ball, box = _export(name, ball, box)
+    register(op, ball=ball, box=box, family="pool", name=name, spellings=spellings)
 
 
-def avg_pool2d_box(center, radius, x: Bound, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                   divisor_override) -> Bound:
-    """[pool(lower), pool(upper)] ∩ output ball box (nonnegative weights)."""
-    pool = lambda t: F.avg_pool2d(t, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)  # noqa: E731
-    return bound(center, radius, pool(x.lower), pool(x.upper))
+def _avg_pool(nd: int):
+    op = getattr(F, f"avg_pool{nd}d")
+    # avg_pool1d has no divisor_override
+    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad") + \
+        (("divisor_override",) if nd > 1 else ())
+
+    def canonical(kernel, stride, padding, ceil_mode, count_include_pad, *divisor_override):
+        kernel = ntuple(kernel, nd)
+        return (kernel, _stride(kernel, stride, nd), ntuple(padding, nd), bool(ceil_mode),
+                bool(count_include_pad)) + tuple(divisor_override)
+
+    def module_adapter(module, args, kwargs):
+        (x,) = args
+        return (x,) + canonical(*(getattr(module, n, None) for n in names[1:])), {}
+
+    def fn_adapter(module, args, kwargs):
+        x, *rest = pick(args, kwargs, names, {"stride": None, "padding": 0, "ceil_mode": False,
+                                              "count_include_pad": True, "divisor_override": None})
+        return (x,) + canonical(*rest), {}
+
+    _linear_pool(op, f"avg_pool{nd}d", ((op, fn_adapter), (getattr(nn, f"AvgPool{nd}d"), module_adapter)))
 
 
-def _avg_pool_args(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    kernel = ntuple(kernel, 2)
-    stride = kernel if stride is None or stride == [] or stride == () else ntuple(stride, 2)
-    return (kernel, stride, ntuple(padding, 2), bool(ceil_mode), bool(count_include_pad), divisor_override)
+def _adaptive_avg_pool(nd: int):
+    op = getattr(F, f"adaptive_avg_pool{nd}d")
+
+    def module_adapter(module, args, kwargs):
+        (x,) = args
+        return (x, module.output_size), {}
+
+    def fn_adapter(module, args, kwargs):
+        x, size = pick(args, kwargs, ("input", "output_size"), {})
+        return (x, size), {}
+
+    _linear_pool(op, f"adaptive_avg_pool{nd}d",
+                 ((op, fn_adapter), (getattr(nn, f"AdaptiveAvgPool{nd}d"), module_adapter)))
 
 
-def _avg_pool_module_adapter(module, args, kwargs):
-    (x,) = args
-    return (x,) + _avg_pool_args(module.kernel_size, module.stride, module.padding, module.ceil_mode,
-                                 module.count_include_pad, module.divisor_override), {}
-
-
-def _avg_pool_fn_adapter(module, args, kwargs):
-    vals = pick(args, kwargs, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                               "divisor_override"),
-                {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
-    return (vals[0],) + _avg_pool_args(*vals[1:]), {}
-
-
-register(F.avg_pool2d, ball=avg_pool2d_ball, box=avg_pool2d_box, family="pool", name="avg_pool2d",
-         spellings=((F.avg_pool2d, _avg_pool_fn_adapter), (nn.AvgPool2d, _avg_pool_module_adapter)))
-
-
-def adaptive_avg_pool2d_ball(x: Bound, output_size):
-    """radius_out = Schur bound of the pooling matrix * radius_in."""
-    if x.radius is None:
-        return None
-    fn = lambda t: F.adaptive_avg_pool2d(t, output_size)  # noqa: E731
-    return schur_sigma_upper(fn, x.center.shape[1:], ("adaptive_avg_pool2d", repr(output_size))) * x.radius
-
-
-def adaptive_avg_pool2d_box(center, radius, x: Bound, output_size) -> Bound:
-    """[pool(lower), pool(upper)] ∩ output ball box (nonnegative weights)."""
-    return bound(center, radius, F.adaptive_avg_pool2d(x.lower, output_size),
-                 F.adaptive_avg_pool2d(x.upper, output_size))
-
-
-def _adaptive_module_adapter(module, args, kwargs):
-    (x,) = args
-    return (x, module.output_size), {}
-
-
-def _adaptive_fn_adapter(module, args, kwargs):
-    x, size = pick(args, kwargs, ("input", "output_size"), {})
-    return (x, size), {}
-
-
-register(F.adaptive_avg_pool2d, ball=adaptive_avg_pool2d_ball, box=adaptive_avg_pool2d_box, family="pool",
-         name="adaptive_avg_pool2d",
-         spellings=((F.adaptive_avg_pool2d, _adaptive_fn_adapter), (nn.AdaptiveAvgPool2d, _adaptive_module_adapter)))
+for _nd in _DIMS:
+    _max_pool(_nd)
+    _adaptive_max_pool(_nd)
+    _avg_pool(_nd)
+    _adaptive_avg_pool(_nd)

@@ -101,10 +101,39 @@ def case(name):
     if name == "adaptive_max_pool2d":  # 5 -> 2 and 5 -> 3: overlapping windows
         return (Lambda(lambda s, x: F.adaptive_max_pool2d(x, (2, 3)) - s.p(x), 12), img,
                 dict(p=nn.AdaptiveMaxPool2d((2, 3))))
+    pools = _pool_case(name)
+    if pools is not None:
+        return pools
     layout = _layout_case(name)
     if layout is not None:
         return layout
     return None
+
+
+def _pool_case(name):
+    """1-D and 3-D pools: the functional and the module spelling summed (same output shape)."""
+    line, vol = (2, 7), (2, 3, 4, 3)
+    cases = {
+        "max_pool1d": (lambda s, x: F.max_pool1d(x, 3, stride=2, padding=1) + s.p(x), 8, line,
+                       dict(p=nn.MaxPool1d(3, 2, 1))),
+        "avg_pool1d": (lambda s, x: F.avg_pool1d(x, 2, 1, 1, count_include_pad=False) + s.p(x), 16, line,
+                       dict(p=nn.AvgPool1d(2, 1, 1))),
+        "adaptive_avg_pool1d": (lambda s, x: F.adaptive_avg_pool1d(x, 3) - s.p(x), 6, line,
+                                dict(p=nn.AdaptiveAvgPool1d(3))),
+        "adaptive_max_pool1d": (lambda s, x: F.adaptive_max_pool1d(x, 3) + s.p(x), 6, line,  # 7 -> 3: overlaps
+                                dict(p=nn.AdaptiveMaxPool1d(3))),
+        "max_pool3d": (lambda s, x: F.max_pool3d(x, 2, stride=1) + s.p(x), 24, vol, dict(p=nn.MaxPool3d(2, 1))),
+        "avg_pool3d": (lambda s, x: F.avg_pool3d(x, 2, stride=1, padding=1, divisor_override=3) + s.p(x), 160, vol,
+                       dict(p=nn.AvgPool3d(2, 1, 1))),
+        "adaptive_avg_pool3d": (lambda s, x: F.adaptive_avg_pool3d(x, (2, 3, 2)) + s.p(x), 24, vol,
+                                dict(p=nn.AdaptiveAvgPool3d((2, 3, 2)))),
+        "adaptive_max_pool3d": (lambda s, x: F.adaptive_max_pool3d(x, (2, None, 2)) - s.p(x), 32, vol,
+                                dict(p=nn.AdaptiveMaxPool3d((2, None, 2)))),
+    }
+    if name not in cases:
+        return None
+    fn, head_in, shape, parts = cases[name]
+    return Lambda(fn, head_in), shape, parts
 
 
 def _layout_case(name):
@@ -119,6 +148,8 @@ def _layout_case(name):
         fn = act[name]
         return Lambda(lambda s, x: fn(s.lin(x)), 8), (4,), lin
     three = lambda s, x: s.lin(x).view(-1, 3, 4)  # noqa: E731
+    wide = dict(lin=nn.Linear(4, 16))
+    sq = lambda s, x: s.lin(x).view(-1, 4, 2, 2)  # noqa: E731
     cases = {
         "permute": (lambda s, x: three(s, x).permute(0, 2, 1), 12, grid),
         "transpose": (lambda s, x: three(s, x).transpose(1, 2), 12, grid),
@@ -148,6 +179,17 @@ def _layout_case(name):
         "prelu": (lambda s, x: s.pr(s.lin(x)) + F.prelu(s.lin(x), s.a), 8,  # slopes 0.25 and -0.7
                   dict(lin=nn.Linear(4, 8), pr=nn.PReLU(8), a=nn.Parameter(torch.tensor([-0.7])))),
         "detach": (lambda s, x: s.lin(x).detach() * 2 + torch.relu(s.lin(x).data) + s.lin(x), 8, lin),
+        "pixel_shuffle": (lambda s, x: F.pixel_shuffle(sq(s, x), 2) + s.ps(sq(s, x)), 16,
+                          wide | dict(ps=nn.PixelShuffle(2))),
+        "pixel_unshuffle": (lambda s, x: s.pu(s.lin(x).view(-1, 1, 4, 4)) - F.pixel_unshuffle(sq(s, x).view(-1, 1, 4, 4), 2),
+                            16, wide | dict(pu=nn.PixelUnshuffle(2))),
+        "channel_shuffle": (lambda s, x: F.channel_shuffle(sq(s, x), 2) + s.cs(sq(s, x)), 16,
+                            wide | dict(cs=nn.ChannelShuffle(2))),
+        "softsign": (lambda s, x: F.softsign(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.Softsign())),
+        "logsigmoid": (lambda s, x: F.logsigmoid(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.LogSigmoid())),
+        "tanhshrink": (lambda s, x: F.tanhshrink(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.Tanhshrink())),
+        "celu": (lambda s, x: F.celu(3 * s.lin(x), alpha=0.5) + s.a(s.lin(x)), 8, lin | dict(a=nn.CELU(2.0))),
+        "selu": (lambda s, x: F.selu(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.SELU())),
         "sum": (lambda s, x: three(s, x).sum(2), 3, grid),
         "mean": (lambda s, x: three(s, x).mean(dim=1, keepdim=True), 4, grid),
         "amax": (lambda s, x: three(s, x).amax(2), 3, grid),
