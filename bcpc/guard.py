@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from bcpc.errors import GraphMismatchError, UnsupportedOpError
-from bcpc.state import changes, copy_module, structure
+from bcpc.state import changes, copy_module, names_read, structure, user_functions
 
 #: ``dtype -> (atol, rtol)`` of the comparison, by the less precise of the two dtypes.
 TOLERANCE = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 2e-2),
@@ -96,6 +96,13 @@ def _probe_inputs(example_input: Tensor, input_domain) -> Tensor:
     return torch.cat([x0.detach().to(torch.float64), r.to(x0.device)])
 
 
+def _autocast_users(model: nn.Module) -> list:
+    """``Class.method`` of the user's code in ``model`` that names autocast (``torch.autocast``,
+    ``torch.cuda.amp.autocast``, ...)."""
+    return [f"{owner}.{attr}" for _, m in model.named_modules() for owner, attr, fn in user_functions(m)
+            if any("autocast" in n for n in names_read(fn, helpers=True))]
+
+
 def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_input: Tensor, input_domain,
                     cached_attributes: frozenset = frozenset()) -> None:
     """Compile-time check: the canonical graph computes ``model`` (both copied, in eval mode), and
@@ -121,6 +128,14 @@ def verify_compiled(canonical: torch.fx.GraphModule, model: nn.Module, example_i
                   "self.training as it is at trace time: F.batch_norm(..., training=self.training) or "
                   "F.dropout(..., training=self.training) were traced in training mode. Call model.eval() before "
                   "bcpc.compile. Other " + COMPILE_CAUSES[0].lower() + COMPILE_CAUSES[1:])
+    autocast = _autocast_users(model)
+    if autocast:
+        causes = (f"{autocast[0]} runs part of forward under torch.autocast, which torch.fx does not record: the "
+                  "graph computes that part in the model's own dtype where the model computes it in the autocast "
+                  "dtype, so the two differ by that dtype's rounding. Take autocast out of forward (wrap the training "
+                  "step in it instead, where it is a speed setting): the model then computes in its own dtype, "
+                  "and that is what bcpc certifies. Other "
+                  + causes[0].lower() + causes[1:])
     check(got, want, against="model(x) (checked at compile time, in eval mode)", dtypes=(dtype,), causes=causes)
     if isinstance(again, Tensor) and not torch.allclose(again, want, rtol=0.0, atol=0.0, equal_nan=True):
         raise UnsupportedOpError(

@@ -43,6 +43,12 @@ class Branchy(nn.Module):
         return x if x.sum() > 0 else -x
 
 
+def _autocast_mix(s, h):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = h @ (torch.ones(6, 6) / 6 + torch.eye(6))
+    return h.float()
+
+
 class _Net(nn.Module):
     """Linear(4, 6) -> ``body`` -> Linear(6, 3), for the user-code refusals."""
 
@@ -380,6 +386,8 @@ CASES = [
      lambda t: _training_branch(), errors.ModelModeError),
     ("a forward with a Python side effect (a call counter scaling h)", lambda t: _compile(_call_counter),
      errors.GraphMismatchError),
+    ("a forward that runs part of its work under torch.autocast(bfloat16)", lambda t: _compile(_autocast_mix),
+     errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
     ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),
@@ -443,6 +451,13 @@ CASES = [
      lambda t: data.mnist_from_pickle_bytes(gzip.compress(pickle.dumps(np.zeros(3)), mtime=0)), errors.DatasetError),
     ("missing dataset", lambda t: data.cifar10(t, "train"), errors.DatasetError),
 ]
+
+
+def test_the_autocast_mismatch_names_autocast_and_the_fix():
+    with pytest.raises(errors.GraphMismatchError, match=r"_Net\.<lambda>|autocast") as e:
+        _compile(_autocast_mix)
+    assert "runs part of forward under torch.autocast" in str(e.value)
+    assert "Take autocast out of forward" in str(e.value)
 
 
 def _first_line(exc) -> str:
