@@ -8,6 +8,7 @@ failed, not a raw fx traceback.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -300,6 +301,31 @@ def _refuse_tracing_checks(model: nn.Module) -> None:
                     "the same.")
 
 
+def _no_dim_check(input) -> None:
+    return None
+
+
+def _skip_dim_checks(model: nn.Module, tracer: "_Tracer") -> list:
+    """A BatchNorm subclass with its own forward (``return super().forward(x) * 2``) is traced
+    through, and BatchNorm's forward first checks ``input.dim()``: a Python ``if`` on a traced
+    value, which fx cannot take. The check only guards against a wrongly shaped input, which the
+    example input is not (the model ran on it), so it is switched off on those modules while fx
+    traces, and the verify step checks the graph against the model as always. Returns the modules
+    to restore."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and not tracer.is_leaf_module(m, name) \
+                and "_check_input_dim" not in vars(m):
+            m._check_input_dim = _no_dim_check
+            out.append(m)
+    return out
+
+
+def _restore_dim_checks(modules: list) -> None:
+    for m in modules:
+        vars(m).pop("_check_input_dim", None)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; the result shares parameters with it. Forward hooks are
     refused (:func:`_refuse_forward_hooks`), and so is an in-place change of a tensor the graph
@@ -309,6 +335,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     _refuse_forward_hooks(model)
     _refuse_tracing_checks(model)
     tracer = _Tracer()
+    unchecked = _skip_dim_checks(model, tracer)
     before = _attributes(model)
     # (BatchNorm's own counter, which a traced-through BatchNorm subclass bumps in training mode:
     # it only weights the running statistics, which the training step owns)
@@ -317,12 +344,23 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        _restore_dim_checks(unchecked)
         _undo_assignments(model, before)
         failed = _failing_module(exc)
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: the failure is in {failed}: "
             f"{type(exc).__name__}: {exc}. {_advice(exc)}"
         ) from exc
+    _restore_dim_checks(unchecked)
+    if unchecked:
+        names = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if any(m is u for u in unchecked)]
+        mode = "training" if any(m.training for m in unchecked) else "eval"
+        warnings.warn(
+            f"BatchNorm subclasses with a forward of their own, {', '.join(names)}, are traced through, in {mode} "
+            "mode: the graph keeps the branch of BatchNorm's forward that this mode takes (running statistics in "
+            "eval mode) whatever the mode later, and a graph traced in eval mode does not update the running "
+            "statistics when it trains. To train with batch statistics, use the built-in BatchNorm layer and "
+            "put the extra computation in a module after it.", UserWarning, stacklevel=3)
     written = _undo_assignments(model, before)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     _refuse_changed_buffers(model, buffers)

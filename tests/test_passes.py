@@ -256,6 +256,35 @@ def test_subclasses_of_builtin_layers_that_change_only_their_constructor_are_the
     torch.testing.assert_close(cert(x, 0.1).logits, traced(x), rtol=0, atol=0)
 
 
+class ScaledBatchNorm(nn.BatchNorm2d):
+    """A forward of its own around the built-in's (traced through; BatchNorm checks input.dim())."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5 + 0.25
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_traced_through_and_certified():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), ScaledBatchNorm(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model = model.double().eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"1 \(ScaledBatchNorm\), are traced through, in eval mode"):
+        cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
+    assert "_check_input_dim" not in vars(model[1])  # switched off while tracing only
+    assert "batch_norm" in cert.rules.values() and "mul" in cert.rules.values()
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x), rtol=0, atol=0)
+    y = model(x).argmax(1)
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+    pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=64, domain=(0.0, 1.0)),
+                     pgd_margin(model, x, y, 0.3, steps=30, domain=(0.0, 1.0))[None]])
+    check_soundness(cert, model, x, y, 0.3, pts)
+    with pytest.raises(ValueError, match="expected 4D input"):  # the layer's own check still runs in eager
+        model[1](x[:, 0])
+
+
 def test_forward_hooks_are_refused_at_compile_and_allowed_once_removed():
     """fx traces forward() without hooks: a hook that clamps or zeroes values only where the
     clean-logits check does not look would be missing from a certified graph (found by a
