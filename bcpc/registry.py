@@ -175,6 +175,9 @@ def describe_spelling(s: Spelling) -> str:
         return f"torch.nn.functional.{name}"
     if getattr(torch, name, None) is s.key:
         return f"torch.{name}"
+    for alias, fn in vars(torch.nn.functional).items():  # F.logsigmoid is torch._C._nn.log_sigmoid
+        if fn is s.key and not alias.startswith("_"):
+            return f"torch.nn.functional.{alias}"
     mod = (getattr(s.key, "__module__", None) or "torch").replace("_operator", "operator")
     return f"{mod}.{name}"
 

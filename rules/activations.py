@@ -309,6 +309,7 @@ def _check_celu(node):
 monotone(F.softsign, lipschitz=1.0, name="softsign", spellings=(F.softsign, nn.Softsign))
 monotone(F.logsigmoid, lipschitz=1.0, name="logsigmoid", spellings=(F.logsigmoid, nn.LogSigmoid))
 monotone(F.tanhshrink, lipschitz=1.0, name="tanhshrink", spellings=(F.tanhshrink, nn.Tanhshrink))
-monotone(F.celu, lipschitz=1.0, name="celu", spellings=(F.celu, nn.CELU), params=("alpha",), defaults={"alpha": 1.0},
+monotone(F.celu, lipschitz=1.0, name="celu", spellings=(F.celu, torch.celu, nn.CELU), params=("alpha",),
+         defaults={"alpha": 1.0},
          check=_check_celu)
-monotone(F.selu, lipschitz=SELU_LIPSCHITZ, name="selu", spellings=(F.selu, nn.SELU))
+monotone(F.selu, lipschitz=SELU_LIPSCHITZ, name="selu", spellings=(F.selu, torch.selu, nn.SELU))

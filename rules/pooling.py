@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,7 +88,8 @@ def _max_pool(nd: int):
 
     ball, box = _export(name, ball, box)
     register(op, ball=ball, box=box, family="pool", name=name,
-             spellings=((op, fn_adapter), (getattr(nn, f"MaxPool{nd}d"), module_adapter)))
+             spellings=((op, fn_adapter), (getattr(torch, name), fn_adapter),  # torch.max_pool2d: stride=[]
+                        (getattr(nn, f"MaxPool{nd}d"), module_adapter)))
 
 
 def _adaptive_windows(size: int, out: int) -> int:
@@ -103,6 +105,15 @@ def _adaptive_windows(size: int, out: int) -> int:
 def _adaptive_sizes(output_size, spatial) -> tuple:
     sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else ntuple(output_size, len(spatial))
     return tuple(int(d if o is None else o) for o, d in zip(sizes, spatial))
+
+
+def _check_output_size(name: str, output_size):
+    """Refuse an adaptive pool's empty output (an output size 0 leaves nothing to bound)."""
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,)
+    if any(o is not None and int(o) < 1 for o in sizes):
+        raise ValueError(f"{name}(output_size={output_size!r}): every output size must be at least 1 "
+                         f"(an empty output has nothing to certify)")
+    return output_size
 
 
 def _adaptive_max_pool(nd: int):
@@ -130,13 +141,13 @@ def _adaptive_max_pool(nd: int):
         x, size, indices = pick(args, kwargs, ("input", "output_size", "return_indices"), {"return_indices": False})
         if indices:
             raise ValueError(f"{name}(return_indices=True) is not supported")
-        return (x, size), {}
+        return (x, _check_output_size(name, size)), {}
 
     def module_adapter(module, args, kwargs):
         (x,) = args
         if module.return_indices:
             raise ValueError(f"nn.AdaptiveMaxPool{nd}d(return_indices=True) is not supported")
-        return (x, module.output_size), {}
+        return (x, _check_output_size(name, module.output_size)), {}
 
     ball, box = _export(name, ball, box)
     register(op, ball=ball, box=box, family="pool", name=name,
@@ -152,7 +163,7 @@ def schur_sigma_upper(linear_fn, in_shape, key) -> float:
     return math.sqrt(rows * cols) * (1 + lipschitz.SAFETY)
 
 
-def _linear_pool(op, name: str, spellings):
+def _linear_pool(op, name: str, spellings, note: str = ""):
     """A pool with nonnegative weights ``op(x, *args)``: Schur-bounded ball, exact box."""
 
     def ball(x: Bound, *args):
@@ -163,7 +174,7 @@ def _linear_pool(op, name: str, spellings):
     def box(center, radius, x: Bound, *args) -> Bound:
         return bound(center, radius, op(x.lower, *args), op(x.upper, *args))
 
-    ball.__doc__ = "radius_out = Schur bound of the pooling matrix * radius_in."
+    ball.__doc__ = "radius_out = Schur bound of the pooling matrix * radius_in." + note
     box.__doc__ = "[pool(lower), pool(upper)] ∩ output ball box (nonnegative weights)."
     ball, box = _export(name, ball, box)
     register(op, ball=ball, box=box, family="pool", name=name, spellings=spellings)
@@ -176,6 +187,11 @@ def _avg_pool(nd: int):
         (("divisor_override",) if nd > 1 else ())
 
     def canonical(kernel, stride, padding, ceil_mode, count_include_pad, *divisor_override):
+        if divisor_override and divisor_override[0] is not None and divisor_override[0] <= 0:
+            # a negative divisor flips the sign of every weight: the Schur bound and the
+            # [pool(lower), pool(upper)] box hold only for nonnegative weights
+            raise ValueError(f"avg_pool{nd}d(divisor_override={divisor_override[0]!r}): the divisor must be "
+                             f"positive (a negative divisor makes the pooling weights negative)")
         kernel = ntuple(kernel, nd)
         return (kernel, _stride(kernel, stride, nd), ntuple(padding, nd), bool(ceil_mode),
                 bool(count_include_pad)) + tuple(divisor_override)
@@ -189,21 +205,24 @@ def _avg_pool(nd: int):
                                               "count_include_pad": True, "divisor_override": None})
         return (x,) + canonical(*rest), {}
 
-    _linear_pool(op, f"avg_pool{nd}d", ((op, fn_adapter), (getattr(nn, f"AvgPool{nd}d"), module_adapter)))
+    _linear_pool(op, f"avg_pool{nd}d", ((op, fn_adapter), (getattr(nn, f"AvgPool{nd}d"), module_adapter)),
+                 " A ``divisor_override`` must be positive (a negative one makes the weights negative)."
+                 if nd > 1 else "")
 
 
 def _adaptive_avg_pool(nd: int):
     op = getattr(F, f"adaptive_avg_pool{nd}d")
+    name = f"adaptive_avg_pool{nd}d"
 
     def module_adapter(module, args, kwargs):
         (x,) = args
-        return (x, module.output_size), {}
+        return (x, _check_output_size(name, module.output_size)), {}
 
     def fn_adapter(module, args, kwargs):
         x, size = pick(args, kwargs, ("input", "output_size"), {})
-        return (x, size), {}
+        return (x, _check_output_size(name, size)), {}
 
-    _linear_pool(op, f"adaptive_avg_pool{nd}d",
+    _linear_pool(op, name,
                  ((op, fn_adapter), (getattr(nn, f"AdaptiveAvgPool{nd}d"), module_adapter)))
 
 

@@ -93,7 +93,7 @@ def case(name):
         return (Lambda(lambda s, x: s.u(s.lin(x)).unflatten(2, (2, 2)).flatten(1), 12), (4,),
                 dict(lin=nn.Linear(4, 12), u=nn.Unflatten(1, (3, 4))))
     if name == "max_pool2d":
-        return Lambda(lambda s, x: F.max_pool2d(x, 3, stride=2, padding=1), 18), img, {}
+        return Lambda(lambda s, x: F.max_pool2d(x, 3, stride=2, padding=1) + torch.max_pool2d(-x, 3, 2, 1, 1), 18), img, {}
     if name == "avg_pool2d":
         return Lambda(lambda s, x: F.avg_pool2d(x, 2, stride=1, padding=1, count_include_pad=False), 72), img, {}
     if name == "adaptive_avg_pool2d":
@@ -114,7 +114,8 @@ def _pool_case(name):
     """1-D and 3-D pools: the functional and the module spelling summed (same output shape)."""
     line, vol = (2, 7), (2, 3, 4, 3)
     cases = {
-        "max_pool1d": (lambda s, x: F.max_pool1d(x, 3, stride=2, padding=1) + s.p(x), 8, line,
+        "max_pool1d": (lambda s, x: F.max_pool1d(x, 3, stride=2, padding=1) + s.p(x) + torch.max_pool1d(-x, 3, 2, 1),
+                       8, line,
                        dict(p=nn.MaxPool1d(3, 2, 1))),
         "avg_pool1d": (lambda s, x: F.avg_pool1d(x, 2, 1, 1, count_include_pad=False) + s.p(x), 16, line,
                        dict(p=nn.AvgPool1d(2, 1, 1))),
@@ -122,7 +123,8 @@ def _pool_case(name):
                                 dict(p=nn.AdaptiveAvgPool1d(3))),
         "adaptive_max_pool1d": (lambda s, x: F.adaptive_max_pool1d(x, 3) + s.p(x), 6, line,  # 7 -> 3: overlaps
                                 dict(p=nn.AdaptiveMaxPool1d(3))),
-        "max_pool3d": (lambda s, x: F.max_pool3d(x, 2, stride=1) + s.p(x), 24, vol, dict(p=nn.MaxPool3d(2, 1))),
+        "max_pool3d": (lambda s, x: F.max_pool3d(x, 2, stride=1) + s.p(x) + torch.max_pool3d(-x, 2, 1), 24, vol,
+                       dict(p=nn.MaxPool3d(2, 1))),
         "avg_pool3d": (lambda s, x: F.avg_pool3d(x, 2, stride=1, padding=1, divisor_override=3) + s.p(x), 160, vol,
                        dict(p=nn.AvgPool3d(2, 1, 1))),
         "adaptive_avg_pool3d": (lambda s, x: F.adaptive_avg_pool3d(x, (2, 3, 2)) + s.p(x), 24, vol,
@@ -188,8 +190,10 @@ def _layout_case(name):
         "softsign": (lambda s, x: F.softsign(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.Softsign())),
         "logsigmoid": (lambda s, x: F.logsigmoid(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.LogSigmoid())),
         "tanhshrink": (lambda s, x: F.tanhshrink(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.Tanhshrink())),
-        "celu": (lambda s, x: F.celu(3 * s.lin(x), alpha=0.5) + s.a(s.lin(x)), 8, lin | dict(a=nn.CELU(2.0))),
-        "selu": (lambda s, x: F.selu(3 * s.lin(x)) + s.a(s.lin(x)), 8, lin | dict(a=nn.SELU())),
+        "celu": (lambda s, x: F.celu(3 * s.lin(x), alpha=0.5) + s.a(s.lin(x)) + torch.celu(-s.lin(x), 1.5), 8,
+                 lin | dict(a=nn.CELU(2.0))),
+        "selu": (lambda s, x: F.selu(3 * s.lin(x)) + s.a(s.lin(x)) + torch.selu_(2 * s.lin(x)), 8,
+                 lin | dict(a=nn.SELU())),
         "sum": (lambda s, x: three(s, x).sum(2), 3, grid),
         "mean": (lambda s, x: three(s, x).mean(dim=1, keepdim=True), 4, grid),
         "amax": (lambda s, x: three(s, x).amax(2), 3, grid),
@@ -438,3 +442,29 @@ def test_a_narrowing_cast_that_can_overflow_certifies_nothing():
         assert not ok[0], method  # the overflowing input: never certified
         assert ok[1], method  # far from the limit: the cast rule still certifies
         assert cert.certified_radius(x[:1], y[:1]).item() < 0.05 * 0.5, method  # only 0.02 of headroom to 65520
+
+
+class _Pool(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(x).flatten(1)
+
+
+@pytest.mark.parametrize("pool", [lambda x: F.avg_pool2d(x, 2, divisor_override=-4),
+                                  nn.AvgPool2d(2, divisor_override=-4),
+                                  lambda x: F.avg_pool3d(x.unsqueeze(1), 2, divisor_override=-1)])
+def test_a_negative_avg_pool_divisor_is_refused(pool):
+    # a negative divisor makes every pooling weight negative: the nonnegative-weights rule (Schur
+    # bound, [pool(lower), pool(upper)] box) would give false certificates (a new-user review found it)
+    with pytest.raises(UnsupportedOpError, match=r"divisor_override=-\d.*must be positive"):
+        bcpc.compile(_Pool(pool), example_input=torch.rand(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("pool", [lambda x: F.adaptive_avg_pool2d(x, (0, 2)), nn.Sequential(nn.Flatten(2), nn.AdaptiveMaxPool1d(0)),
+                                  lambda x: F.adaptive_max_pool2d(x, 0)])
+def test_an_empty_adaptive_pool_output_is_refused(pool):
+    with pytest.raises(UnsupportedOpError, match=r"output_size=.*at least 1"):
+        bcpc.compile(_Pool(pool), example_input=torch.rand(1, 2, 4, 4))
