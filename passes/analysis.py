@@ -108,17 +108,25 @@ def _has_constant_operand(node: fx.Node) -> bool:
     return len(node.args) >= 2 and (len(operands) < 2 or any(not info(a).perturbed for a in operands))
 
 
-def _has_constant_operand_after(node: fx.Node, start: int) -> bool:
-    """``torch.einsum(eq, a, b)``: one of the operands from ``start`` on does not depend on the input."""
-    operands = node.args[start:]
+def _einsum_has_constant_operand(node: fx.Node) -> bool:
+    """``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])``: an operand does not depend on the input."""
+    operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
     return len(operands) >= 2 and any(not (isinstance(a, fx.Node) and info(a).perturbed) for a in operands)
 
 
 def _hint(node: fx.Node, module=None) -> str:
     """Why a perturbed node of this kind cannot be held constant, and what to write instead."""
     name = type(module).__name__ if module is not None else _op_name(node)
-    if name in ("matmul", "__matmul__", "mm", "einsum", "bmm", "tensordot") and module is None and (
-            _has_constant_operand(node) or (name == "einsum" and _has_constant_operand_after(node, 1))):
+    if name == "einsum" and module is None and _einsum_has_constant_operand(node):
+        return (" An einsum with one constant operand is a linear map, and bcpc lowers it to F.linear when the "
+                "batch letter leads the perturbed operand and the output and does not index the constant, no "
+                "letter is in both operands and the output, no letter repeats in an operand, there are two operands "
+                "and no '...' (e.g. 'bchw,dc->bdhw'); this one is not of that form: write it so, or as h @ W, "
+                "F.linear(h, W.t()) or an nn.Linear.")
+    if name == "einsum" and module is None and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        return (" A one-operand einsum (a permutation, a sum, a diagonal) has no rule: write it with permute, "
+                "sum or indexing, which have rules (a diagonal is not supported).")
+    if name in ("matmul", "__matmul__", "mm", "bmm", "tensordot") and module is None and _has_constant_operand(node):
         return (" A product with a constant factor is an affine map, and bcpc bounds h @ W (and W @ h) with a "
                 "constant 2-D W (h of any rank, batch first) with W's guaranteed norm; this form has no rule: "
                 "write h @ W, F.linear(h, W.t()) or an nn.Linear.")

@@ -23,6 +23,13 @@ runs again when anything changed).
    copies), so the elementwise rules see operands of the output's shape.
 6. *Products by a constant matrix.* ``h @ W`` with a constant 2-D ``W`` becomes
    ``F.linear(h, W.t())`` (``W @ h`` likewise, through transposes).
+7. *Einsum with one constant operand.* ``torch.einsum("bchw,dc->bdhw", h, W)`` is linear in
+   ``h``: ``h``'s letters that pass through to the output untouched (``h``, ``w``) stay leading
+   dims, the letters summed away become one ``in`` dim, and the constant's output letters one
+   ``out`` dim: ``permute``, ``reshape``, ``F.linear`` with the ``(out, in)`` matrix computed from
+   the constant by an einsum, ``reshape``, ``permute``. The batch letter must lead ``h`` and the
+   output and not index the constant; a letter in ``h``, the constant and the output (a batched
+   product), a repeated letter (a diagonal) or ``...`` is left as is (refused).
 
 Every rewrite computes the same values (the verify step checks the whole graph against the
 model). Rewritten nodes keep the user's node name and source line.
@@ -343,12 +350,94 @@ def _matmul_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
     return False
 
 
+def _einsum_letters(equation: str, n_operands: int):
+    """``(operand letter strings, output letters)`` of an einsum equation, or None for a form the
+    rewrite leaves alone (``...``, a repeated letter, not ``n_operands`` operands)."""
+    eq = equation.replace(" ", "")
+    if "." in eq:
+        return None
+    lhs, arrow, out = eq.partition("->")
+    ins = lhs.split(",")
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        out = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    if len(ins) != n_operands or any(len(set(t)) != len(t) for t in ins + [out]):
+        return None
+    if not all(c.isalpha() for c in "".join(ins) + out):
+        return None
+    return ins, out
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
+    """``torch.einsum(eq, h, C)`` (or ``eq, [h, C]``, either order) with a constant ``C``: a
+    linear map of ``h``, lowered to ``F.linear`` between a ``permute``/``reshape`` pair (module
+    docstring, item 7)."""
+    if node.op != "call_function" or node.target is not torch.functional.einsum or node.kwargs:
+        return False
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        equation, operands = node.args[0], tuple(node.args[1])
+    else:
+        equation, operands = node.args[0], tuple(node.args[1:])
+    if not isinstance(equation, str) or len(operands) != 2 or not all(isinstance(v, fx.Node) for v in operands):
+        return False
+    parsed = _einsum_letters(equation, 2)
+    if parsed is None:
+        return False
+    ins, out = parsed
+    perturbed = [info(v).perturbed for v in operands]
+    if perturbed.count(True) != 1:
+        return False
+    i = perturbed.index(True)
+    h, c = operands[i], operands[1 - i]
+    hl, cl = ins[i], ins[1 - i]
+    shape = tuple(info(h).shape or ())
+    if len(shape) != len(hl) or not hl or not out or hl[0] != out[0] or hl[0] in cl:
+        return False
+    if any(ch in hl and ch in cl for ch in out):
+        return False  # a batched product (block-diagonal map): left as is
+    sizes = dict(zip(hl, shape))
+    keep = [ch for ch in hl[1:] if ch in out]  # pass through: leading dims of the linear map
+    reduce = [ch for ch in hl[1:] if ch not in out]  # summed away (with the constant, or alone)
+    c_out = [ch for ch in out if ch not in hl]  # the constant's output letters
+    c_shape = tuple(info(c).shape or ())
+    if len(c_shape) != len(cl):
+        return False
+    sizes.update({ch: n for ch, n in zip(cl, c_shape) if ch not in sizes})
+    order = [0] + [hl.index(ch) for ch in keep + reduce]
+    with graph.inserting_before(node):
+        x = h if order == sorted(order) else graph.call_function(torch.permute, (h, tuple(order)))
+        if len(reduce) != 1:  # one "in" dim
+            x = graph.call_function(torch.reshape, (x, (-1,) + tuple(sizes[ch] for ch in keep) +
+                                                    (_prod(sizes[ch] for ch in reduce),)))
+        ones = graph.call_method("new_ones", (c, tuple(sizes[ch] for ch in reduce)))
+        w = graph.call_function(torch.functional.einsum,
+                                (f"{cl},{''.join(reduce)}->{''.join(c_out + reduce)}", c, ones))
+        w = graph.call_function(torch.reshape, (w, (_prod(sizes[ch] for ch in c_out),
+                                                    _prod(sizes[ch] for ch in reduce))))
+        y = graph.call_function(F.linear, (x, w))
+        if len(c_out) != 1:  # the "out" dim back to the constant's letters (a final F.linear stays last:
+            # the margins of a last affine layer are bounded through its weight differences)
+            y = graph.call_function(torch.reshape, (y, (-1,) + tuple(sizes[ch] for ch in keep + c_out)))
+    back = tuple(([hl[0]] + keep + c_out).index(ch) for ch in out)
+    if back == tuple(sorted(back)):
+        _adopt(graph, node, y)
+    else:
+        _replace(graph, node, torch.permute, (y, back))
+    return True
+
+
 def rewrite_patterns(gm: fx.GraphModule) -> bool:
     """Apply the rewrites until none applies; True if the graph changed (then re-run shapes)."""
     graph = gm.graph
     changed = False
     for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu, _broadcast_operands,
-                 _matmul_by_constant):
+                 _matmul_by_constant, _einsum_by_constant):
         for node in list(graph.nodes):
             if not getattr(node, "_erased", False) and info(node).perturbed:
                 changed |= step(graph, node)

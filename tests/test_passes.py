@@ -342,9 +342,8 @@ def test_cat_of_a_sliced_tuple_is_refused_cleanly_not_crashed():
 
 def test_a_product_with_a_parameter_is_linear_and_other_forms_point_to_it():
     """x @ W with W a parameter is affine: it compiles to the linear rule (since the twelfth
-    session); an einsum with a constant factor is refused with the spellings that work (it said
-    both factors depend on the input, which was wrong); a product of two perturbed values is
-    refused as such."""
+    session), and so does an einsum with a constant factor (since the fourteenth; it was refused
+    with the spellings that work); a product of two perturbed values is refused as such."""
     from bcpc.errors import UnsupportedOpError
 
     class MatMul(nn.Module):
@@ -358,8 +357,6 @@ def test_a_product_with_a_parameter_is_linear_and_other_forms_point_to_it():
                 return torch.einsum("bi,ij->bj", x, self.w)
             return x @ self.w if self.spelling == "matmul" else F.linear(x, self.w.t())
 
-    with pytest.raises(UnsupportedOpError, match=r"constant factor .*h @ W, F.linear\(h, W.t\(\)\)"):
-        bcpc.compile(MatMul("einsum").eval(), example_input=torch.zeros(1, 4))
 
     class Bilinear(nn.Module):
         def forward(self, x):
@@ -369,8 +366,10 @@ def test_a_product_with_a_parameter_is_linear_and_other_forms_point_to_it():
         bcpc.compile(Bilinear().eval(), example_input=torch.zeros(1, 4))
     x = torch.rand(2, 4)
     y = MatMul("linear")(x).argmax(1)
-    margins = [bcpc.compile(MatMul(s).eval(), example_input=x[:1]).margins(x, y, 0.1) for s in ("matmul", "linear")]
-    torch.testing.assert_close(margins[0], margins[1])
+    margins = [bcpc.compile(MatMul(s).eval(), example_input=x[:1]).margins(x, y, 0.1)
+               for s in ("matmul", "einsum", "linear")]
+    torch.testing.assert_close(margins[0], margins[2])
+    torch.testing.assert_close(margins[1], margins[2])
 
 
 class RunTimeDtypes(nn.Module):
@@ -589,3 +588,63 @@ def test_expanded_views_of_constants_compile():
     torch.testing.assert_close(cert(x, 0.1).logits.float(), model(x))
     model.lin.last = model.lin(x)  # a tensor with autograd history on a submodule (copy.deepcopy refuses it)
     bcpc.compile(model, example_input=x[:1])
+
+
+class _Einsum(nn.Module):
+    """Einsum with one constant operand, in the spellings of hand-written layers."""
+
+    def __init__(self, equation, c_shape, constant_first=False, as_list=False):
+        super().__init__()
+        self.equation, self.constant_first, self.as_list = equation, constant_first, as_list
+        self.C = nn.Parameter(torch.randn(*c_shape) * 0.5)
+        self.lin = nn.Linear(3, 24)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        h = h.view(-1, 2, 3, 4) if "c" in self.equation else h.view(-1, 4, 6) if "bij," in self.equation else h
+        ops = (self.C, h) if self.constant_first else (h, self.C)
+        out = torch.einsum(self.equation, list(ops)) if self.as_list else torch.einsum(self.equation, *ops)
+        return out.flatten(1)
+
+
+@pytest.mark.parametrize("equation, c_shape, constant_first, as_list", [
+    ("bi,ij->bj", (24, 5), False, False),
+    ("ji,bi->bj", (5, 24), True, False),  # the constant first, its letters in the other order
+    ("bchw,dc->bdhw", (3, 2), False, False),  # a 1x1 convolution: h, w pass through
+    ("b c h w, c d -> b h d w", (2, 3), False, True),  # spaces, the list form, the output permuted
+    ("bij,jk->bk", (6, 3), False, False),  # i summed away alone
+    ("bij,jk", (6, 3), False, False),  # implicit output: "bik"
+    ("bi,j->bij", (5,), False, False),  # an outer product: nothing summed
+])
+def test_einsum_with_a_constant_operand_becomes_linear_and_stays_sound(equation, c_shape, constant_first, as_list):
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    torch.manual_seed(0)
+    model = _Einsum(equation, c_shape, constant_first, as_list).double().eval()
+    x = torch.rand(3, 3, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1])
+    assert "linear" in cert.rules.values()
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x))
+    y = model(x).argmax(1)
+    pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
+    check_soundness(cert, model, x, y, 0.3, pts)
+    assert cert.certified_radius(x, y).max() > 0
+
+
+@pytest.mark.parametrize("forward, why", [
+    (lambda s, h: torch.einsum("bi,bj->bij", h, h), "both depend on the input"),
+    (lambda s, h: torch.einsum("bhi,hij->bhj", h.view(-1, 2, 12), s.C.view(2, 12, 2)), "one constant operand"),
+    (lambda s, h: torch.einsum("bii->bi", h[:, :16].reshape(-1, 4, 4)), "one-operand einsum"),
+    (lambda s, h: torch.einsum("...i,ij->...j", h, s.C), "one constant operand"),
+])
+def test_einsum_the_rewrite_does_not_cover_is_refused(forward, why):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.C = nn.Linear(3, 24), nn.Parameter(torch.randn(24, 2))
+
+        def forward(self, x):
+            return forward(self, self.lin(x)).flatten(1)
+
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match=f"node 'einsum'.*{why}"):
+        bcpc.compile(M().eval(), example_input=torch.rand(1, 3))
