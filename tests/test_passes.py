@@ -549,13 +549,13 @@ class _Products(nn.Module):
         raise AssertionError(self.spelling)
 
 
-@pytest.mark.parametrize("spelling", ["h @ W", "torch.matmul(h, head.weight.T)", "h.mm(W)", "tokens @ W",
-                                      "M.T @ tokens"])
-def test_products_by_a_constant_matrix_become_linear_and_stay_sound(spelling):
+def _check_lowered_to_linear(make):
+    """The model ``make()`` compiles to the linear rule, computes the model's logits, and its
+    bounds hold at sampled and PGD points in float64."""
     from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
 
     torch.manual_seed(0)
-    model = _Products(spelling).double().eval()
+    model = make().double().eval()
     x = torch.rand(3, 3, dtype=torch.float64)
     cert = bcpc.compile(model, example_input=x[:1])
     assert "linear" in cert.rules.values()
@@ -564,6 +564,12 @@ def test_products_by_a_constant_matrix_become_linear_and_stay_sound(spelling):
     pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
     check_soundness(cert, model, x, y, 0.3, pts)
     assert cert.certified_radius(x, y).max() > 0
+
+
+@pytest.mark.parametrize("spelling", ["h @ W", "torch.matmul(h, head.weight.T)", "h.mm(W)", "tokens @ W",
+                                      "M.T @ tokens"])
+def test_products_by_a_constant_matrix_become_linear_and_stay_sound(spelling):
+    _check_lowered_to_linear(lambda: _Products(spelling))
 
 
 class _ExpandedConstants(nn.Module):
@@ -617,18 +623,7 @@ class _Einsum(nn.Module):
     ("bi,j->bij", (5,), False, False),  # an outer product: nothing summed
 ])
 def test_einsum_with_a_constant_operand_becomes_linear_and_stays_sound(equation, c_shape, constant_first, as_list):
-    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
-
-    torch.manual_seed(0)
-    model = _Einsum(equation, c_shape, constant_first, as_list).double().eval()
-    x = torch.rand(3, 3, dtype=torch.float64)
-    cert = bcpc.compile(model, example_input=x[:1])
-    assert "linear" in cert.rules.values()
-    torch.testing.assert_close(cert(x, 0.1).logits, model(x))
-    y = model(x).argmax(1)
-    pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
-    check_soundness(cert, model, x, y, 0.3, pts)
-    assert cert.certified_radius(x, y).max() > 0
+    _check_lowered_to_linear(lambda: _Einsum(equation, c_shape, constant_first, as_list))
 
 
 @pytest.mark.parametrize("forward, why", [
