@@ -51,7 +51,7 @@ class TrainConfig:
     init: str = "default"  # default (PyTorch's layer init) | orthogonal (every conv/linear weight orthogonal, biases 0; GloRo's)
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh
     # --- the recipe beyond the paper (defaults: the paper's) ---
-    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL) | gloro (CE + lam KL with a bottom class, GloRo's exact form) | hinge (BCOP)
+    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL) | gloro (CE + lam KL with a bottom class, GloRo's exact form) | emma (eq. 13 with each class translated at most to a tie, EMMA's) | hinge (BCOP)
     lam: float = 1.0  # the final lam (trades: the KL weight, may exceed 1)
     lam_schedule: str = "ramp"  # ramp (0 -> lam with the eps ramp) | constant (lam from the first certified step)
     eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps) | gloro (GloRo's "log": log of a linear ramp of exp(eps); fast at first)
@@ -63,6 +63,7 @@ class TrainConfig:
     eval_method: str = "bcp"  # the sound certificate of validation, best.pt selection and evaluation
     late_method: Optional[str] = None  # switch the training bound to this method ...
     late_method_epoch: Optional[int] = None  # ... from this (0-indexed) epoch on
+    precision: str = "float32"  # float32 | bfloat16: the training step's forward and backward under torch.autocast (weights stay float32; validation and certificates are float64 and sound either way)
 
     @property
     def run_dir(self) -> Path:
@@ -101,11 +102,12 @@ class TrainConfig:
 
 #: settings added after the paper's recipe (they enter the fingerprint only when not at the default)
 RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "lr_schedule",
-               "lr_final", "lr_decay_start", "late_method", "late_method_epoch")
+               "lr_final", "lr_decay_start", "late_method", "late_method_epoch", "precision")
 
 #: the choices of the string-valued settings
 CHOICES = {"init": ("default", "orthogonal"), "loss": LOSSES, "lam_schedule": ("ramp", "constant"),
-           "eps_schedule": ("linear", "log", "gloro"), "lr_schedule": ("step", "exp")}
+           "eps_schedule": ("linear", "log", "gloro"), "lr_schedule": ("step", "exp"),
+           "precision": ("float32", "bfloat16")}
 
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 

@@ -73,8 +73,11 @@ def compile_fused() -> bool:
 
 def active() -> bool:
     """Whether the fused kernels are wanted here: ``BCPC_FUSED``, and inside ``torch.compile`` also
-    ``BCPC_FUSED_COMPILE`` (bcpc.solver asks this too)."""
-    return enabled() and (compile_fused() or not torch.compiler.is_compiling())
+    ``BCPC_FUSED_COMPILE`` (bcpc.solver asks this too). Never under CPU autocast (a bfloat16
+    training step): the kernels are float32/float64 only, and autocast would mix the dtypes of a
+    custom op's forward and backward; the torch paths autocast like any other operation."""
+    return (enabled() and (compile_fused() or not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _fusable(*tensors: Tensor) -> bool:

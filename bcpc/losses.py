@@ -13,6 +13,13 @@ term by ``lam``:
   worst-translated logit), and the KL between ``[softmax(z), 0]`` and ``softmax([z, z_bot])``
   reduces to ``softplus(z_bot - logsumexp(z))``: ``CE(z, y) + lam softplus(z_bot - LSE(z))``.
   Only the worst class gets gradient, and robustness is rewarded whatever the label.
+- ``"emma"`` — EMMA (Hu et al. 2023, "Unlocking deterministic robustness certification on
+  ImageNet"): every other class's logit is translated by its certified worst case, but no further
+  than a tie with the label's: ``ze_j = z_j + t_j * sg(clip((z_y - z_j) / t_j, 0, 1))``, with
+  ``t_j = z_y - z_j - m_j`` the translation the bound allows (``eps K_yj`` for the global bound)
+  and ``sg`` a stop-gradient; the loss is ``(1 - lam) CE(z, y) + lam CE(ze, y)``. A class the
+  model already confuses with the label pulls on the bound only as far as the boundary, so every
+  class gets gradient, not only the worst one.
 - ``"hinge"`` — a multi-class hinge on the certified margins (BCOP's margin loss):
   ``(1 - lam) CE(z, y) + lam * sum_{j != y} relu(kappa - m_j) / C``, zero once every margin is
   certified with room ``kappa``.
@@ -27,7 +34,7 @@ from torch import Tensor
 
 from bcpc import margins as margins_mod
 
-LOSSES = ("bcp", "trades", "gloro", "hinge")
+LOSSES = ("bcp", "trades", "gloro", "emma", "hinge")
 
 #: losses whose margins are taken against the predicted class (the forward gets no labels)
 PREDICTION_REFERENCED = ("gloro",)
@@ -51,8 +58,22 @@ def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: f
         ref = logits.argmax(dim=1)
         z_bot = logits.gather(1, ref.unsqueeze(1)).squeeze(1) - margins.min(dim=1).values
         return clean + lam * F.softplus(z_bot - torch.logsumexp(logits, dim=1)).mean()
+    if kind == "emma":
+        ze = emma_logits(logits, margins, y)
+        return (1 - lam) * clean + lam * F.cross_entropy(ze, y)
     if kind == "hinge":
         own = F.one_hot(y, margins.shape[1]).bool()
         gap = torch.relu(hinge_margin - margins).masked_fill(own, 0.0)
         return (1 - lam) * clean + lam * gap.sum(dim=1).mean() / margins.shape[1]
     raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def emma_logits(logits: Tensor, margins: Tensor, y: Tensor) -> Tensor:
+    """EMMA's translated logits: ``z_j`` moved up by its certified worst case ``t_j`` at most, and
+    never past ``z_y`` (the scale factor carries no gradient); ``ze_y = z_y``."""
+    z_y = logits.gather(1, y.unsqueeze(1))
+    gap = z_y - logits                           # z_y - z_j
+    own = F.one_hot(y, logits.shape[1]).bool()
+    t = (gap - margins).masked_fill(own, 0.0)    # the translation the bound allows, >= 0
+    scale = (gap / t.clamp_min(torch.finfo(t.dtype).tiny)).clamp(0.0, 1.0).detach()
+    return torch.where(own, logits, logits + t * scale)

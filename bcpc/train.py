@@ -406,6 +406,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     skipped = bad_steps = 0
 
     interrupts = _Interrupts()
+    low_precision = cfg.precision == "bfloat16"
 
     def save_last(epoch, reraise=True):
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -435,7 +436,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 idx = order[b * local_bs:(b + 1) * local_bs]
                 xb, yb = x_train[idx].to(ctx.device), y_train[idx].to(ctx.device)
                 eps, lam = schedule(cfg, step, spe)
-                loss = objective(xb, yb, eps, lam, method)
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=low_precision):
+                    loss = objective(xb, yb, eps, lam, method)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # the gradient norm (clipped to grad_clip if set) decides, on every rank alike (the

@@ -122,6 +122,39 @@ def test_gloro_loss_is_the_kl_with_a_bottom_class_against_the_prediction():
     assert float(losses.certified_loss("gloro", out_y.logits, out_y.margins, labels, 1.5)) != pytest.approx(float(direct))
 
 
+def test_emma_translates_each_class_up_to_a_tie_at_most_with_the_factor_held_fixed():
+    """EMMA: ze_j = z_j + t_j * sg(clip((z_y - z_j) / t_j, 0, 1)), t_j = z_y - z_j - m_j, written
+    out by hand per entry; with every margin certified (m_j >= 0) it is the paper's worst-case
+    logits, and the clipped factor carries no gradient."""
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5], [0.0, 1.0, 3.0, -2.0]], dtype=torch.float64,
+                          requires_grad=True)
+    y = torch.tensor([0, 1])
+    m = torch.tensor([[math.inf, 0.5, -1.0, -0.5], [-2.0, math.inf, -3.0, 1.0]], dtype=torch.float64)
+    expected = torch.empty(2, 4, dtype=torch.float64)
+    for b in range(2):
+        zy = float(logits[b, y[b]])
+        for j in range(4):
+            z = float(logits[b, j])
+            if j == int(y[b]):
+                expected[b, j] = z
+                continue
+            t = zy - z - float(m[b, j])
+            expected[b, j] = z + t * min(max((zy - z) / t, 0.0), 1.0)
+    ze = losses.emma_logits(logits, m, y)
+    assert torch.allclose(ze.detach(), expected)
+    # row 0: class 1 (gap 1, t 0.5) is translated fully, classes 2 and 3 (t 4 and 2) to a tie;
+    # row 1: class 0 (gap 1, t 3) to a tie, class 2 (beats the label) not at all
+    assert torch.allclose(ze.detach(), torch.tensor([[2.0, 1.5, 2.0, 2.0], [1.0, 1.0, 3.0, 0.0]], dtype=torch.float64))
+    loss = losses.certified_loss("emma", logits, m, y, 0.6)
+    assert float(loss) == pytest.approx(float(0.4 * F.cross_entropy(logits, y) + 0.6 * F.cross_entropy(expected, y)))
+    certified = torch.tensor([[math.inf, 0.25, 0.5, 1.0]], dtype=torch.float64)  # row 0: each m_j <= z_y - z_j
+    assert torch.equal(losses.emma_logits(logits[:1], certified, y[:1]), margins.worst_logits(logits[:1], certified, y[:1]))
+    # the clip factor is held fixed: a class translated to a tie moves with z_j + t_j * const, whose
+    # derivative in z_j is 1 - const (t_j = z_y - z_j - m_j), not 0 as a clipped tie's would be
+    (grad,) = torch.autograd.grad(ze[0, 2], logits)
+    assert grad[0, 2] == pytest.approx(1 - 3.0 / 4.0) and grad[0, 0] == pytest.approx(3.0 / 4.0)
+
+
 def test_orthogonal_init_gives_orthogonal_flattened_weights_and_zero_biases(tmp_path):
     from bcpc.train import build
 
@@ -219,3 +252,23 @@ def test_apgd_finds_what_pgd_finds_and_never_breaks_a_certificate():
         assert apgd_robust(model, x[certified], y[certified], eps, steps=30).all()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         apgd_robust(model, x + 2, y, 0.5)
+
+
+def test_bfloat16_precision_trains_the_step_under_autocast_and_validates_soundly(tmp_path):
+    """precision: bfloat16 runs each step's forward and backward under CPU autocast (the fused
+    float kernels step aside), with float32 weights: the losses move by bfloat16 rounding, not more;
+    validation certifies in float64 as always; other precisions are refused."""
+    tiny_mnist(tmp_path / "d")
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = small_cfg(tmp_path, name=precision, model="mnist_small_minmax", method="lipschitz", loss="emma",
+                        precision=precision, epochs=1, warmup_epochs=0)
+        runs[precision] = fit(cfg, progress=False, log=lambda *_: None)
+    lo, hi = runs["bfloat16"].history[-1], runs["float32"].history[-1]
+    assert math.isfinite(lo["loss"]) and lo["loss"] != hi["loss"]
+    assert lo["loss"] == pytest.approx(hi["loss"], rel=0.05)
+    model, _cert, saved_cfg, _ = load_trained(runs["bfloat16"].run_dir / "best.pt")
+    assert saved_cfg.precision == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ConfigError, match="precision"):
+        small_cfg(tmp_path, precision="float16")
