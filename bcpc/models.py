@@ -22,20 +22,22 @@ def _activation(name: str):
 
 
 def conv_4c3f(in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
-              activation: str = "relu") -> nn.Sequential:
+              activation: str = "relu", width: float = 1.0) -> nn.Sequential:
     """conv 32-3/1, conv 32-4/2, conv 64-3/1, conv 64-4/2, fc 512, fc 512, fc classes, with
-    ``activation`` between: ReLU (the paper's) or MaxMin (GloRo's 4C3F-MinMax, same parameters)."""
+    ``activation`` between: ReLU (the paper's) or MaxMin (GloRo's 4C3F-MinMax, same parameters).
+    ``width`` scales every hidden width (rounded to an even number, as MaxMin pairs channels)."""
     side = image_size // 4
     act = _activation(activation)
+    c1, c2, f = (2 * round(width * n / 2) for n in (32, 64, 512))
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, 1, 1), act(),
-        nn.Conv2d(32, 32, 4, 2, 1), act(),
-        nn.Conv2d(32, 64, 3, 1, 1), act(),
-        nn.Conv2d(64, 64, 4, 2, 1), act(),
+        nn.Conv2d(in_channels, c1, 3, 1, 1), act(),
+        nn.Conv2d(c1, c1, 4, 2, 1), act(),
+        nn.Conv2d(c1, c2, 3, 1, 1), act(),
+        nn.Conv2d(c2, c2, 4, 2, 1), act(),
         nn.Flatten(),
-        nn.Linear(64 * side * side, 512), act(),
-        nn.Linear(512, 512), act(),
-        nn.Linear(512, num_classes),
+        nn.Linear(c2 * side * side, f), act(),
+        nn.Linear(f, f), act(),
+        nn.Linear(f, num_classes),
     )
 
 
@@ -211,6 +213,7 @@ def resnet18_like(in_channels: int = 3, num_classes: int = 10) -> ResNet:
 ARCHITECTURES = {
     "mnist_4c3f": lambda: conv_4c3f(1, 28, 10),
     "mnist_4c3f_minmax": lambda: conv_4c3f(1, 28, 10, activation="maxmin"),
+    "mnist_4c3f_minmax_w2": lambda: conv_4c3f(1, 28, 10, activation="maxmin", width=2.0),
     "cifar_4c3f": lambda: conv_4c3f(3, 32, 10),
     "cifar_6c2f": lambda: conv_6c2f(3, 32, 10),
     "cifar_wrn": lambda: wrn(3, 32, 10),

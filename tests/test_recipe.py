@@ -21,6 +21,10 @@ def test_minmax_4c3f_has_the_4c3f_parameters_and_maxmin_activations():
     assert count(relu) == count(minmax) == 1_974_762
     assert sum(isinstance(m, bcpc.nn.MaxMin) for m in minmax.modules()) == 6
     assert not any(isinstance(m, torch.nn.ReLU) for m in minmax.modules())
+    wide = ARCHITECTURES["mnist_4c3f_minmax_w2"]()  # every hidden width doubled
+    widths = [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+              for m in wide.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert widths == [64, 64, 128, 128, 1024, 1024, 10] and wide[9].in_features == 128 * 7 * 7
 
 
 def test_log_ramp_is_geometric_from_eps_start_and_lam_constant():
