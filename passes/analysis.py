@@ -121,8 +121,9 @@ def _hint(node: fx.Node, module=None) -> str:
         return (" An einsum with one constant operand is a linear map, and bcpc lowers it to F.linear when the "
                 "batch letter leads the perturbed operand and the output and does not index the constant, no "
                 "letter is in both operands and the output, no letter repeats in an operand, there are two operands "
-                "and no '...' (e.g. 'bchw,dc->bdhw'); this one is not of that form: write it so, or as h @ W, "
-                "F.linear(h, W.t()) or an nn.Linear.")
+                "and no '...' (e.g. 'bchw,dc->bdhw'), and to a product h * C when the output keeps every letter of h "
+                "and the constant's are among them ('bi,i->bi'); this one is of neither form: write it so, or as "
+                "h @ W, F.linear(h, W.t()) or an nn.Linear.")
     if name == "einsum" and module is None and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
         return (" A one-operand einsum (a permutation, a sum, a diagonal) has no rule: write it with permute, "
                 "sum or indexing, which have rules (a diagonal is not supported).")

@@ -28,8 +28,11 @@ runs again when anything changed).
    dims, the letters summed away become one ``in`` dim, and the constant's output letters one
    ``out`` dim: ``permute``, ``reshape``, ``F.linear`` with the ``(out, in)`` matrix computed from
    the constant by an einsum, ``reshape``, ``permute``. The batch letter must lead ``h`` and the
-   output and not index the constant; a letter in ``h``, the constant and the output (a batched
-   product), a repeated letter (a diagonal) or ``...`` is left as is (refused).
+   output and not index the constant. When the output keeps all of ``h``'s letters and the
+   constant's are among them (``"bi,i->bi"``: each entry scaled by one constant, a diagonal map),
+   it becomes ``h * C'`` with the constant put in ``h``'s layout. A letter in ``h``, the constant
+   and the output that is not of that form (a batched product), a repeated letter (a diagonal) or
+   ``...`` is left as is (refused).
 
 Every rewrite computes the same values (the verify step checks the whole graph against the
 model). Rewritten nodes keep the user's node name and source line.
@@ -400,7 +403,7 @@ def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
     if len(shape) != len(hl) or not hl or not out or hl[0] != out[0] or hl[0] in cl:
         return False
     if any(ch in hl and ch in cl for ch in out):
-        return False  # a batched product (block-diagonal map): left as is
+        return _einsum_elementwise(graph, node, h, c, hl, cl, out)
     sizes = dict(zip(hl, shape))
     keep = [ch for ch in hl[1:] if ch in out]  # pass through: leading dims of the linear map
     reduce = [ch for ch in hl[1:] if ch not in out]  # summed away (with the constant, or alone)
@@ -425,6 +428,33 @@ def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
             # the margins of a last affine layer are bounded through its weight differences)
             y = graph.call_function(torch.reshape, (y, (-1,) + tuple(sizes[ch] for ch in keep + c_out)))
     back = tuple(([hl[0]] + keep + c_out).index(ch) for ch in out)
+    if back == tuple(sorted(back)):
+        _adopt(graph, node, y)
+    else:
+        _replace(graph, node, torch.permute, (y, back))
+    return True
+
+
+def _einsum_elementwise(graph: fx.Graph, node: fx.Node, h: fx.Node, c: fx.Node, hl: str, cl: str, out: str) -> bool:
+    """``torch.einsum("bi,i->bi", h, v)``: every letter of the constant is one of ``h``'s and the
+    output keeps all of ``h``'s letters, so nothing is summed and each entry of ``h`` is scaled by
+    one entry of the constant (a diagonal linear map): ``h * C'``, with ``C'`` the constant's letters
+    put in ``h``'s order and size-1 dims for the others (the batch's among them), then ``permute``
+    to the output's order. A letter shared with the constant and summed away (a block-diagonal
+    map) is left as is (refused)."""
+    if sorted(out) != sorted(hl) or not set(cl) <= set(hl) or len(set(cl)) != len(cl):
+        return False
+    c_shape = tuple(info(c).shape or ())
+    shape = tuple(info(h).shape or ())
+    if len(c_shape) != len(cl) or any(n not in (1, shape[hl.index(ch)]) for ch, n in zip(cl, c_shape)):
+        return False
+    aligned = "".join(ch for ch in hl if ch in cl)
+    with graph.inserting_before(node):
+        scale = c if aligned == cl else graph.call_function(torch.functional.einsum, (f"{cl}->{aligned}", c))
+        view = tuple(c_shape[cl.index(ch)] if ch in cl else 1 for ch in hl)
+        scale = graph.call_function(torch.reshape, (scale, view))
+        y = graph.call_function(operator.mul, (h, scale))
+    back = tuple(hl.index(ch) for ch in out)
     if back == tuple(sorted(back)):
         _adopt(graph, node, y)
     else:

@@ -626,9 +626,35 @@ def test_einsum_with_a_constant_operand_becomes_linear_and_stays_sound(equation,
     _check_lowered_to_linear(lambda: _Einsum(equation, c_shape, constant_first, as_list))
 
 
+@pytest.mark.parametrize("equation, c_shape, constant_first", [
+    ("bi,i->bi", (24,), False),  # a per-feature scale
+    ("i,bi->bi", (24,), True),  # the constant first
+    ("bchw,c->bchw", (2,), False),  # a per-channel scale (negative entries too)
+    ("bchw,hw->bhwc", (3, 4), False),  # a per-pixel scale, the output permuted
+    ("bij,ji->bij", (6, 4), False),  # the constant's letters in the other order
+])
+def test_einsum_scaling_by_a_constant_becomes_a_product_and_stays_sound(equation, c_shape, constant_first):
+    """An einsum that keeps every letter of the perturbed operand and indexes the constant with
+    some of them scales each entry by one constant (a diagonal map): lowered to ``h * C`` (the
+    einsum itself is gone from the graph, or is the final permute), the model's logits, sound."""
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    torch.manual_seed(0)
+    model = _Einsum(equation, c_shape, constant_first).double().eval()
+    x = torch.rand(3, 3, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1])
+    assert "mul" in cert.rules.values() and cert.rules["einsum"] in ("mul", "permute")  # the node keeps its name
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x))
+    y = model(x).argmax(1)
+    pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
+    check_soundness(cert, model, x, y, 0.3, pts)
+    assert cert.certified_radius(x, y).max() > 0
+
+
 @pytest.mark.parametrize("forward, why", [
     (lambda s, h: torch.einsum("bi,bj->bij", h, h), "both depend on the input"),
     (lambda s, h: torch.einsum("bhi,hij->bhj", h.view(-1, 2, 12), s.C.view(2, 12, 2)), "one constant operand"),
+    (lambda s, h: torch.einsum("bij,ij->bi", h.view(-1, 2, 12), s.C[:, 0].view(2, 12)), "one constant operand"),
     (lambda s, h: torch.einsum("bii->bi", h[:, :16].reshape(-1, 4, 4)), "one-operand einsum"),
     (lambda s, h: torch.einsum("...i,ij->...j", h, s.C), "one constant operand"),
 ])
