@@ -114,6 +114,42 @@ def _einsum_has_constant_operand(node: fx.Node) -> bool:
     return len(operands) >= 2 and any(not (isinstance(a, fx.Node) and info(a).perturbed) for a in operands)
 
 
+def _einsum_reason(node: fx.Node) -> str:
+    """Which condition of the einsum lowering (passes/patterns.py) this einsum misses, in words."""
+    eq = node.args[0] if isinstance(node.args[0], str) else ""
+    operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    eq = eq.replace(" ", "")
+    if "." in eq:
+        return "'...' is not lowered: name every dimension with a letter"
+    lhs, arrow, out = eq.partition("->")
+    ins = lhs.split(",")
+    if len(operands) != 2 or len(ins) != 2:
+        return "it has more than two operands: combine the constants first, then one einsum with the input"
+    if not arrow:
+        out = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    if any(len(set(t)) != len(t) for t in ins + [out]):
+        return "a letter repeats in an operand (a diagonal), which has no rule"
+    i = next(k for k, a in enumerate(operands) if isinstance(a, fx.Node) and info(a).perturbed)
+    hl, cl = ins[i], ins[1 - i]
+    if not hl or not out or hl[0] != out[0]:
+        return f"the batch letter ({hl[:1] or '?'}) must be the first letter of the perturbed operand and of the output"
+    if hl[0] in cl:
+        return f"the constant is indexed by the batch letter {hl[0]}"
+    shape, c_shape = tuple(info(operands[i]).shape or ()), tuple(info(operands[1 - i]).shape or ())
+    c_dims = dict(zip(cl, c_shape))
+    for ch, n in zip(hl, shape):
+        if ch in c_dims and n != c_dims[ch] and c_dims[ch] != 1:
+            return (f"letter {ch} has size {n} in the perturbed operand and {c_dims[ch]} in the constant: einsum "
+                    "broadcasts it, the lowering does not (expand the operand first)")
+    shared = [ch for ch in hl if ch in cl]
+    if any(ch in out for ch in shared) and any(ch not in out for ch in shared):
+        return ("a letter of both operands is kept in the output while another is summed (a batched, "
+                "block-diagonal product), which has no rule")
+    if any(ch in out for ch in shared):
+        return "the output must keep every letter of the perturbed operand when it keeps a letter of both operands"
+    return ""
+
+
 def _hint(node: fx.Node, module=None) -> str:
     """Why a perturbed node of this kind cannot be held constant, and what to write instead."""
     name = type(module).__name__ if module is not None else _op_name(node)
@@ -122,7 +158,9 @@ def _hint(node: fx.Node, module=None) -> str:
                 "batch letter leads the perturbed operand and the output and does not index the constant, no "
                 "letter is in both operands and the output, no letter repeats in an operand, there are two operands "
                 "and no '...' (e.g. 'bchw,dc->bdhw'), and to a product h * C when the output keeps every letter of h "
-                "and the constant's are among them ('bi,i->bi'); this one is of neither form: write it so, or as "
+                "and the constant's are among them ('bi,i->bi'), where a dimension of the perturbed operand "
+                "has the constant's size (einsum's broadcast of a size-1 dimension is not lowered: expand it "
+                "first). Here " + (_einsum_reason(node) or "it is of neither form") + ": write it so, or as "
                 "h @ W, F.linear(h, W.t()) or an nn.Linear.")
     if name == "einsum" and module is None and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
         return (" A one-operand einsum (a permutation, a sum, a diagonal) has no rule: write it with permute, "

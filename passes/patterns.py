@@ -402,6 +402,9 @@ def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
     shape = tuple(info(h).shape or ())
     if len(shape) != len(hl) or not hl or not out or hl[0] != out[0] or hl[0] in cl:
         return False
+    c_dims = dict(zip(cl, tuple(info(c).shape or ())))
+    if any(ch in c_dims and n != c_dims[ch] and c_dims[ch] != 1 for ch, n in zip(hl, shape)):
+        return False  # a size-1 dim of h that einsum broadcasts against the constant: left as is
     if any(ch in hl and ch in cl for ch in out):
         return _einsum_elementwise(graph, node, h, c, hl, cl, out)
     sizes = dict(zip(hl, shape))

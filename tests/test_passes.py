@@ -653,10 +653,14 @@ def test_einsum_scaling_by_a_constant_becomes_a_product_and_stays_sound(equation
 
 @pytest.mark.parametrize("forward, why", [
     (lambda s, h: torch.einsum("bi,bj->bij", h, h), "both depend on the input"),
-    (lambda s, h: torch.einsum("bhi,hij->bhj", h.view(-1, 2, 12), s.C.view(2, 12, 2)), "one constant operand"),
-    (lambda s, h: torch.einsum("bij,ij->bi", h.view(-1, 2, 12), s.C[:, 0].view(2, 12)), "one constant operand"),
+    (lambda s, h: torch.einsum("bhi,hij->bhj", h.view(-1, 2, 12), s.C.view(2, 12, 2)), "Here a letter of both.*block-diagonal"),
+    (lambda s, h: torch.einsum("bij,ij->bi", h.view(-1, 2, 12), s.C[:, 0].view(2, 12)), "block-diagonal"),
+    (lambda s, h: torch.einsum("bi,ji->bj", h[:, :1], s.C.t()), "letter i has size 1 .* and 24 in the constant"),  # einsum broadcasts h's 1
     (lambda s, h: torch.einsum("bii->bi", h[:, :16].reshape(-1, 4, 4)), "one-operand einsum"),
-    (lambda s, h: torch.einsum("...i,ij->...j", h, s.C), "one constant operand"),
+    (lambda s, h: torch.einsum("...i,ij->...j", h, s.C), "Here '...' is not lowered"),
+    (lambda s, h: torch.einsum("bi,ij,j->bj", h, s.C, s.C[0]), "more than two operands"),
+    (lambda s, h: torch.einsum("bi,bj->bj", h, s.C.t()), "indexed by the batch letter"),
+    (lambda s, h: torch.einsum("bi,ij->jb", h, s.C), "batch letter .* must be the first"),
 ])
 def test_einsum_the_rewrite_does_not_cover_is_refused(forward, why):
     class M(nn.Module):

@@ -25,6 +25,8 @@ ACTIVATION_SPELLINGS = [
     "nn.GELU", "F.gelu(h, approximate='tanh')", "nn.SiLU(inplace)", "h * torch.sigmoid(h)", "F.mish", "nn.Hardswish",
     "nn.ReLU6(inplace)", "F.hardtanh(h, -0.5, 0.5)", "h.clip(-1, 1)", "F.hardsigmoid", "bcpc.nn.MaxMin",
     "bcpc.nn.GroupSort(2)", "nn.PReLU", "F.prelu(h, -0.5)",
+    "torch.selu", "nn.SELU", "torch.celu(h, 0.5)", "nn.CELU(0.5, inplace)", "torch.selu_(h) unassigned", "F.logsigmoid",
+    "F.softsign", "F.tanhshrink",
 ]
 LAYOUT_SPELLINGS = ["transpose round trip", "h.flip(1)", "torch.roll(h, 1, 1)", "slices cat", "pad crop",
                     "expand mean", "stack amax", "cast round trip", "upsample stride", "movedim round trip",
@@ -42,6 +44,11 @@ MASK_SPELLINGS = ["h * (h > 0).float()", "h * (h > 0)", "torch.where(h > 0, h, 0
 DROPOUT_SPELLINGS = ["nn.Dropout", "F.dropout(h, 0.3, self.training)", "F.dropout(h, 0.3)", "nn.Dropout(inplace)"]
 SKIP_SPELLINGS = ["h = h + f(h)", "h = f(h) + h", "h += f(h) (aliased skip)", "torch.add(h, f(h))", "h.add(f(h))",
                   "skip = h; h.relu_(); h + skip"]
+# einsum with a weight (the one constant operand: lowered to F.linear), other einsums (refused), 1-D pools
+CONTRACT_SPELLINGS = ["einsum('bi,ji->bj', h, W)", "einsum('ij,bj->bi', W, h)", "einsum('bi,ij', h, W) implicit",
+                      "einsum('bi,ji->bj', [h, W])", "einsum('bgi,ji->bgj') on h.view(B, 2, -1)",
+                      "einsum('bi,i->bi', h, v)", "h + einsum('bi,bi->b', h, h)", "max_pool1d cat avg_pool1d",
+                      "F.max_pool1d(h[:, None], 3, 1, 1)", "torch.max_pool1d(h[:, None], 2, 2) twice"]
 WEIGHT_EDITS = ["p.data.mul_", "p.data.copy_", "no_grad p.mul_", "load_state_dict", "p.data = new", "p.data.clamp_",
                 "optimizer step"]
 
@@ -73,6 +80,7 @@ class Program(nn.Module):
             "nn.GELU": nn.GELU(), "nn.SiLU(inplace)": nn.SiLU(inplace=True), "nn.Hardswish": nn.Hardswish(),
             "nn.ReLU6(inplace)": nn.ReLU6(inplace=True), "bcpc.nn.MaxMin": bcpc.nn.MaxMin(),
             "bcpc.nn.GroupSort(2)": bcpc.nn.GroupSort(2), "nn.PReLU": nn.PReLU(),
+            "nn.SELU": nn.SELU(), "nn.CELU(0.5, inplace)": nn.CELU(0.5, inplace=True),
         }
         return table.get(spelling, nn.Identity())
 
@@ -80,8 +88,22 @@ class Program(nn.Module):
         m = self.mods[i]
         if s in ("nn.ReLU", "nn.ReLU(inplace)", "nn.Tanh", "nn.LeakyReLU(0.1, inplace)", "nn.ELU(inplace)",
                  "nn.Softplus(threshold=1)", "nn.Softplus", "nn.GELU", "nn.SiLU(inplace)", "nn.Hardswish",
-                 "nn.ReLU6(inplace)", "bcpc.nn.MaxMin", "bcpc.nn.GroupSort(2)", "nn.PReLU"):
+                 "nn.ReLU6(inplace)", "bcpc.nn.MaxMin", "bcpc.nn.GroupSort(2)", "nn.PReLU", "nn.SELU",
+                 "nn.CELU(0.5, inplace)"):
             return m(h)
+        if s == "torch.selu":
+            return torch.selu(h)
+        if s == "torch.celu(h, 0.5)":
+            return torch.celu(h, 0.5)
+        if s == "torch.selu_(h) unassigned":
+            torch.selu_(h)
+            return h
+        if s == "F.logsigmoid":
+            return F.logsigmoid(h)
+        if s == "F.softsign":
+            return F.softsign(h)
+        if s == "F.tanhshrink":
+            return F.tanhshrink(h)
         if s == "F.prelu(h, -0.5)":
             return F.prelu(h, torch.tensor([-0.5], dtype=h.dtype))
         if s == "F.gelu(h, approximate='tanh')":
@@ -311,6 +333,33 @@ class Program(nn.Module):
             return h + skip
         raise AssertionError(s)
 
+    def contract(self, i, s, h):
+        weight = self.fcs[i].weight
+        if s == "einsum('bi,ji->bj', h, W)":
+            return torch.einsum("bi,ji->bj", h, weight)
+        if s == "einsum('ij,bj->bi', W, h)":
+            return torch.einsum("ij,bj->bi", weight, h)
+        if s == "einsum('bi,ij', h, W) implicit":
+            return torch.einsum("bi,ij", h, weight)
+        if s == "einsum('bi,ji->bj', [h, W])":
+            return torch.einsum("bi,ji->bj", [h, weight])
+        if s == "einsum('bgi,ji->bgj') on h.view(B, 2, -1)":
+            half = self.w // 2
+            return torch.einsum("bgi,ji->bgj", h.view(h.size(0), 2, half), weight[:half, :half]).reshape(h.size(0), -1)
+        if s == "einsum('bi,i->bi', h, v)":
+            return torch.einsum("bi,i->bi", h, weight[0])
+        if s == "h + einsum('bi,bi->b', h, h)":
+            return h + torch.einsum("bi,bi->b", h, h)[:, None]
+        if s == "max_pool1d cat avg_pool1d":
+            g = h[:, None]
+            return torch.cat([F.max_pool1d(g, 2, 2), F.avg_pool1d(g, 2, 2)], 2).flatten(1)
+        if s == "F.max_pool1d(h[:, None], 3, 1, 1)":
+            return F.max_pool1d(h[:, None], 3, 1, 1).flatten(1)
+        if s == "torch.max_pool1d(h[:, None], 2, 2) twice":
+            g = torch.max_pool1d(h[:, None], 2, 2)
+            return torch.cat([g, -g], 2).flatten(1)
+        raise AssertionError(s)
+
     def forward(self, x):
         h = self.inp(x)
         for i, (family, s) in enumerate(self.steps):
@@ -332,17 +381,19 @@ class Program(nn.Module):
                 h = self.dropout(i, s, h)
             elif family == "skip":
                 h = self.skip(i, s, h)
+            elif family == "contract":
+                h = self.contract(i, s, h)
         return self.out(h)
 
 
 FAMILIES = {
     "linear": ["Linear"], "activation": ACTIVATION_SPELLINGS, "scale": SCALE_SPELLINGS, "tuple": TUPLE_SPELLINGS,
     "view": VIEW_SPELLINGS, "mask": MASK_SPELLINGS, "dropout": DROPOUT_SPELLINGS, "skip": SKIP_SPELLINGS,
-    "layout": LAYOUT_SPELLINGS,
+    "layout": LAYOUT_SPELLINGS, "contract": CONTRACT_SPELLINGS,
 }
 # weights of the families in a draw: mostly what compiles, enough of the rest to test refusals
 _FAMILY_DRAW = (["linear"] * 3 + ["activation"] * 4 + ["scale"] * 2 + ["skip"] * 2 + ["view"] * 2 + ["layout"] * 2
-                + ["tuple", "mask", "dropout"])
+                + ["tuple", "mask", "dropout", "contract"])
 
 
 @st.composite
