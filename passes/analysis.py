@@ -157,8 +157,8 @@ def _hint(node: fx.Node, module=None) -> str:
         return (" An einsum with one constant operand is a linear map, and bcpc lowers it to F.linear when the "
                 "batch letter leads the perturbed operand and the output and does not index the constant, no "
                 "letter is in both operands and the output, no letter repeats in an operand, there are two operands "
-                "and no '...' (e.g. 'bchw,dc->bdhw'), and to a product h * C when the output keeps every letter of h "
-                "and the constant's are among them ('bi,i->bi'), where a dimension of the perturbed operand "
+                "and no '...' (e.g. 'bchw,dc->bdhw'), and to a product h * C when nothing is summed and a letter is "
+                "shared ('bi,i->bi', 'bi,ij->bij'), where a dimension of the perturbed operand "
                 "has the constant's size (einsum's broadcast of a size-1 dimension is not lowered: expand it "
                 "first). Here " + (_einsum_reason(node) or "it is of neither form") + ": write it so, or as "
                 "h @ W, F.linear(h, W.t()) or an nn.Linear.")

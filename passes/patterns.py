@@ -28,11 +28,12 @@ runs again when anything changed).
    dims, the letters summed away become one ``in`` dim, and the constant's output letters one
    ``out`` dim: ``permute``, ``reshape``, ``F.linear`` with the ``(out, in)`` matrix computed from
    the constant by an einsum, ``reshape``, ``permute``. The batch letter must lead ``h`` and the
-   output and not index the constant. When the output keeps all of ``h``'s letters and the
-   constant's are among them (``"bi,i->bi"``: each entry scaled by one constant, a diagonal map),
-   it becomes ``h * C'`` with the constant put in ``h``'s layout. A letter in ``h``, the constant
-   and the output that is not of that form (a batched product), a repeated letter (a diagonal) or
-   ``...`` is left as is (refused).
+   output and not index the constant. When nothing is summed and a letter is shared
+   (``"bi,i->bi"``, each entry scaled by one constant, a diagonal map; ``"bi,ij->bij"``, scaled
+   copies), it becomes ``h' * C'``: ``h`` permuted to the output's order and expanded over the
+   constant's own letters, times the constant in the output's layout. A letter in ``h``, the
+   constant and the output with another summed (a batched product), a repeated letter (a
+   diagonal) or ``...`` is left as is (refused).
 
 Every rewrite computes the same values (the verify step checks the whole graph against the
 model). Rewritten nodes keep the user's node name and source line.
@@ -439,29 +440,35 @@ def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
 
 
 def _einsum_elementwise(graph: fx.Graph, node: fx.Node, h: fx.Node, c: fx.Node, hl: str, cl: str, out: str) -> bool:
-    """``torch.einsum("bi,i->bi", h, v)``: every letter of the constant is one of ``h``'s and the
-    output keeps all of ``h``'s letters, so nothing is summed and each entry of ``h`` is scaled by
-    one entry of the constant (a diagonal linear map): ``h * C'``, with ``C'`` the constant's letters
-    put in ``h``'s order and size-1 dims for the others (the batch's among them), then ``permute``
-    to the output's order. A letter shared with the constant and summed away (a block-diagonal
+    """An einsum that sums nothing (every letter of both operands is in the output) and shares a
+    letter with the constant: each output entry is one entry of ``h`` times one of the constant,
+    ``torch.einsum("bi,i->bi", h, v)`` (a diagonal map) or ``"bi,ij->bij"`` (a scaled copy). It
+    becomes ``h' * C'``: ``h`` permuted to the output's order, with size-1 dims for the constant's
+    own letters and expanded over them (the ``expand`` rule counts the copies), times the constant
+    in the output's layout. A letter shared with the constant and summed away (a block-diagonal
     map) is left as is (refused)."""
-    if sorted(out) != sorted(hl) or not set(cl) <= set(hl) or len(set(cl)) != len(cl):
+    if set(out) != set(hl) | set(cl) or len(set(cl)) != len(cl):
         return False
     c_shape = tuple(info(c).shape or ())
     shape = tuple(info(h).shape or ())
-    if len(c_shape) != len(cl) or any(n not in (1, shape[hl.index(ch)]) for ch, n in zip(cl, c_shape)):
+    if len(c_shape) != len(cl):
         return False
-    aligned = "".join(ch for ch in hl if ch in cl)
+    sizes = dict(zip(hl, shape))
+    sizes.update({ch: n for ch, n in zip(cl, c_shape) if ch not in sizes})
+    h_order = [ch for ch in out if ch in hl]
+    c_order = "".join(ch for ch in out if ch in cl)
+    from bcpc.rules.layout import expand  # the canonical expand (bcpc.rules imports this module's users)
     with graph.inserting_before(node):
-        scale = c if aligned == cl else graph.call_function(torch.functional.einsum, (f"{cl}->{aligned}", c))
-        view = tuple(c_shape[cl.index(ch)] if ch in cl else 1 for ch in hl)
+        perm = tuple(hl.index(ch) for ch in h_order)
+        x = h if perm == tuple(sorted(perm)) else graph.call_function(torch.permute, (h, perm))
+        if len(h_order) != len(out):  # size-1 dims for the constant's own letters, then the copies
+            x = graph.call_function(torch.reshape, (x, (-1,) + tuple(sizes[ch] if ch in hl else 1 for ch in out[1:])))
+            x = graph.call_function(expand, (x, (-1,) + tuple(sizes[ch] for ch in out[1:])))
+        scale = c if c_order == cl else graph.call_function(torch.functional.einsum, (f"{cl}->{c_order}", c))
+        view = tuple(c_shape[cl.index(ch)] if ch in cl else 1 for ch in out)
         scale = graph.call_function(torch.reshape, (scale, view))
-        y = graph.call_function(operator.mul, (h, scale))
-    back = tuple(hl.index(ch) for ch in out)
-    if back == tuple(sorted(back)):
-        _adopt(graph, node, y)
-    else:
-        _replace(graph, node, torch.permute, (y, back))
+        y = graph.call_function(operator.mul, (x, scale))
+    _adopt(graph, node, y)
     return True
 
 

@@ -632,6 +632,9 @@ def test_einsum_with_a_constant_operand_becomes_linear_and_stays_sound(equation,
     ("bchw,c->bchw", (2,), False),  # a per-channel scale (negative entries too)
     ("bchw,hw->bhwc", (3, 4), False),  # a per-pixel scale, the output permuted
     ("bij,ji->bij", (6, 4), False),  # the constant's letters in the other order
+    ("bi,ij->bij", (24, 2), False),  # scaled copies: expanded over j
+    ("bi,ij->bji", (24, 2), False),  # the same, the output permuted
+    ("bij,jk->bijk", (6, 2), False),  # a copy per k of each entry, scaled
 ])
 def test_einsum_scaling_by_a_constant_becomes_a_product_and_stays_sound(equation, c_shape, constant_first):
     """An einsum that keeps every letter of the perturbed operand and indexes the constant with

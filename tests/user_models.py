@@ -47,7 +47,7 @@ SKIP_SPELLINGS = ["h = h + f(h)", "h = f(h) + h", "h += f(h) (aliased skip)", "t
 # einsum with a weight (the one constant operand: lowered to F.linear), other einsums (refused), 1-D pools
 CONTRACT_SPELLINGS = ["einsum('bi,ji->bj', h, W)", "einsum('ij,bj->bi', W, h)", "einsum('bi,ij', h, W) implicit",
                       "einsum('bi,ji->bj', [h, W])", "einsum('bgi,ji->bgj') on h.view(B, 2, -1)",
-                      "einsum('bi,i->bi', h, v)", "h + einsum('bi,bi->b', h, h)", "max_pool1d cat avg_pool1d",
+                      "einsum('bi,i->bi', h, v)", "einsum('bi,ij->bij') summed back", "h + einsum('bi,bi->b', h, h)", "max_pool1d cat avg_pool1d",
                       "F.max_pool1d(h[:, None], 3, 1, 1)", "torch.max_pool1d(h[:, None], 2, 2) twice"]
 WEIGHT_EDITS = ["p.data.mul_", "p.data.copy_", "no_grad p.mul_", "load_state_dict", "p.data = new", "p.data.clamp_",
                 "optimizer step"]
@@ -348,6 +348,8 @@ class Program(nn.Module):
             return torch.einsum("bgi,ji->bgj", h.view(h.size(0), 2, half), weight[:half, :half]).reshape(h.size(0), -1)
         if s == "einsum('bi,i->bi', h, v)":
             return torch.einsum("bi,i->bi", h, weight[0])
+        if s == "einsum('bi,ij->bij') summed back":
+            return torch.einsum("bi,ij->bij", h, weight[:, :3]).sum(2)
         if s == "h + einsum('bi,bi->b', h, h)":
             return h + torch.einsum("bi,bi->b", h, h)[:, None]
         if s == "max_pool1d cat avg_pool1d":
