@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from bcpc import ops, registry
 from bcpc.errors import GraphStructureError, UnsupportedOpError
 from bcpc.meta import info, where
+from bcpc.passes.patterns import einsum_broadcast_letter, einsum_subscripts
 from bcpc.rules._util import unsupported
 
 
@@ -118,15 +119,11 @@ def _einsum_reason(node: fx.Node) -> str:
     """Which condition of the einsum lowering (passes/patterns.py) this einsum misses, in words."""
     eq = node.args[0] if isinstance(node.args[0], str) else ""
     operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    eq = eq.replace(" ", "")
     if "." in eq:
         return "'...' is not lowered: name every dimension with a letter"
-    lhs, arrow, out = eq.partition("->")
-    ins = lhs.split(",")
+    ins, out = einsum_subscripts(eq)
     if len(operands) != 2 or len(ins) != 2:
         return "it has more than two operands: combine the constants first, then one einsum with the input"
-    if not arrow:
-        out = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
     if any(len(set(t)) != len(t) for t in ins + [out]):
         return "a letter repeats in an operand (a diagonal), which has no rule"
     i = next(k for k, a in enumerate(operands) if isinstance(a, fx.Node) and info(a).perturbed)
@@ -136,17 +133,17 @@ def _einsum_reason(node: fx.Node) -> str:
     if hl[0] in cl:
         return f"the constant is indexed by the batch letter {hl[0]}"
     shape, c_shape = tuple(info(operands[i]).shape or ()), tuple(info(operands[1 - i]).shape or ())
-    c_dims = dict(zip(cl, c_shape))
-    for ch, n in zip(hl, shape):
-        if ch in c_dims and n != c_dims[ch] and c_dims[ch] != 1:
-            return (f"letter {ch} has size {n} in the perturbed operand and {c_dims[ch]} in the constant: einsum "
-                    "broadcasts it, the lowering does not (expand the operand first)")
+    ch = einsum_broadcast_letter(hl, shape, cl, c_shape)
+    if ch is not None:
+        return (f"letter {ch} has size {shape[hl.index(ch)]} in the perturbed operand and {c_shape[cl.index(ch)]} "
+                "in the constant: einsum broadcasts it, the lowering does not (expand the operand first)")
     shared = [ch for ch in hl if ch in cl]
     if any(ch in out for ch in shared) and any(ch not in out for ch in shared):
         return ("a letter of both operands is kept in the output while another is summed (a batched, "
                 "block-diagonal product), which has no rule")
     if any(ch in out for ch in shared):
-        return "the output must keep every letter of the perturbed operand when it keeps a letter of both operands"
+        summed = "".join(ch for ch in hl + cl if ch not in out)
+        return f"a letter of both operands is kept in the output, and then nothing may be summed (this sums {summed})"
     return ""
 
 

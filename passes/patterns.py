@@ -354,16 +354,29 @@ def _matmul_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
     return False
 
 
+def einsum_subscripts(equation: str):
+    """``(operand subscripts, output subscripts)`` of an einsum equation as written (spaces
+    dropped; an implicit output is the letters used once, in alphabetical order)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    if not arrow:
+        out = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    return lhs.split(","), out
+
+
+def einsum_broadcast_letter(hl: str, shape: tuple, cl: str, c_shape: tuple):
+    """The letter of ``h`` whose size differs from the constant's, which einsum broadcasts (a
+    size-1 dim of ``h``) and the lowering does not, or None."""
+    c_dims = dict(zip(cl, c_shape))
+    return next((ch for ch, n in zip(hl, shape) if ch in c_dims and n != c_dims[ch] and c_dims[ch] != 1), None)
+
+
 def _einsum_letters(equation: str, n_operands: int):
     """``(operand letter strings, output letters)`` of an einsum equation, or None for a form the
     rewrite leaves alone (``...``, a repeated letter, not ``n_operands`` operands)."""
-    eq = equation.replace(" ", "")
-    if "." in eq:
+    if "." in equation:
         return None
-    lhs, arrow, out = eq.partition("->")
-    ins = lhs.split(",")
-    if not arrow:  # implicit output: the letters used once, in alphabetical order
-        out = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    ins, out = einsum_subscripts(equation)
     if len(ins) != n_operands or any(len(set(t)) != len(t) for t in ins + [out]):
         return None
     if not all(c.isalpha() for c in "".join(ins) + out):
@@ -400,21 +413,17 @@ def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
     i = perturbed.index(True)
     h, c = operands[i], operands[1 - i]
     hl, cl = ins[i], ins[1 - i]
-    shape = tuple(info(h).shape or ())
-    if len(shape) != len(hl) or not hl or not out or hl[0] != out[0] or hl[0] in cl:
+    shape, c_shape = tuple(info(h).shape or ()), tuple(info(c).shape or ())
+    if len(shape) != len(hl) or len(c_shape) != len(cl) or not hl or not out or hl[0] != out[0] or hl[0] in cl:
         return False
-    c_dims = dict(zip(cl, tuple(info(c).shape or ())))
-    if any(ch in c_dims and n != c_dims[ch] and c_dims[ch] != 1 for ch, n in zip(hl, shape)):
+    if einsum_broadcast_letter(hl, shape, cl, c_shape) is not None:
         return False  # a size-1 dim of h that einsum broadcasts against the constant: left as is
     if any(ch in hl and ch in cl for ch in out):
-        return _einsum_elementwise(graph, node, h, c, hl, cl, out)
+        return _einsum_elementwise(graph, node, h, c, hl, cl, out, shape, c_shape)
     sizes = dict(zip(hl, shape))
     keep = [ch for ch in hl[1:] if ch in out]  # pass through: leading dims of the linear map
     reduce = [ch for ch in hl[1:] if ch not in out]  # summed away (with the constant, or alone)
     c_out = [ch for ch in out if ch not in hl]  # the constant's output letters
-    c_shape = tuple(info(c).shape or ())
-    if len(c_shape) != len(cl):
-        return False
     sizes.update({ch: n for ch, n in zip(cl, c_shape) if ch not in sizes})
     order = [0] + [hl.index(ch) for ch in keep + reduce]
     with graph.inserting_before(node):
@@ -439,7 +448,8 @@ def _einsum_by_constant(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
-def _einsum_elementwise(graph: fx.Graph, node: fx.Node, h: fx.Node, c: fx.Node, hl: str, cl: str, out: str) -> bool:
+def _einsum_elementwise(graph: fx.Graph, node: fx.Node, h: fx.Node, c: fx.Node, hl: str, cl: str, out: str,
+                        shape: tuple, c_shape: tuple) -> bool:
     """An einsum that sums nothing (every letter of both operands is in the output) and shares a
     letter with the constant: each output entry is one entry of ``h`` times one of the constant,
     ``torch.einsum("bi,i->bi", h, v)`` (a diagonal map) or ``"bi,ij->bij"`` (a scaled copy). It
@@ -447,11 +457,7 @@ def _einsum_elementwise(graph: fx.Graph, node: fx.Node, h: fx.Node, c: fx.Node, 
     own letters and expanded over them (the ``expand`` rule counts the copies), times the constant
     in the output's layout. A letter shared with the constant and summed away (a block-diagonal
     map) is left as is (refused)."""
-    if set(out) != set(hl) | set(cl) or len(set(cl)) != len(cl):
-        return False
-    c_shape = tuple(info(c).shape or ())
-    shape = tuple(info(h).shape or ())
-    if len(c_shape) != len(cl):
+    if set(out) != set(hl) | set(cl):
         return False
     sizes = dict(zip(hl, shape))
     sizes.update({ch: n for ch, n in zip(cl, c_shape) if ch not in sizes})
