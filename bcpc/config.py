@@ -63,7 +63,7 @@ class TrainConfig:
     eval_method: str = "bcp"  # the sound certificate of validation, best.pt selection and evaluation
     late_method: Optional[str] = None  # switch the training bound to this method ...
     late_method_epoch: Optional[int] = None  # ... from this (0-indexed) epoch on
-    precision: str = "float32"  # float32 | bfloat16: the training step's forward and backward under torch.autocast (weights stay float32; validation and certificates are float64 and sound either way)
+    precision: str = "float32"  # float32 | bfloat16: the training step's convolutions in bfloat16 under torch.autocast, linear layers and matrix products in float32 (weights stay float32; validation and certificates are float64 and sound either way)
 
     @property
     def run_dir(self) -> Path:

@@ -1,7 +1,7 @@
 """Cost of certification relative to plain training, measured in one process and one run.
 
     python benchmarks/bench.py [--models mnist_4c3f,cifar_6c2f,resnet_small,mnist_4c3f_minmax] [--batches 50,128,512]
-                               [--threads 1,2] [--reps 10] [--steps-only] [--inductor] [--peers]
+                               [--threads 1,2] [--reps 10] [--steps-only] [--inductor] [--peers] [--bf16]
 
 For each model and batch: plain forward, plain training step, bcpc forward (bcp, ibp, lipschitz;
 training mode, estimates), certified training step (bcp) and its ratio to the floor (a plain step
@@ -15,7 +15,9 @@ after warm-up, and is printed as a ratio to the plain training step of the same 
 ``--inductor`` adds the certified step of ``bcpc.compile(..., backend="inductor")`` (torch.compile;
 its one-off compile time is printed separately). ``--peers`` adds auto_LiRPA's IBP and CROWN-IBP
 training steps on the same model and batch (benchmarks/peers.py; auto-lirpa needs its own
-environment, ``.venv-peers``: see that file), so one run gives every ratio.
+environment, ``.venv-peers``: see that file), so one run gives every ratio. ``--bf16`` adds the
+global-bound step with ``precision: bfloat16`` (the convolutions in bfloat16, linear layers in
+float32: ``bcpc.train.step_precision``) and with every product in bfloat16 (plain autocast).
 """
 import argparse
 import json
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 import bcpc
 from bcpc import models
+from bcpc.train import step_precision
 
 SHAPES = {"mnist": (1, 28, 28), "cifar": (3, 32, 32), "resnet": (3, 32, 32)}
 
@@ -90,7 +93,7 @@ def setup(name, batch, method="bcp"):
     return model, cert, x, y, time.perf_counter() - t
 
 
-def measure(name, batch, reps, inductor=False, peers=False, steps_only=False):
+def measure(name, batch, reps, inductor=False, peers=False, steps_only=False, bf16=False):
     model, cert, x, y, compile_s = setup(name, batch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: weights change, bounds stay finite
     model.train()
@@ -113,6 +116,16 @@ def measure(name, batch, reps, inductor=False, peers=False, steps_only=False):
     lip = certs["lipschitz"]
     lip.train()
     out["lipschitz_step"] = median_time(training_step(lambda: lip.loss(x, y, 36 / 255, 1.0), opt), reps)
+    if bf16:
+        def lip_loss_in(context):
+            def loss():
+                with context():
+                    return lip.loss(x, y, 36 / 255, 1.0)
+            return loss
+        mixed = lambda: step_precision("bfloat16", x.device)  # noqa: E731
+        every = lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)  # noqa: E731
+        out["lipschitz_step_bf16"] = median_time(training_step(lip_loss_in(mixed), opt), reps)
+        out["lipschitz_step_all_bf16"] = median_time(training_step(lip_loss_in(every), opt), reps)
     # the floor of a BCP step: the box's two passes (A on u + l and |A| on u - l, batch 2B) and the
     # centre's (batch B) through the same model, forward and backward, without any bound work
     x2, y2 = torch.cat([x, x]), torch.cat([y, y])
@@ -173,11 +186,13 @@ def table(args, threads) -> list:
     head = (f"{'model':>17} {'batch':>5} {'plain step':>10} | {'fwd':>5} {'bcp fwd':>7} {'ibp fwd':>7} {'lip fwd':>7} "
             f"{'CERT STEP':>9} {'/ floor':>7} {'lip step':>8} | {'certify img/s':>13} {'compile s':>9} | {'saved for backward':>24}"
             + (f" | {'inductor':>8} {'its compile s':>13}" if args.inductor else "")
-            + (f" | {'LiRPA IBP':>9} {'CROWN-IBP':>9}" if args.peers else ""))
+            + (f" | {'LiRPA IBP':>9} {'CROWN-IBP':>9}" if args.peers else "")
+            + (f" | {'lip bf16':>8} {'lip all-bf16':>12}" if args.bf16 else ""))
     print(head)
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            r = measure(name, batch, args.reps, inductor=args.inductor, peers=args.peers, steps_only=args.steps_only)
+            r = measure(name, batch, args.reps, inductor=args.inductor, peers=args.peers, steps_only=args.steps_only,
+                        bf16=args.bf16)
             r["threads"] = threads
             rows.append(r)
             p = r["plain_step"]
@@ -194,6 +209,8 @@ def table(args, threads) -> list:
                 line += f" | {r['inductor_step'] / p:7.2f}x {r['inductor_compile_s']:13.1f}"
             if args.peers:
                 line += f" | {r['lirpa_ibp']:8.2f}x {r['lirpa_crown_ibp']:8.2f}x"
+            if args.bf16:
+                line += f" | {r['lipschitz_step_bf16'] / p:7.2f}x {r['lipschitz_step_all_bf16'] / p:11.2f}x"
             print(line, flush=True)
     return rows
 
@@ -211,6 +228,8 @@ def main():
     ap.add_argument("--json", default=None, help="also write the raw figures here")
     ap.add_argument("--inductor", action="store_true", help="also time backend='inductor' (torch.compile)")
     ap.add_argument("--peers", action="store_true", help="also time auto_LiRPA IBP / CROWN-IBP (needs auto-lirpa)")
+    ap.add_argument("--bf16", action="store_true", help="also time the global-bound step in bfloat16 (precision: "
+                    "bfloat16, and every product in bfloat16)")
     args = ap.parse_args()
     if args.memory_only:
         memory_table(args)

@@ -27,9 +27,9 @@ def test_bench_prints_ratios_to_the_plain_step():
     row = [line for line in out.splitlines() if line.strip().startswith("mnist_4c3f")]
     assert len(row) == 1 and row[0].count("x") >= 2, out  # certified-step and memory ratios
     out = run("bench.py", "--models", "mnist_small_minmax", "--batches", "2", "--reps", "1", "--threads", "1,2",
-              "--steps-only")
+              "--steps-only", "--bf16")
     rows = [line for line in out.splitlines() if line.strip().startswith("mnist_small_minmax")]
-    assert len(rows) == 2 and all(r.count("x") >= 3 for r in rows), out  # one table per thread count
+    assert len(rows) == 2 and all(r.count("x") >= 5 for r in rows), out  # one table per thread count, bf16 steps
     out = run("bench.py", "--models", "mnist_small_minmax", "--batches", "2,3", "--memory-only")
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("mnist_small_minmax")]
     assert len(rows) == 2 and all(float(r[2].rstrip("x")) > 1 for r in rows), out  # certified keeps more
@@ -103,6 +103,13 @@ def test_bcp_gain_compares_the_box_with_the_global_bound():
     bcp = float(figures["verified, BCP (ball and box)"].rstrip("%"))
     glob = float(figures["verified, global Lipschitz bound"].rstrip("%"))
     assert 0 < glob <= bcp, out  # the box only ever adds certificates
+
+
+def test_precision_drift_compares_bfloat16_gradients_with_float32():
+    for extra in ((), ("--all-bf16",)):
+        out = run("precision_drift.py", "--checkpoint", "models/mnist_small_demo.pt", "--steps", "2", "--every", "1", *extra)
+        rows = [line.split("cosines")[1].split() for line in out.splitlines() if line.startswith("step")]
+        assert len(rows) == 2 and all(0.5 < float(c) <= 1.0 + 1e-6 for r in rows for c in r), out
 
 
 def test_bound_ceiling_compares_the_global_bound_with_the_gradient():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import bcpc
-from bcpc import checkpoint, config, losses, margins
+from bcpc import checkpoint, config, losses, margins, train
 from bcpc.errors import ConfigError
 from bcpc.models import ARCHITECTURES
 from bcpc.train import fit, load_trained, lr_at, method_at, schedule
@@ -258,10 +258,36 @@ def test_apgd_finds_what_pgd_finds_and_never_breaks_a_certificate():
         apgd_robust(model, x + 2, y, 0.5)
 
 
+def test_bfloat16_step_precision_keeps_linear_layers_and_matrix_products_in_float32():
+    """Under precision bfloat16 a convolution computes in bfloat16, every spelling of a linear
+    layer or matrix product in float32 (the long recipe diverged with them in bfloat16), and the
+    gradients reach float32 weights; under float32 nothing changes; autocast is off after it."""
+    conv, lin = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(2, 1, 5, 5)
+    with train.step_precision("bfloat16", torch.device("cpu")):
+        h = conv(x)
+        f = h.mean((2, 3))
+        b = lin.bias
+        products = [lin(f), F.linear(f, lin.weight, bias=b), f @ lin.weight.T + b, torch.matmul(f, lin.weight.T) + b,
+                    f.mm(lin.weight.t()) + b, torch.addmm(b, f, lin.weight.t()), torch.einsum("bi,ji->bj", f, lin.weight) + b,
+                    torch.bmm(f[None], lin.weight.t()[None])[0] + b]
+    assert h.dtype == torch.bfloat16
+    assert [p.dtype for p in products] == [torch.float32] * len(products)
+    expected = F.linear(f.float(), lin.weight, lin.bias)  # float32 products of the bfloat16-rounded input
+    for p in products:
+        torch.testing.assert_close(p, expected)
+    sum(p.sum() for p in products).backward()
+    assert conv.weight.grad.dtype == lin.weight.grad.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+    with train.step_precision("float32", torch.device("cpu")):
+        assert conv(x).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def test_bfloat16_precision_trains_the_step_under_autocast_and_validates_soundly(tmp_path):
-    """precision: bfloat16 runs each step's forward and backward under CPU autocast (the fused
-    float kernels step aside), with float32 weights: the losses move by bfloat16 rounding, not more;
-    validation certifies in float64 as always; other precisions are refused."""
+    """precision: bfloat16 runs each step's forward and backward with the convolutions under CPU
+    autocast (the fused float kernels step aside), with float32 weights: the losses move by
+    bfloat16 rounding, not more; validation certifies in float64 as always; other precisions are
+    refused."""
     tiny_mnist(tmp_path / "d")
     runs = {}
     for precision in ("float32", "bfloat16"):
