@@ -106,10 +106,10 @@ class _Float32Linear(TorchFunctionMode):
     """Under autocast, linear layers and matrix products in float32: inputs cast up, autocast off
     for the call.
 
-    A 4C3F-MinMax with its linear layers in bfloat16 diverged at epoch 14 of the long recipe,
-    reproducibly (the gradients of the first layers turned against float32's within 60 steps,
-    docs/results.md); with only the convolutions in bfloat16 it trains as in float32, and the
-    convolutions are where the time goes (1.8x faster step against 1.9x all in bfloat16)."""
+    A 4C3F-MinMax with its linear layers in bfloat16 too diverged at epoch 14 of the long recipe,
+    reproducibly: its first layers' gradients drifted from float32's as the logits grew
+    (benchmarks/precision_drift.py, docs/results.md); with only the convolutions in bfloat16 it
+    trains as in float32, and the convolutions are where the time goes."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,12 +120,21 @@ class _Float32Linear(TorchFunctionMode):
 
 
 def _up(a):
-    """A bfloat16 (or float16) tensor as float32; anything else as it is."""
+    """A bfloat16 (or float16) tensor as float32, also inside a list or tuple (``einsum``'s
+    operand list); anything else as it is."""
+    if isinstance(a, (list, tuple)):
+        return type(a)(_up(v) for v in a)
     return a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a
 
 
 def _tensor_device(args) -> str:
-    return next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    """The device type of the first tensor in ``args`` (looking inside lists and tuples)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in a):
+            return _tensor_device(a)
+    return "cpu"
 
 
 def step_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -270,7 +270,7 @@ def test_bfloat16_step_precision_keeps_linear_layers_and_matrix_products_in_floa
         b = lin.bias
         products = [lin(f), F.linear(f, lin.weight, bias=b), f @ lin.weight.T + b, torch.matmul(f, lin.weight.T) + b,
                     f.mm(lin.weight.t()) + b, torch.addmm(b, f, lin.weight.t()), torch.einsum("bi,ji->bj", f, lin.weight) + b,
-                    torch.bmm(f[None], lin.weight.t()[None])[0] + b]
+                    torch.einsum("bi,ji->bj", [f, lin.weight]) + b, torch.bmm(f[None], lin.weight.t()[None])[0] + b]
     assert h.dtype == torch.bfloat16
     assert [p.dtype for p in products] == [torch.float32] * len(products)
     expected = F.linear(f.float(), lin.weight, lin.bias)  # float32 products of the bfloat16-rounded input
