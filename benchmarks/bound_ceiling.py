@@ -86,6 +86,7 @@ def stable_pairs(model, rows, x, eps) -> None:
         return
     norms = iter(r["upper"] for r in rows)
     h, radius = x, eps
+    pre_radius = eps  # the ball radius at the input of the last affine layer
     print(f"stable MaxMin pairs at l2 eps {eps} (the ball's bound on each pair difference):")
     with torch.no_grad():
         for i, layer in enumerate(layers):
