@@ -356,7 +356,7 @@ class CertifiedModule(nn.Module):
         if sound:
             self._check_eval_mode()
             self._check_unchanged()
-            gm = self._sound_graph(dtype or torch.float64)
+            gm = self._sound_graph(sound_dtype(dtype))
             x = x.to(gm_dtype(gm))
             if isinstance(eps, Tensor):
                 eps = eps.to(x.dtype)
@@ -406,6 +406,7 @@ class CertifiedModule(nn.Module):
         """
         x_user = x
         gm, x, eps = self._prepare(x, eps, y, sound, dtype)
+        y = None if y is None else y.long()  # int32 / int16 / uint8 labels index like int64 ones
         if sound:
             with torch.no_grad():
                 logits, m = gm(x, eps, y, True)
@@ -457,7 +458,7 @@ class CertifiedModule(nn.Module):
         """
         ref = None if kind in losses.PREDICTION_REFERENCED else y  # "gloro": margins against the prediction
         out = self.forward(x, eps, ref, sound=False)
-        return losses.certified_loss(kind, out.logits, out.margins, y, lam, hinge_margin)
+        return losses.certified_loss(kind, out.logits, out.margins, y.long(), lam, hinge_margin)
 
     @staticmethod
     def threshold(logits: Tensor) -> Tensor:
@@ -475,7 +476,8 @@ class CertifiedModule(nn.Module):
 
         Args:
             x: inputs ``(B, *input_shape)``; y: labels ``(B,)``; eps: a radius or ``(B,)`` radii.
-            dtype: the dtype of the certification run (default float64).
+            dtype: the dtype of the certification run: torch.float64 (default) or torch.float32 (others raise
+                InvalidInputError: half precision rounds beyond what the threshold covers).
 
         Returns:
             a ``(B,)`` bool tensor.
@@ -489,7 +491,7 @@ class CertifiedModule(nn.Module):
             verified_accuracy = cert.certify(x, y, eps=1.58).float().mean()
         """
         out = self.forward(x, eps, y, sound=True, dtype=dtype)
-        others = out.margins.masked_fill(F.one_hot(y, self.num_classes).bool(), float("inf"))
+        others = out.margins.masked_fill(F.one_hot(out.labels, self.num_classes).bool(), float("inf"))
         return others.amin(dim=1) > self.threshold(out.logits)
 
     def certified_radius(self, x: Tensor, y: Tensor, eps_max: float = 64.0, steps: int = 30) -> Tensor:
@@ -573,7 +575,7 @@ class CertifiedModule(nn.Module):
         t0 = time.perf_counter()
         self._check_eval_mode()
         self._check_unchanged()
-        gm = self._sound_graph(dtype or torch.float64)
+        gm = self._sound_graph(sound_dtype(dtype))
         layers = [(origin, gm.lip.get_submodule(lip), gm.model.get_parameter(weight))
                   for origin, (lip, weight) in self._lowered.lipschitz.items() if weight]
         layers = [(origin, lip, w) for origin, lip, w in layers if not lip.has_upper(w)]  # the ones left to compute
@@ -613,6 +615,20 @@ class CertifiedModule(nn.Module):
                     row["converged"] = float(probe.estimate(weight.double(), n_iter=converge_iters))
                 rows.append(row)
         return rows
+
+
+def sound_dtype(dtype) -> torch.dtype:
+    """The dtype of a sound run: float64 (``None``, the default) or float32, whose rounding the
+    certificate's safety threshold covers (:data:`CERTIFY_RTOL_FLOAT32`); anything else refused."""
+    if dtype is None:
+        return torch.float64
+    if dtype in (torch.float64, torch.float32):
+        return dtype
+    raise InvalidInputError(
+        f"dtype={dtype!r}: a sound run computes its bounds in torch.float64 (the default) or torch.float32. "
+        "Half precision (torch.float16, torch.bfloat16) rounds by up to 1e-3 relative at every layer, more than "
+        "any certificate threshold covers, so bounds computed in it are not guaranteed (a new-user review found "
+        "certified inputs misclassified inside the ball); leave dtype at its default.")
 
 
 def gm_dtype(gm: nn.Module) -> torch.dtype:

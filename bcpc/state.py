@@ -286,22 +286,57 @@ class _TensorValue:
         return f"tensor of shape {tuple(self.t.shape)}"
 
 
+class _Hook:
+    """A global forward hook in a :func:`structure` record: equal only to the same hook object."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __eq__(self, other):
+        return isinstance(other, _Hook) and other.hook is self.hook
+
+    def __repr__(self):
+        fn = getattr(self.hook, "__func__", self.hook)
+        code = getattr(fn, "__code__", None)
+        name = getattr(fn, "__qualname__", type(self.hook).__name__)
+        return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
+
+
+class _Hooks(tuple):
+    """The global forward hooks of one kind, in registration order (rendered by name)."""
+
+
+def _global_forward_hooks() -> tuple:
+    """The hooks every module's ``__call__`` runs (``torch.nn.modules.module.register_module_forward_hook``
+    and ``..._pre_hook``): they change what ``model(x)`` computes as a module's own hooks do."""
+    import torch.nn.modules.module as module_mod
+
+    return tuple((f"global forward {kind} (torch.nn.modules.module.register_module_forward_{kind})",
+                  _Hooks(_Hook(h) for h in hooks.values()))
+                 for kind, hooks in (("pre_hook", module_mod._global_forward_pre_hooks),
+                                     ("hook", module_mod._global_forward_hooks)))
+
+
 def structure(module: nn.Module, skip: frozenset = frozenset()) -> list:
     """The module tree and every non-tensor-state attribute of every module (Python numbers and
-    flags, plain tensor attributes, hooks, a monkeypatched ``forward``), for :func:`changes`;
-    ``skip``: ``(module name, attribute)`` pairs left out (activations forward keeps on a module)."""
+    flags, plain tensor attributes, hooks, a monkeypatched ``forward``), and the global forward
+    hooks, for :func:`changes`; ``skip``: ``(module name, attribute)`` pairs left out (activations
+    forward keeps on a module)."""
     out = []
     for name, m in module.named_modules():
         attrs = tuple((k, _freeze(v)) for k, v in sorted(m.__dict__.items())
                       if k not in _SKIP_ATTRIBUTES and (name, k) not in skip)
         functions = tuple(item for v in m.__dict__.values() if isinstance(v, types.FunctionType)
                           for item in _function_data(v))  # e.g. a lambda stored as an attribute
-        out.append((name, type(m), id(m), attrs + functions + _class_data(type(m))))
+        extra = _global_forward_hooks() if not out else ()  # on the root's record
+        out.append((name, type(m), id(m), attrs + functions + _class_data(type(m)) + extra))
     return out
 
 
 def _render(frozen) -> str:
     """A :func:`_freeze` record as the user would write the value."""
+    if isinstance(frozen, _Hooks):  # global forward hooks
+        return ", ".join(map(repr, frozen)) or "none"
     if isinstance(frozen, tuple) and frozen and frozen[0] == "ndarray":
         return f"a numpy array of shape {frozen[2]} (other values)"
     if isinstance(frozen, tuple) and frozen and frozen[0] == "function":

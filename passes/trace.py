@@ -119,7 +119,10 @@ _ADVICE = (
      "keep it a tensor op."),
     (("cannot be used as inputs to control flow",),
      "An if / while on a tensor value branches on the input, which one graph cannot hold. Write the "
-     "choice as tensor ops: torch.where(cond, a, b), h.clamp(...), torch.maximum(a, b)."),
+     "choice as tensor ops: torch.where(cond, a, b), h.clamp(...), torch.maximum(a, b). torch.fx also traces "
+     "the input's sizes (if x.shape[0] > 1, if x.size(1) == 3) and every extra argument of forward (if flag:, "
+     "even with a default) symbolically: branch on a number the module knows (set in __init__) instead, or "
+     "wrap the model so that forward takes only x and passes the others as constants."),
     (("cannot be iterated",),
      "A for loop over a tensor (for c in h.chunk(2, 1), for row in h) needs its length at trace time. "
      "Unpack into names (a, b = h.chunk(2, 1)) or index with a fixed range (parts = h.chunk(2, 1); "
@@ -301,6 +304,19 @@ def _refuse_tracing_checks(model: nn.Module) -> None:
                     "the same.")
 
 
+def _refuse_torchscript(model: nn.Module) -> None:
+    """torch.fx cannot look inside a TorchScript module (``torch.jit.script`` / ``torch.jit.trace``):
+    it would record a call of its ``forward`` that no bound rule covers. Refused up front with what
+    to do (the new-user review of the seventeenth session got "Tensor.forward has no bound rule")."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise TraceError(
+                f"module {name or '<root>'!r} ({type(m).__name__}) is TorchScript (torch.jit.script or "
+                "torch.jit.trace), which torch.fx cannot trace into, so bcpc cannot see its ops. Compile the "
+                "original nn.Module instead (the one you passed to torch.jit.script), and script the model only "
+                "for deployment, after certification.")
+
+
 def _no_dim_check(input) -> None:
     return None
 
@@ -332,6 +348,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     holds as a constant (:func:`_refuse_mutated_constants`). Attributes forward assigns are put
     back; those holding values computed from the input (activations kept on the module) are
     listed in ``gm.meta["bcpc_cached_attributes"]`` as ``(module name, attribute)`` pairs."""
+    _refuse_torchscript(model)
     _refuse_forward_hooks(model)
     _refuse_tracing_checks(model)
     tracer = _Tracer()

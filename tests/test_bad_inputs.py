@@ -111,6 +111,15 @@ def _eager_only(s, h):
     return h
 
 
+def _global_hook_after_compile():
+    model, cert = _cert()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)  # every module's call runs it
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        handle.remove()
+
+
 def _training_branch():
     model = _Net(lambda s, h: h.clamp(min=0.5) if s.training else h).eval()
     cert = bcpc.compile(model, example_input=torch.rand(1, 4))
@@ -388,6 +397,8 @@ CASES = [
      errors.GraphMismatchError),
     ("a forward that runs part of its work under torch.autocast(bfloat16)", lambda t: _compile(_autocast_mix),
      errors.GraphMismatchError),
+    ("a global forward hook (register_module_forward_hook) registered after compile",
+     lambda t: _global_hook_after_compile(), errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
     ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),
@@ -416,6 +427,12 @@ CASES = [
     ("input with Inf", lambda t: _cert()[1].certify(torch.full((2, 4), float("inf")), Y, 0.1),
      errors.InvalidInputError),
     ("input of the wrong shape", lambda t: _cert()[1].certify(torch.rand(2, 5), Y, 0.1), errors.InvalidInputError),
+    ("a sound run in half precision (certify(..., dtype=torch.bfloat16))",
+     lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.bfloat16), errors.InvalidInputError),
+    ("a sound run in float16 (node_bounds(..., dtype=torch.float16))",
+     lambda t: _cert()[1].node_bounds(X, 0.1, dtype=torch.float16), errors.InvalidInputError),
+    ("a sound run in a non-floating dtype (certify(..., dtype=torch.int64))",
+     lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.int64), errors.InvalidInputError),
     ("input of an integer dtype", lambda t: _cert()[1].certify(torch.zeros(2, 4, dtype=torch.long), Y, 0.1),
      errors.InvalidInputError),
     ("input on another device", lambda t: _cert()[1].certify(torch.zeros(2, 4, device="meta"), Y, 0.1),
@@ -451,6 +468,14 @@ CASES = [
      lambda t: data.mnist_from_pickle_bytes(gzip.compress(pickle.dumps(np.zeros(3)), mtime=0)), errors.DatasetError),
     ("missing dataset", lambda t: data.cifar10(t, "train"), errors.DatasetError),
 ]
+
+
+def test_labels_of_any_integer_dtype_give_the_same_certificates_and_loss():
+    model, cert = _cert()
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # an int32 y raised one_hot's own RuntimeError
+        assert torch.equal(cert.certify(X, Y.to(dtype), 0.1), cert.certify(X, Y, 0.1))
+        assert torch.equal(cert.margins(X, Y.to(dtype), 0.1), cert.margins(X, Y, 0.1))
+        assert torch.equal(cert.loss(X, Y.to(dtype), 0.1), cert.loss(X, Y, 0.1))
 
 
 def test_the_autocast_mismatch_names_autocast_and_the_fix():

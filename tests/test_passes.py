@@ -285,11 +285,11 @@ def test_a_batchnorm_subclass_with_its_own_forward_is_traced_through_and_certifi
         model[1](x[:, 0])
 
 
-def test_forward_hooks_are_refused_at_compile_and_allowed_once_removed():
+def test_forward_hooks_are_refused_at_compile_and_after_it_and_allowed_once_removed():
     """fx traces forward() without hooks: a hook that clamps or zeroes values only where the
     clean-logits check does not look would be missing from a certified graph (found by a
     new-user review: certify() said True, the hooked model flipped inside the ball)."""
-    from bcpc.errors import TraceError
+    from bcpc.errors import GraphMismatchError, TraceError
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
@@ -314,6 +314,18 @@ def test_forward_hooks_are_refused_at_compile_and_allowed_once_removed():
         glob.remove()
     cert = bcpc.compile(model, example_input=x[:1])  # no hooks left: compiles and certifies
     assert cert.margins(x, model(x).argmax(1), 0.01).shape == (2, 3)
+    # a global hook registered after compile (found by a new-user review: identity at x, so the clean-logits
+    # check passed, and a false certificate inside the ball) is refused as any later change to the model
+    for register in (nn.modules.module.register_module_forward_hook,
+                     nn.modules.module.register_module_forward_pre_hook):
+        later = register(lambda *args: None)
+        try:
+            with pytest.raises(GraphMismatchError, match=r"global forward .*register_module_forward_.* was none, "
+                                                         r"now \S*<lambda> \(.*test_passes.py:\d+\)"):
+                cert.certify(x, model(x).argmax(1), 0.01)
+        finally:
+            later.remove()
+    assert cert.certify(x, model(x).argmax(1), 0.01).shape == (2,)  # removed again: certifies
     old_style = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.utils.spectral_norm(nn.Linear(6, 3))).eval()
     with pytest.raises(TraceError, match="torch.nn.utils.parametrizations.spectral_norm"):
         bcpc.compile(old_style, example_input=x[:1])
@@ -676,3 +688,22 @@ def test_einsum_the_rewrite_does_not_cover_is_refused(forward, why):
 
     with pytest.raises(bcpc.errors.UnsupportedOpError, match=f"node 'einsum'.*{why}"):
         bcpc.compile(M().eval(), example_input=torch.rand(1, 3))
+
+
+def test_torchscript_submodules_and_branches_on_sizes_get_errors_that_say_what_to_do():
+    from bcpc.errors import TraceError
+
+    scripted = nn.Sequential(nn.Linear(4, 6), torch.jit.script(nn.ReLU()), nn.Linear(6, 3)).eval()
+    with pytest.raises(TraceError, match=r"module '1' \(RecursiveScriptModule\) is TorchScript .*Compile the original"):
+        bcpc.compile(scripted, example_input=torch.rand(1, 4))
+
+    class BySize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.shape[0] > 1 else -self.fc(x)
+
+    with pytest.raises(TraceError, match=r"if x.shape\[0\] > 1.*branch on a number the module knows"):
+        bcpc.compile(BySize().eval(), example_input=torch.rand(1, 4))
