@@ -7,6 +7,7 @@ failed, not a raw fx traceback.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 
@@ -120,9 +121,10 @@ _ADVICE = (
     (("cannot be used as inputs to control flow",),
      "An if / while on a tensor value branches on the input, which one graph cannot hold. Write the "
      "choice as tensor ops: torch.where(cond, a, b), h.clamp(...), torch.maximum(a, b). torch.fx also traces "
-     "the input's sizes (if x.shape[0] > 1, if x.size(1) == 3) and every extra argument of forward (if flag:, "
-     "even with a default) symbolically: branch on a number the module knows (set in __init__) instead, or "
-     "wrap the model so that forward takes only x and passes the others as constants."),
+     "the input's sizes (if x.shape[0] > 1, if x.size(1) == 3) and every extra argument of forward without a "
+     "default symbolically: branch on a number the module knows (set in __init__) instead, or wrap the model "
+     "so that forward takes only x and passes the others as constants (arguments with a default are traced at "
+     "their default, as model(x) runs them)."),
     (("cannot be iterated",),
      "A for loop over a tensor (for c in h.chunk(2, 1), for row in h) needs its length at trace time. "
      "Unpack into names (a, b = h.chunk(2, 1)) or index with a fixed range (parts = h.chunk(2, 1); "
@@ -317,6 +319,42 @@ def _refuse_torchscript(model: nn.Module) -> None:
                 "for deployment, after certification.")
 
 
+def _forward_defaults(model: nn.Module) -> dict:
+    """forward's arguments after the input that have a default of a plain Python type
+    (``forward(self, x, return_features=False)``, ``scale=1.0``, ``mode=None``): ``model(x)`` runs
+    them at their defaults, so they are traced at their defaults (fx's ``concrete_args``) instead of
+    as extra inputs the graph cannot have. An argument without a default stays an input, refused
+    later (bcpc certifies a forward of one tensor input)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to bind
+        return {}
+    return {p.name: p.default for p in params[1:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+            and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def _drop_specialisation_checks(graph: fx.Graph) -> None:
+    """Remove what fx's ``concrete_args`` leaves of each argument traced at its default: a
+    placeholder and a check that the call passes that value (``torch._assert(arg == value)``,
+    ``_assert_is_none(arg)``). The certifying module is called with the input alone, so the default
+    always holds; any other use of such a placeholder keeps it (and the graph is refused as having
+    more than one input)."""
+    checks = (torch._assert, torch.fx._symbolic_trace._assert_is_none)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        for user in list(node.users):
+            if user.op == "call_function" and user.target in checks:
+                graph.erase_node(user)
+            elif (user.op == "call_function" and user.target is operator.eq and user.users
+                  and all(u.op == "call_function" and u.target is torch._assert for u in user.users)):
+                for u in list(user.users):
+                    graph.erase_node(u)
+                graph.erase_node(user)
+        if not node.users:
+            graph.erase_node(node)
+
+
 def _no_dim_check(input) -> None:
     return None
 
@@ -359,7 +397,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)
                if not name.endswith("num_batches_tracked")}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_forward_defaults(model) or None)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         _restore_dim_checks(unchecked)
         _undo_assignments(model, before)
@@ -369,6 +407,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"{type(exc).__name__}: {exc}. {_advice(exc)}"
         ) from exc
     _restore_dim_checks(unchecked)
+    _drop_specialisation_checks(graph)
     if unchecked:
         names = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if any(m is u for u in unchecked)]
         mode = "training" if any(m.training for m in unchecked) else "eval"

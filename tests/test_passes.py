@@ -707,3 +707,46 @@ def test_torchscript_submodules_and_branches_on_sizes_get_errors_that_say_what_t
 
     with pytest.raises(TraceError, match=r"if x.shape\[0\] > 1.*branch on a number the module knows"):
         bcpc.compile(BySize().eval(), example_input=torch.rand(1, 4))
+
+
+def test_forward_arguments_with_defaults_are_traced_at_their_defaults_and_stay_sound():
+    """``forward(self, x, scale=2.0, *, return_features=False, mode=None)``: ``model(x)`` runs the
+    defaults, so the graph is traced with them (fx's concrete_args, its checks removed); an argument
+    without a default is still an input bcpc refuses."""
+    from bcpc.errors import GraphStructureError
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    class WithOptions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x, scale=2.0, *, return_features=False, mode=None):
+            h = torch.relu(self.a(x)) * scale
+            if return_features:
+                return h
+            if mode == "negate":
+                h = -h
+            return self.b(h)
+
+    model = WithOptions().double().eval()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    cert = bcpc.compile(model, "l2", example_input=x[:1], input_domain=(0.0, 1.0))
+    assert [n.op for n in cert.canonical.graph.nodes].count("placeholder") == 1
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x), rtol=0, atol=0)
+    y = model(x).argmax(1)
+    adversarial = pgd_margin(model, x, y, 0.1, steps=30, domain=(0.0, 1.0))
+    points = torch.cat([sample_perturbations(x, 0.1, 2.0, n=50, domain=(0.0, 1.0)), adversarial[None]])
+    check_soundness(cert, model, x, y, 0.1, points)
+
+    class Required(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+
+        def forward(self, x, scale):
+            return self.a(x) * scale
+
+    with pytest.raises(GraphStructureError, match=r"takes 2 inputs \(x, scale\)"):
+        bcpc.compile(Required().eval(), example_input=torch.rand(1, 6))
