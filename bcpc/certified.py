@@ -37,8 +37,9 @@ from bcpc.errors import (ConfigError, GraphMismatchError, InputDomainError, Inva
 
 #: A certified margin must exceed ``CERTIFY_ATOL + CERTIFY_RTOL * max|logit|`` (float64 run).
 #: Rounding in a float64 forward pass is many orders of magnitude below this; a certificate that
-#: would depend on the last digits is refused instead. A float32 certification run
-#: (``certify(..., dtype=torch.float32)``) uses the wider :data:`CERTIFY_RTOL_FLOAT32`.
+#: would depend on the last digits is refused instead. Sound runs are float64 only
+#: (:func:`sound_dtype`); :data:`CERTIFY_RTOL_FLOAT32` is what :meth:`CertifiedModule.threshold`
+#: applies to the margins of another dtype (the training path's, which certify nothing).
 CERTIFY_RTOL = 1e-7
 CERTIFY_RTOL_FLOAT32 = 1e-4
 CERTIFY_ATOL = 1e-9
@@ -293,6 +294,15 @@ class CertifiedModule(nn.Module):
         return found
 
     def _check_unchanged(self) -> None:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        modes = [type(m).__qualname__ for m in _get_current_function_mode_stack() + _get_current_dispatch_mode_stack()]
+        if modes:
+            raise GraphMismatchError(
+                f"a torch function or dispatch mode is active ({', '.join(modes)}): it can change what every torch op "
+                "computes, in the model and in bcpc's own bound computation alike, and a new-user review got a false "
+                "certificate from one. Certify outside the `with` block that enters it.")
         what = changes(self._structure, structure(self.model, skip=self._cached_attributes))
         if what is not None:
             raise GraphMismatchError(
@@ -476,8 +486,8 @@ class CertifiedModule(nn.Module):
 
         Args:
             x: inputs ``(B, *input_shape)``; y: labels ``(B,)``; eps: a radius or ``(B,)`` radii.
-            dtype: the dtype of the certification run: torch.float64 (default) or torch.float32 (others raise
-                InvalidInputError: half precision rounds beyond what the threshold covers).
+            dtype: the dtype of the certification run: torch.float64, the default (any other raises
+                InvalidInputError: rounding inside a narrower dtype is not covered by the threshold).
 
         Returns:
             a ``(B,)`` bool tensor.
@@ -618,17 +628,14 @@ class CertifiedModule(nn.Module):
 
 
 def sound_dtype(dtype) -> torch.dtype:
-    """The dtype of a sound run: float64 (``None``, the default) or float32, whose rounding the
-    certificate's safety threshold covers (:data:`CERTIFY_RTOL_FLOAT32`); anything else refused."""
-    if dtype is None:
+    """The dtype of a sound run: float64 (``None``, the default); anything else refused."""
+    if dtype is None or dtype == torch.float64:
         return torch.float64
-    if dtype in (torch.float64, torch.float32):
-        return dtype
     raise InvalidInputError(
-        f"dtype={dtype!r}: a sound run computes its bounds in torch.float64 (the default) or torch.float32. "
-        "Half precision (torch.float16, torch.bfloat16) rounds by up to 1e-3 relative at every layer, more than "
-        "any certificate threshold covers, so bounds computed in it are not guaranteed (a new-user review found "
-        "certified inputs misclassified inside the ball); leave dtype at its default.")
+        f"dtype={dtype!r}: a sound run computes its bounds in torch.float64 only (the default; leave dtype out). "
+        "In a narrower dtype, rounding inside the network (not only of the logits) can exceed any threshold on the "
+        "final margins: new-user reviews certified misclassified inputs in bfloat16 and float16, and in float32 "
+        "with an intermediate value near 1e8.")
 
 
 def gm_dtype(gm: nn.Module) -> torch.dtype:

@@ -109,7 +109,8 @@ def _freeze(value, depth: int = 0):
         return ("partial", _freeze(value.func, depth + 1), _freeze(value.args, depth + 1),
                 _freeze(value.keywords, depth + 1))
     if isinstance(value, types.FunctionType):
-        return ("function", value.__qualname__, _code_key(value.__code__), _freeze(value.__defaults__, depth + 1))
+        return ("function", value.__qualname__, _code_key(value.__code__), _freeze(value.__defaults__, depth + 1),
+                _freeze(value.__kwdefaults__, depth + 1))
     if isinstance(value, (tuple, list)):
         return (type(value).__name__,) + tuple(_freeze(v, depth + 1) for v in value)
     if isinstance(value, dict):
@@ -269,6 +270,9 @@ def _class_data(cls, seen: Optional[set] = None) -> tuple:
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
             if isinstance(value, types.FunctionType):
+                # its own code and defaults (forward's defaults are traced in: M.forward.__defaults__ = ...
+                # after compile certified the old function, found by a new-user review), then what it reads
+                out.append((f"method {klass.__qualname__}.{name}", _freeze(value)))
                 out.extend(_function_data(value, seen))
             elif _data(value) and not isinstance(value, property):
                 out.append((f"class attribute {klass.__qualname__}.{name}", _freeze(value)))
@@ -329,7 +333,10 @@ def structure(module: nn.Module, skip: frozenset = frozenset()) -> list:
         functions = tuple(item for v in m.__dict__.values() if isinstance(v, types.FunctionType)
                           for item in _function_data(v))  # e.g. a lambda stored as an attribute
         extra = _global_forward_hooks() if not out else ()  # on the root's record
-        out.append((name, type(m), id(m), attrs + functions + _class_data(type(m)) + extra))
+        # the class's forward, torch's own included (nn.Linear.forward patched after compile changes model(x)
+        # but not the graph, which lowers the layer itself: found by a new-user review)
+        forward = (("forward of its class", _freeze(getattr(type(m), "forward", None))),)
+        out.append((name, type(m), id(m), attrs + functions + _class_data(type(m)) + forward + extra))
     return out
 
 
@@ -374,6 +381,11 @@ def changes(before: list, after: list) -> Optional[str]:
                     what = k if " " in k else f"attribute {k!r}"
                     if isinstance(da.get(k), _TensorValue) and isinstance(db.get(k), _TensorValue):
                         return f"the values of the tensor {what} of {name or 'the model'} changed"
+                    old, new = da.get(k), db.get(k)
+                    if (isinstance(old, tuple) and isinstance(new, tuple) and old[:2] == new[:2]
+                            and old[:1] == ("function",)):
+                        return (f"the code or the default arguments of {old[1]} ({what} of {name or 'the model'}) "
+                                "changed")
                     return (f"{what} of {name or 'the model'} was {_render(da.get(k, 'absent'))}, "
                             f"now {_render(db.get(k, 'absent'))}")
     return None

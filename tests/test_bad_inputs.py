@@ -120,6 +120,49 @@ def _global_hook_after_compile():
         handle.remove()
 
 
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x, scale=2.0):
+        return self.a(x) * scale
+
+
+def _forward_default_changed():
+    model = _Scaled().eval()
+    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
+    saved = _Scaled.forward.__defaults__
+    _Scaled.forward.__defaults__ = (3.0,)
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        _Scaled.forward.__defaults__ = saved
+
+
+def _library_forward_patched():
+    model, cert = _cert()
+    saved = nn.Linear.forward
+    nn.Linear.forward = lambda self, h: torch.nn.functional.linear(h, self.weight, self.bias).clamp(max=5.0)
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        nn.Linear.forward = saved
+
+
+def _inside_function_mode():
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model, cert = _cert()
+    with Mode():
+        cert.certify(X, Y, 0.1)
+
+
 def _training_branch():
     model = _Net(lambda s, h: h.clamp(min=0.5) if s.training else h).eval()
     cert = bcpc.compile(model, example_input=torch.rand(1, 4))
@@ -399,6 +442,11 @@ CASES = [
      errors.GraphMismatchError),
     ("a global forward hook (register_module_forward_hook) registered after compile",
      lambda t: _global_hook_after_compile(), errors.GraphMismatchError),
+    ("a default argument of forward changed after compile (M.forward.__defaults__ = ...)",
+     lambda t: _forward_default_changed(), errors.GraphMismatchError),
+    ("a torch layer's forward patched after compile (nn.Linear.forward = ...)",
+     lambda t: _library_forward_patched(), errors.GraphMismatchError),
+    ("certifying inside a TorchFunctionMode", lambda t: _inside_function_mode(), errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
     ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),
@@ -431,6 +479,8 @@ CASES = [
      lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.bfloat16), errors.InvalidInputError),
     ("a sound run in float16 (node_bounds(..., dtype=torch.float16))",
      lambda t: _cert()[1].node_bounds(X, 0.1, dtype=torch.float16), errors.InvalidInputError),
+    ("a sound run in float32 (certify(..., dtype=torch.float32))",
+     lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.float32), errors.InvalidInputError),
     ("a sound run in a non-floating dtype (certify(..., dtype=torch.int64))",
      lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.int64), errors.InvalidInputError),
     ("input of an integer dtype", lambda t: _cert()[1].certify(torch.zeros(2, 4, dtype=torch.long), Y, 0.1),
