@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from bcpc import guard, losses, ops
 from bcpc import margins as margins_mod
 from bcpc.meta import where
-from bcpc.state import Snapshot, changes, copy_in_dtype, names_read, structure, user_functions
+from bcpc.state import (Snapshot, changes, copy_in_dtype, library_changes, library_snapshot, names_read,
+                        structure, user_functions)
 from bcpc.errors import (ConfigError, GraphMismatchError, InputDomainError, InvalidEpsilonError, InvalidInputError,
                          ModelModeError, NonFiniteBoundError)
 
@@ -119,6 +120,7 @@ class CertifiedModule(nn.Module):
         #: (activations forward keeps on a module, self.cache = out, are outputs and change every call)
         self._cached_attributes = frozenset(cached_attributes)
         self._structure = structure(model, skip=self._cached_attributes)
+        self._library = library_snapshot(model)
         #: the runtime guard: compare the certification graph's clean logits with the user's model
         #: before returning any sound result (on by default; see bcpc.guard and docs/soundness.md)
         self.guard = True
@@ -303,7 +305,8 @@ class CertifiedModule(nn.Module):
                 f"a torch function or dispatch mode is active ({', '.join(modes)}): it can change what every torch op "
                 "computes, in the model and in bcpc's own bound computation alike, and a new-user review got a false "
                 "certificate from one. Certify outside the `with` block that enters it.")
-        what = changes(self._structure, structure(self.model, skip=self._cached_attributes))
+        what = library_changes(self._library) or changes(self._structure, structure(self.model,
+                                                                                  skip=self._cached_attributes))
         if what is not None:
             raise GraphMismatchError(
                 f"the model changed after bcpc.compile: {what}. The compiled graph was traced from the model as it "

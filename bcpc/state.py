@@ -321,6 +321,39 @@ def _global_forward_hooks() -> tuple:
                                      ("hook", module_mod._global_forward_hooks)))
 
 
+def library_snapshot(model: nn.Module) -> dict:
+    """``(namespace, label, name) -> object`` for every callable of torch's namespaces a forward
+    reaches (``torch``, ``torch.nn.functional``, ``torch.Tensor``, ``torch.nn.Module``) and of every
+    class of the model's modules, torch's own included, for :func:`library_changes`. A library
+    patched after compile (``F.linear = ...``, ``nn.Conv2d._conv_forward = ...``,
+    ``nn.Module.__call__ = ...``: quantisation and adapter libraries do it when imported) changes
+    what ``model(x)`` computes but not the graph bcpc certifies, which lowers the layers itself;
+    found by a new-user review (seven false certificates)."""
+    import torch.nn.functional as F
+
+    spaces = [("torch", torch), ("torch.nn.functional", F), ("torch.Tensor", torch.Tensor),
+              ("torch.nn.Module", nn.Module)]
+    seen = {id(space) for _, space in spaces}
+    for m in model.modules():
+        for klass in type(m).__mro__:
+            if klass is not object and id(klass) not in seen:
+                seen.add(id(klass))
+                spaces.append((f"{klass.__module__}.{klass.__qualname__}", klass))
+    return {(space, label, name): value for label, space in spaces for name, value in list(vars(space).items())
+            if callable(value) and not isinstance(value, types.ModuleType)}
+
+
+def library_changes(snapshot: dict) -> Optional[str]:
+    """The first callable of :func:`library_snapshot` replaced since, or None."""
+    missing = object()
+    for (space, label, name), value in snapshot.items():
+        now = vars(space).get(name, missing)
+        if now is not value:
+            what = "deleted" if now is missing else f"replaced by {getattr(now, '__qualname__', type(now).__name__)}"
+            return f"{label}.{name} was {what}"
+    return None
+
+
 def structure(module: nn.Module, skip: frozenset = frozenset()) -> list:
     """The module tree and every non-tensor-state attribute of every module (Python numbers and
     flags, plain tensor attributes, hooks, a monkeypatched ``forward``), and the global forward

@@ -329,9 +329,24 @@ def _forward_defaults(model: nn.Module) -> dict:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):  # a builtin or C forward: nothing to bind
         return {}
-    return {p.name: p.default for p in params[1:]
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
-            and (p.default is None or type(p.default) in (bool, int, float, str))}
+    defaults = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TraceError(
+                f"{type(model).__name__}.forward takes *{'*' if p.kind is p.VAR_KEYWORD else ''}{p.name}: torch.fx "
+                "cannot trace a forward of variable arguments, and bcpc certifies forward(x) of one input. Give "
+                "forward the input alone (def forward(self, x)), or wrap the model in a module whose forward(x) "
+                "calls it with the other arguments.")
+        if p.default is p.empty:
+            continue  # an input bcpc refuses later (forward takes one tensor input)
+        if p.default is not None and type(p.default) not in (bool, int, float, str):
+            raise TraceError(
+                f"{type(model).__name__}.forward's argument {p.name!r} has a default of type "
+                f"{type(p.default).__name__}: bcpc traces forward's defaulted arguments at their default only for "
+                "None, bool, int, float and str. Keep the value on the module instead (a buffer, or an attribute "
+                "set in __init__) and read it in forward.")
+        defaults[p.name] = p.default
+    return defaults
 
 
 def _drop_specialisation_checks(graph: fx.Graph) -> None:

@@ -151,6 +151,16 @@ def _library_forward_patched():
         nn.Linear.forward = saved
 
 
+def _library_function_patched():
+    model, cert = _cert()
+    saved = torch.nn.functional.relu
+    torch.nn.functional.relu = lambda h, inplace=False: saved(h).clamp(max=5.0)  # nn.ReLU.forward calls it
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        torch.nn.functional.relu = saved
+
+
 def _inside_function_mode():
     from torch.overrides import TorchFunctionMode
 
@@ -447,6 +457,8 @@ CASES = [
     ("a torch layer's forward patched after compile (nn.Linear.forward = ...)",
      lambda t: _library_forward_patched(), errors.GraphMismatchError),
     ("certifying inside a TorchFunctionMode", lambda t: _inside_function_mode(), errors.GraphMismatchError),
+    ("torch.nn.functional.relu replaced after compile (a library patching torch when imported)",
+     lambda t: _library_function_patched(), errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
     ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),

@@ -750,3 +750,17 @@ def test_forward_arguments_with_defaults_are_traced_at_their_defaults_and_stay_s
 
     with pytest.raises(GraphStructureError, match=r"takes 2 inputs \(x, scale\)"):
         bcpc.compile(Required().eval(), example_input=torch.rand(1, 6))
+
+    class TensorDefault(Required):  # crashed in fx's code generation (NameError: _tensor_constant0)
+        def forward(self, x, scale=torch.ones(3)):
+            return self.a(x) * scale
+
+    class Variadic(Required):  # got the advice about an `if` on a tensor value
+        def forward(self, x, *args, **kwargs):
+            return self.a(x)
+
+    from bcpc.errors import TraceError
+    with pytest.raises(TraceError, match=r"argument 'scale' has a default of type Tensor.*a buffer"):
+        bcpc.compile(TensorDefault().eval(), example_input=torch.rand(1, 6))
+    with pytest.raises(TraceError, match=r"forward takes \*args: .*variable arguments"):
+        bcpc.compile(Variadic().eval(), example_input=torch.rand(1, 6))
