@@ -404,6 +404,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     _refuse_torchscript(model)
     _refuse_forward_hooks(model)
     _refuse_tracing_checks(model)
+    defaults = _forward_defaults(model)  # its refusals are the user's to read as they are, not fx failures
     tracer = _Tracer()
     unchecked = _skip_dim_checks(model, tracer)
     before = _attributes(model)
@@ -412,7 +413,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)
                if not name.endswith("num_batches_tracked")}
     try:
-        graph = tracer.trace(model, concrete_args=_forward_defaults(model) or None)
+        graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         _restore_dim_checks(unchecked)
         _undo_assignments(model, before)

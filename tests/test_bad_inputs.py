@@ -130,35 +130,30 @@ class _Scaled(nn.Module):
         return self.a(x) * scale
 
 
-def _forward_default_changed():
-    model = _Scaled().eval()
-    cert = bcpc.compile(model, example_input=torch.rand(1, 4))
-    saved = _Scaled.forward.__defaults__
-    _Scaled.forward.__defaults__ = (3.0,)
+def _certify_patched(cert, owner, name, value):
+    """``cert.certify`` with ``owner.name`` replaced by ``value`` after compile (put back after)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         cert.certify(X, Y, 0.1)
     finally:
-        _Scaled.forward.__defaults__ = saved
+        setattr(owner, name, saved)
+
+
+def _forward_default_changed():
+    cert = bcpc.compile(_Scaled().eval(), example_input=torch.rand(1, 4))
+    _certify_patched(cert, _Scaled.forward, "__defaults__", (3.0,))
 
 
 def _library_forward_patched():
-    model, cert = _cert()
-    saved = nn.Linear.forward
-    nn.Linear.forward = lambda self, h: torch.nn.functional.linear(h, self.weight, self.bias).clamp(max=5.0)
-    try:
-        cert.certify(X, Y, 0.1)
-    finally:
-        nn.Linear.forward = saved
+    linear = torch.nn.functional.linear
+    _certify_patched(_cert()[1], nn.Linear, "forward",
+                     lambda self, h: linear(h, self.weight, self.bias).clamp(max=5.0))
 
 
 def _library_function_patched():
-    model, cert = _cert()
-    saved = torch.nn.functional.relu
-    torch.nn.functional.relu = lambda h, inplace=False: saved(h).clamp(max=5.0)  # nn.ReLU.forward calls it
-    try:
-        cert.certify(X, Y, 0.1)
-    finally:
-        torch.nn.functional.relu = saved
+    relu = torch.nn.functional.relu  # nn.ReLU.forward calls it
+    _certify_patched(_cert()[1], torch.nn.functional, "relu", lambda h, inplace=False: relu(h).clamp(max=5.0))
 
 
 def _inside_function_mode():
