@@ -339,14 +339,35 @@ def library_snapshot(model: nn.Module) -> dict:
             if klass is not object and id(klass) not in seen:
                 seen.add(id(klass))
                 spaces.append((f"{klass.__module__}.{klass.__qualname__}", klass))
-    return {(space, label, name): value for label, space in spaces for name, value in list(vars(space).items())
-            if callable(value) and not isinstance(value, types.ModuleType)}
+    out = {(space, label, name): value for label, space in spaces for name, value in list(vars(space).items())
+           if callable(value) and not isinstance(value, types.ModuleType)}
+    for label, space in spaces:  # a module class: also what its methods resolve to (nn.Linear.__call__ = ... added)
+        if isinstance(space, type) and issubclass(space, nn.Module):
+            out[(space, label, _RESOLVED)] = _resolved_callables(space)
+    return out
+
+
+_RESOLVED = "<resolved methods>"
+
+
+def _resolved_callables(klass) -> dict:
+    """name -> the callable ``klass.name`` finds along the MRO (unbound, as stored)."""
+    found = {}
+    for k in reversed(klass.__mro__):
+        found.update((n, v) for n, v in vars(k).items() if callable(v) or isinstance(v, (staticmethod, classmethod)))
+    return found
 
 
 def library_changes(snapshot: dict) -> Optional[str]:
     """The first callable of :func:`library_snapshot` replaced since, or None."""
     missing = object()
     for (space, label, name), value in snapshot.items():
+        if name == _RESOLVED:
+            now = _resolved_callables(space)
+            for n in sorted(set(now) | set(value)):
+                if now.get(n, missing) is not value.get(n, missing):
+                    return f"{label}.{n} now resolves to another function than at compile time"
+            continue
         now = vars(space).get(name, missing)
         if now is not value:
             what = "deleted" if now is missing else f"replaced by {getattr(now, '__qualname__', type(now).__name__)}"

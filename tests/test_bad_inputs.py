@@ -156,6 +156,15 @@ def _library_function_patched():
     _certify_patched(_cert()[1], torch.nn.functional, "relu", lambda h, inplace=False: relu(h).clamp(max=5.0))
 
 
+def _call_added():
+    model, cert = _cert()
+    nn.Linear.__call__ = lambda self, h: nn.Module.__call__(self, h).clamp(max=5.0)
+    try:
+        cert.certify(X, Y, 0.1)
+    finally:
+        del nn.Linear.__call__
+
+
 def _inside_function_mode():
     from torch.overrides import TorchFunctionMode
 
@@ -454,6 +463,8 @@ CASES = [
     ("certifying inside a TorchFunctionMode", lambda t: _inside_function_mode(), errors.GraphMismatchError),
     ("torch.nn.functional.relu replaced after compile (a library patching torch when imported)",
      lambda t: _library_function_patched(), errors.GraphMismatchError),
+    ("a __call__ added to nn.Linear after compile (an override a subclass did not have)",
+     lambda t: _call_added(), errors.GraphMismatchError),
     ("a Python attribute of the model changed after compile", lambda t: _attribute_changed(),
      errors.GraphMismatchError),
     ("a submodule replaced after compile", lambda t: _submodule_swapped(), errors.GraphMismatchError),
