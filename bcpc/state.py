@@ -300,10 +300,15 @@ class _Hook:
         return isinstance(other, _Hook) and other.hook is self.hook
 
     def __repr__(self):
-        fn = getattr(self.hook, "__func__", self.hook)
-        code = getattr(fn, "__code__", None)
-        name = getattr(fn, "__qualname__", type(self.hook).__name__)
-        return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
+        return describe_hook(self.hook)
+
+
+def describe_hook(hook) -> str:
+    """A hook as the user wrote it: its name and where it is defined."""
+    fn = getattr(hook, "__func__", hook)
+    code = getattr(fn, "__code__", None)
+    name = getattr(fn, "__qualname__", type(hook).__name__)
+    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
 
 
 class _Hooks(tuple):

@@ -17,7 +17,7 @@ from torch import nn
 
 from bcpc.errors import TraceError, UnsupportedOpError
 from bcpc.meta import where
-from bcpc.state import names_read, user_functions
+from bcpc.state import describe_hook, names_read, user_functions
 
 
 _CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -152,13 +152,6 @@ def _advice(exc: BaseException) -> str:
             "control flow (if/for on tensor values) by tensor ops, or compile the traceable part of the model.")
 
 
-def _describe_hook(hook) -> str:
-    fn = getattr(hook, "__func__", hook)
-    code = getattr(fn, "__code__", None)
-    name = getattr(fn, "__qualname__", type(hook).__name__)
-    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
-
-
 def _refuse_forward_hooks(model: nn.Module) -> None:
     """torch.fx calls ``forward`` without the module's forward hooks and pre-hooks, so a hook that
     changes an input or an output would be missing from the graph, and the clean-logits check
@@ -178,10 +171,10 @@ def _refuse_forward_hooks(model: nn.Module) -> None:
                         f"module {name or '<root>'!r} ({type(m).__name__}) uses the hook-based torch.nn.utils.{which}, "
                         "whose weight is recomputed by a forward pre-hook that torch.fx does not run. Use "
                         f"torch.nn.utils.parametrizations.{which} (a parametrization, which bcpc traces) instead.")
-                found.append(f"{kind} {_describe_hook(hook)} on {name or '<root>'!r} ({type(m).__name__})")
+                found.append(f"{kind} {describe_hook(hook)} on {name or '<root>'!r} ({type(m).__name__})")
     for kind, hooks in (("global forward pre-hook", module_mod._global_forward_pre_hooks),
                         ("global forward hook", module_mod._global_forward_hooks)):
-        found += [f"{kind} {_describe_hook(hook)} (torch.nn.modules.module.register_module_{kind.split()[1]}_"
+        found += [f"{kind} {describe_hook(hook)} (torch.nn.modules.module.register_module_{kind.split()[1]}_"
                   f"{'pre_hook' if 'pre' in kind else 'hook'})" for hook in hooks.values()]
     if found:
         raise TraceError(
