@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -214,25 +216,28 @@ class CertifiedModule(nn.Module):
                                     f"max {int(y.max())}")
 
     @staticmethod
-    def _check_eps(eps, batch: int) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float, Tensor)):
+    def _check_eps(eps, batch: int):
+        """``eps`` checked, and returned as a Python float when it is a number (a NumPy scalar included)."""
+        if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (numbers.Real, Tensor)):
             raise InvalidEpsilonError(f"eps must be a number or a tensor, got {type(eps).__name__}")
         if not isinstance(eps, Tensor):  # a number: checked without a tensor (no device work, traceable)
+            eps = float(eps)
             if not math.isfinite(eps):
                 raise InvalidEpsilonError(f"eps must be finite, got {eps}")
             if eps < 0:
                 raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
-            return
+            return eps
         t = eps
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
             raise InvalidEpsilonError(f"eps must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         if torch.compiler.is_compiling():  # no host synchronisation inside a compiled graph
             torch._assert_async((torch.isfinite(t) & (t >= 0)).all(), "eps must be finite and >= 0")
-            return
+            return eps
         if not bool(torch.isfinite(t).all()):
             raise InvalidEpsilonError(f"eps must be finite, got {eps}")
         if bool((t < 0).any()):
             raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
+        return eps
 
     def _check_eval_mode(self) -> None:
         training = [f"{name or type(self.model).__name__} ({type(m).__name__})"
@@ -365,7 +370,7 @@ class CertifiedModule(nn.Module):
 
     def _prepare(self, x, eps, y, sound: bool, dtype):
         self._check(x, y, values=sound)
-        self._check_eps(eps, x.shape[0])
+        eps = self._check_eps(eps, x.shape[0])
         if sound:
             self._check_eval_mode()
             self._check_unchanged()

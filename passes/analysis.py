@@ -27,7 +27,7 @@ from bcpc import ops, registry
 from bcpc.errors import GraphStructureError, UnsupportedOpError
 from bcpc.meta import info, where
 from bcpc.passes.patterns import einsum_broadcast_letter, einsum_subscripts
-from bcpc.rules._util import unsupported
+from bcpc.rules._util import check_same_shape_as_perturbed, unsupported
 
 
 @dataclass
@@ -238,6 +238,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             raise unsupported_node(gm, node)
         if rule.check is not None:
             rule.check(node)
+        if rule.family in _ONE_TO_ONE:
+            check_same_shape_as_perturbed(node)
         if rule.family == "merge" and sum(info(a).perturbed for a in node.all_input_nodes) >= 2:
             rec.residual_merge = True
             merges.append(node)
@@ -250,6 +252,13 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         info(last).last_affine = True
     return Analysis(output=result, last_affine=last, residual_merges=merges, dag=dag, folds=folds)
 
+
+#: Rule families whose ball and box rules map each input coordinate to the output coordinate at the
+#: same place (radius unchanged or times a slope): an operand broadcast to a larger shape would copy
+#: coordinates and multiply their l2 movement unseen (a clamp with a (4, n) tensor bound on a
+#: (B, 1, n) input certified a false margin; found by a new-user review). Checked for every rule of
+#: these families, whatever its own check does.
+_ONE_TO_ONE = frozenset(["monotone", "activation", "unimodal"])
 
 #: Rules whose result is one of their inputs' values (or a sign change of one), so that running
 #: them in a less precise dtype rounds nothing.

@@ -294,8 +294,9 @@ def _silu(graph: fx.Graph, node: fx.Node) -> bool:
 
 
 #: elementwise ops whose rules take operands of the output's shape (bcpc.rules: add, sub, mul,
-#: div, maximum, minimum, where)
-_ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, torch.maximum, torch.minimum, torch.where)
+#: div, maximum, minimum, where, and clamp, whose tensor bounds can broadcast the input too)
+_ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, torch.maximum, torch.minimum, torch.where,
+                torch.clamp)
 
 
 def _broadcast_operands(graph: fx.Graph, node: fx.Node) -> bool:

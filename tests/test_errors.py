@@ -166,6 +166,18 @@ def test_bad_eps(cert, eps):
         cert.certify(torch.rand(2, 4), torch.tensor([0, 1]), eps)
 
 
+def test_numpy_scalar_eps_is_a_number(cert):
+    """eps read from a NumPy array (np.float32, np.float64, np.int64) certifies exactly as the same Python float."""
+    import numpy as np
+    x, y = torch.rand(3, 4), torch.tensor([0, 1, 2])
+    for eps in (np.float32(0.25), np.float64(0.25), np.int64(0)):
+        ref = cert.margins(x, y, float(eps))
+        assert torch.equal(cert.margins(x, y, eps), ref)
+        assert torch.equal(cert.certify(x, y, eps), cert.certify(x, y, float(eps)))
+    with pytest.raises(errors.InvalidEpsilonError, match="got bool"):
+        cert.certify(x, y, np.bool_(True))
+
+
 @pytest.mark.parametrize("x,y,words", [
     (torch.full((2, 4), float("nan")), torch.tensor([0, 1]), "NaN"),
     (torch.rand(2, 5), torch.tensor([0, 1]), "shape"),

@@ -201,7 +201,7 @@ def test_functionalize_refuses_a_mutation_seen_through_a_view():
     from bcpc.errors import UnsupportedOpError
     from bcpc.passes.functionalize import functionalize
 
-    with pytest.raises(UnsupportedOpError, match="shares its memory"):
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match="shares its memory"):
         functionalize(trace(MutatesAView()), torch.zeros(1, 3))
 
 
@@ -348,7 +348,7 @@ def test_cat_of_a_sliced_tuple_is_refused_cleanly_not_crashed():
             h = self.a(x)
             return self.b(torch.cat(h.chunk(2, 1)[::-1], 1))
 
-    with pytest.raises(UnsupportedOpError, match="chunk"):
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match="chunk"):
         bcpc.compile(Swap().eval(), example_input=torch.zeros(1, 4))
 
 
@@ -374,7 +374,7 @@ def test_a_product_with_a_parameter_is_linear_and_other_forms_point_to_it():
         def forward(self, x):
             return (x.unsqueeze(2) @ x.unsqueeze(1)).flatten(1)
 
-    with pytest.raises(UnsupportedOpError, match="both depend on the input"):
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match="both depend on the input"):
         bcpc.compile(Bilinear().eval(), example_input=torch.zeros(1, 4))
     x = torch.rand(2, 4)
     y = MatMul("linear")(x).argmax(1)
@@ -446,7 +446,7 @@ def test_out_none_is_the_default_and_f_normalize_gets_its_own_refusal():
     y = model(x).argmax(1)
     reference = bcpc.compile(nn.Sequential(model.a, _AddClamp(), model.b).eval(), example_input=x[:1])
     assert torch.equal(cert.margins(x, y, 0.1), reference.margins(x, y, 0.1))
-    with pytest.raises(UnsupportedOpError, match="Per-sample normalisation"):
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match="Per-sample normalisation"):
         bcpc.compile(OutNone(normalize=True).eval(), example_input=x[:1])
 
 
@@ -517,6 +517,59 @@ def test_broadcast_perturbed_operands_become_explicit_expands_and_stay_sound():
                      pgd_margin(model, x, y, eps, 2.0, steps=30, domain=(0.0, 1.0))[None]])
     assert check_soundness(cert, model, x, y, eps, pts).nodes_checked > 5
     assert cert.certified_radius(x, y).max() > 0
+
+
+class _ClampCopies(nn.Module):
+    """``clamp`` with a tensor bound of a larger shape: four copies of x, the bound never active."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.register_buffer("lo", torch.full((4, 2), -100.0))
+        self.fc = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0] * 4, [-1.0, 1.0] * 4]) / 2)
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        h = x.unsqueeze(1)
+        if self.spelling == "clamp(min=)":
+            h = h.clamp(min=self.lo)
+        elif self.spelling == "torch.clip(max=)":
+            h = torch.clip(h, max=-self.lo)
+        elif self.spelling == "clamp_min":
+            h = h.clamp_min(self.lo)
+        else:
+            h = torch.clamp(h, self.lo, -self.lo)
+        return self.fc(h.flatten(1))  # z0 - z1 = 4 (x0 - x1): the four copies move together
+
+
+@pytest.mark.parametrize("spelling", ["clamp(min=)", "torch.clip(max=)", "clamp_min", "torch.clamp(lo, hi)"])
+def test_clamp_with_a_tensor_bound_that_broadcasts_the_input_counts_the_copies(spelling):
+    """A new-user review's false certificate: the clamp rule kept the radius of its (B, 1, 2) input
+    for its (B, 4, 2) output, so the certified margin at eps 0.2 was 0.234 where the model's is
+    -0.330 (the prediction flips inside the ball). The broadcast is now an explicit expand, whose
+    rule counts the copies: the margin's bound is exact for this linear model."""
+    model = _ClampCopies(spelling).double().eval()
+    x, y, eps = torch.tensor([[0.6, 0.4]], dtype=torch.float64), torch.tensor([0]), 0.2
+    cert = bcpc.compile(model, example_input=x, input_domain=(0.0, 1.0))
+    worst = x + eps * torch.tensor([[-1.0, 1.0]], dtype=torch.float64) / 2 ** 0.5
+    z = model(worst)
+    assert z[0, 0] - z[0, 1] < 0  # the ball holds a point of the other class
+    assert not cert.certify(x, y, eps)
+    assert cert.margins(x, y, eps)[0, 1] <= z[0, 0] - z[0, 1] + 1e-12
+    assert float(cert.node_bounds(x, eps)["flatten"].radius) == pytest.approx(2 * eps)  # sqrt(4) copies
+
+
+def test_one_to_one_rules_refuse_a_broadcast_operand_whatever_their_own_check(monkeypatch):
+    """The second line of defence: without the expand rewrite, an elementwise (one-to-one) rule of any
+    family whose perturbed operand is broadcast is refused at analysis, not bounded as if it were not."""
+    from bcpc.passes import patterns
+
+    monkeypatch.setattr(patterns, "_ELEMENTWISE", tuple(t for t in patterns._ELEMENTWISE if t is not torch.clamp))
+    x = torch.tensor([[0.6, 0.4]], dtype=torch.float64)
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match=r"broadcast to \(2, 4, 2\)"):
+        bcpc.compile(_ClampCopies("clamp(min=)").double().eval(), example_input=x, input_domain=(0.0, 1.0))
 
 
 def test_attacks_run_on_a_model_that_detaches_every_path():
