@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -109,7 +110,12 @@ def group_sort(x: Tensor, group_size: int, dim: int = 1, strided: bool = False, 
     ``x.unflatten(dim, (k, n))`` sorted along the first). ``group_size=2, strided=True,
     descending=True`` is MaxMin as usually written: ``a, b = x.chunk(2, dim)``,
     ``cat([max(a, b), min(a, b)], dim)``. The size of ``dim`` must be a multiple of ``group_size``.
+
+    Under torch.fx tracing it is one call in the graph, however the user's code reaches it
+    (``bcpc.ops.group_sort``, ``from bcpc.ops import group_sort``, ``bcpc.nn.GroupSort``).
     """
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", group_sort, (x, group_size, dim, strided, descending), {})
     dim = dim % x.dim()
     size = x.shape[dim]
     if group_size < 1 or size % group_size:

@@ -14,6 +14,7 @@ from torch import nn
 import bcpc
 from bcpc import ops
 from bcpc.errors import UnsupportedOpError
+from bcpc.ops import group_sort
 from bcpc.rules.smooth import CONSTANTS
 
 D = torch.float64
@@ -84,6 +85,36 @@ class ModuleMaxMin(HandMaxMin):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+class FunctionMaxMin(HandMaxMin):
+    """bcpc.ops.group_sort called in forward, as docs/ops.md spells it."""
+
+    def forward(self, x):
+        return self.fc2(ops.group_sort(self.fc1(x), 2, 1, True, True))
+
+
+class ImportedMaxMin(HandMaxMin):
+    """group_sort imported by name into the model's module (fx.wrap only covers bcpc.nn's globals:
+    this raised a misleading "control flow on tensor values" TraceError, found by a new-user review)."""
+
+    def forward(self, x):
+        return self.fc2(group_sort(self.fc1(x), group_size=2, strided=True, descending=True))
+
+
+@pytest.mark.parametrize("cls", [FunctionMaxMin, ImportedMaxMin])
+def test_group_sort_called_as_a_function_is_the_module(cls):
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(6, 4, dtype=D), torch.randn(3, 6, dtype=D)
+    x = torch.rand(5, 4, dtype=D)
+    models = []
+    for c in (cls, HandMaxMin):
+        torch.manual_seed(1)  # the same fc2 bias
+        models.append(c(w1, w2).double().eval())
+    certs = [bcpc.compile(m, "l2", example_input=x) for m in models]
+    assert list(certs[0].rules.values()).count("group_sort") == 1
+    y = certs[1].model(x).argmax(1)
+    torch.testing.assert_close(certs[0].margins(x, y, 0.1), certs[1].margins(x, y, 0.1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cls", [HandMaxMin, ModuleMaxMin])
