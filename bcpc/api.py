@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -52,6 +53,28 @@ def _check_one_dtype(model: nn.Module) -> None:
             "float64 copy "
             "of the whole model, which a mixed-precision model with casts between its layers cannot run. Convert "
             "the model to one dtype (model.float() or model.double()) before bcpc.compile.")
+
+
+def _domain(input_domain) -> tuple:
+    """``input_domain`` as ``(low, high)`` of Python floats or None; anything else raises InputDomainError."""
+    if input_domain is None:
+        return None, None
+    if not isinstance(input_domain, (tuple, list)) or len(input_domain) != 2:
+        raise InputDomainError(f"input_domain must be a pair (low, high), e.g. (0.0, 1.0); got {input_domain!r}")
+    ends = []
+    for which, v in zip(("low", "high"), input_domain):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)):
+            raise InputDomainError(
+                f"input_domain's {which} end has several values ({type(v).__name__}): bcpc takes one number per end, "
+                "the same for every input coordinate. For per-channel ranges (inputs normalised per channel), put "
+                "the normalisation inside the model so that it takes the raw inputs, with input_domain=(0.0, 1.0); "
+                "or give the smallest low and the largest high (sound, looser)")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v)):
+            raise InputDomainError(f"input_domain's {which} end must be a number or None, got {v!r}")
+        ends.append(None if v is None else float(v))
+    return tuple(ends)
 
 
 def compile(
@@ -122,7 +145,7 @@ def compile(
         example_input = torch.zeros((1,) + tuple(int(s) for s in input_shape), dtype=dtype, device=device)
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise InvalidInputError("example_input must be a tensor with a batch dimension, e.g. x[:1]")
-    lo, hi = (None, None) if input_domain is None else tuple(input_domain)
+    lo, hi = _domain(input_domain)
     if lo is not None and hi is not None and not lo <= hi:
         raise InputDomainError(f"input_domain={input_domain!r} is empty (low > high)")
     if lipschitz_iters < 1:

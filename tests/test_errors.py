@@ -155,6 +155,27 @@ def test_unknown_method_and_missing_shape():
         bcpc.compile(small())
 
 
+@pytest.mark.parametrize("domain,words", [
+    ((torch.tensor([0.0, -0.5]).view(2, 1, 1), 1.0), "several values"),  # per channel: a raw RuntimeError before
+    (((0.0, 0.0), (1.0, 1.0)), "several values"),
+    ((0.0, "1"), "a number or None"),
+    ((float("nan"), 1.0), "a number or None"),
+    ((0.0, 1.0, 2.0), "a pair"),
+    (1.0, "a pair"),
+    ((1.0, 0.0), "empty"),
+])
+def test_bad_input_domain(domain, words):
+    with pytest.raises(errors.InputDomainError, match=words):
+        bcpc.compile(small(), example_input=torch.zeros(1, 4), input_domain=domain)
+
+
+def test_input_domain_ends_of_other_number_types():
+    import numpy as np
+    cert = bcpc.compile(small(), example_input=torch.zeros(1, 4), input_domain=[torch.tensor(0.0), np.float32(1)])
+    assert cert.input_domain == (0.0, 1.0)
+    assert bcpc.compile(small(), example_input=torch.zeros(1, 4), input_domain=(None, 2)).input_domain == (None, 2.0)
+
+
 @pytest.fixture
 def cert():
     return bcpc.compile(small(), example_input=torch.zeros(1, 4), input_domain=(0, 1))
