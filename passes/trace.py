@@ -92,6 +92,10 @@ class _Tracer(fx.Tracer):
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.padding_mode != "zeros":
+            # traced through: torch's own forward is F.pad(x, ..., mode=padding_mode) then the
+            # convolution without padding, two ops with rules
+            return False
         return super().is_leaf_module(m, module_qualified_name) or _builtin_with_new_constructor(type(m))
 
 

@@ -343,3 +343,23 @@ def test_cast_of_a_non_floating_value_takes_the_target_dtype():
     h = torch.tensor([1.0, 2.0 ** -12 + 1.0], dtype=D)
     assert ops.cast(h, torch.float16).dtype == D and ops.cast(h, torch.float16)[1] == 1.0  # rounded, kept
     assert ops.cast(h.float(), torch.float64).dtype == torch.float32  # widening: unchanged
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_conv_with_a_padding_mode_is_its_pad_then_the_convolution(mode):
+    """nn.Conv2d(padding_mode=...) was refused (a new-user review: docs/ops.md did not say so); it is
+    traced through torch's own forward, F.pad then the unpadded convolution, two ops with rules."""
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, padding_mode=mode), nn.ReLU(),
+                          nn.Conv2d(3, 2, 3, padding="same", padding_mode=mode), nn.Flatten(),
+                          nn.Linear(2 * 6 * 6, 3)).double().eval()
+    x = torch.rand(4, 1, 6, 6, dtype=D)
+    cert = bcpc.compile(model, example_input=x[:1], input_domain=(0.0, 1.0))
+    assert list(cert.rules.values()).count("pad") == 2
+    y, eps = model(x).argmax(1), 0.02
+    pts = torch.cat([sample_perturbations(x, eps, 2.0, n=100, domain=(0.0, 1.0)),
+                     pgd_margin(model, x, y, eps, 2.0, steps=20, domain=(0.0, 1.0))[None]])
+    assert check_soundness(cert, model, x, y, eps, pts).nodes_checked == 8
+    assert cert.certified_radius(x, y).min() > 0
