@@ -1,6 +1,6 @@
 """The compiler pipeline: the one place that says which passes run, in which order.
 
-    trace -> functionalize -> dtypes -> sizes -> canonicalize -> shapes -> patterns (-> shapes) -> analyze -> verify -> lower
+    trace -> functionalize -> dtypes -> canonicalize -> shapes -> patterns (-> shapes) -> analyze -> verify -> lower
 
 ``verify`` (bcpc.guard) checks that the canonical graph computes the user's ``model(x)``.
 
@@ -21,7 +21,7 @@ from bcpc.passes.dtypes import resolve_dtypes
 from bcpc.passes.functionalize import functionalize
 from bcpc.passes.lower import Lowered, lower
 from bcpc.passes.patterns import rewrite_patterns
-from bcpc.passes.shapes import fold_batch_free_sizes, propagate_shapes
+from bcpc.passes.shapes import propagate_shapes
 from bcpc.passes.trace import trace
 from bcpc.rules import __all__ as RULE_FAMILIES  # importing the package fills the rule table
 
@@ -51,8 +51,6 @@ def run(model: nn.Module, example_input: torch.Tensor, *, method: str, norm: flo
     gm = functionalize(gm, example_input)
     _check(gm, debug)
     gm = resolve_dtypes(gm, example_input)
-    _check(gm, debug)
-    gm = fold_batch_free_sizes(gm, example_input)  # h.size(1) // 2 as a number, for the rules' arguments
     _check(gm, debug)
     gm = canonicalize(gm)
     _check(gm, debug)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import operator
 import sys
 
 import torch
@@ -66,104 +65,20 @@ def _tensor_outputs(node: fx.Node):
     return tm if hasattr(tm, "shape") else None
 
 
-#: arithmetic on sizes that stays free of the batch size when its operands are
-_SIZE_ARITHMETIC = frozenset([operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-                              operator.mod, operator.pow, operator.neg, max, min, int, abs])
-
-
-def _batch_free_sizes(gm: fx.GraphModule) -> dict:
-    """The nodes whose value is a size of the input or of an activation that does not involve the
-    batch dimension (``h.size(1)``, ``h.shape[2:]``, ``h.dim()``, ``h.shape[-1] // 2``), with
-    ``"shape"`` for a whole ``h.shape`` / ``h.size()`` (batch free except its item 0)."""
-    kind: dict = {}
-    for node in gm.graph.nodes:
-        a = node.args
-        if node.op == "call_function" and node.target is getattr and len(a) == 2 and a[1] == "shape":
-            kind[node] = "shape"
-        elif node.op == "call_method" and node.target == "size" and not node.kwargs:
-            if len(a) == 1:
-                kind[node] = "shape"
-            elif len(a) == 2 and isinstance(a[1], int) and _not_batch(a[1], _ndim(a[0])):
-                kind[node] = "size"
-        elif (node.op == "call_method" and node.target in ("dim", "ndimension") and len(a) == 1) or (
-                node.op == "call_function" and node.target is getattr and len(a) == 2 and a[1] == "ndim"):
-            kind[node] = "size"
-        elif node.op == "call_function" and node.target is operator.getitem and kind.get(a[0]) == "shape":
-            n = _ndim(a[0].args[0])
-            idx = a[1]
-            if isinstance(idx, int) and _not_batch(idx, n):
-                kind[node] = "size"
-            elif isinstance(idx, slice) and n is not None and 0 not in range(n)[idx]:
-                kind[node] = "size"
-        elif node.op == "call_function" and node.target is len and kind.get(a[0]) == "shape":
-            kind[node] = "size"
-        elif node.op == "call_function" and node.target in _SIZE_ARITHMETIC and not node.kwargs:
-            if all(kind.get(v) == "size" for v in node.all_input_nodes) and node.all_input_nodes:
-                kind[node] = "size"
-    return kind
-
-
-def _not_batch(i: int, ndim) -> bool:
-    """Whether index ``i`` of a shape of ``ndim`` dims (None: unknown) is not the batch dim."""
-    return i != 0 if i >= 0 else (ndim is not None and i % ndim != 0)
-
-
-def _ndim(node) -> "int | None":
-    """The number of dims of a traced value, where an earlier shape run recorded it (else None)."""
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return len(tm.shape) if hasattr(tm, "shape") else None
-
-
-def fold_batch_free_sizes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
-    """Replace sizes that do not involve the batch dimension by their values, so that the rules of
-    ``h.narrow(1, 0, h.size(1) // 2)``, ``F.pad(h, (0, 18 - h.shape[1]))`` and
-    ``h.split(h.shape[1] // 2, 1)`` see numbers. A compiled module takes inputs of the compiled
-    shape only (any batch size), so these values are those of every run; sizes that involve the
-    batch (``h.size(0)``, ``h.numel()``, ``len(h)``) stay in the graph, computed at run time."""
-    if not any(kind == "size" for kind in _batch_free_sizes(gm).values()):
-        return gm
-    _check_one_input(gm)
-    _run_example(gm, example_input, _RecordValues)  # each node's ndim (tensor_meta) and the sizes' values
-    kind = _batch_free_sizes(gm)  # again, now that every node's ndim is known (negative dims)
-    folded = []
-    for node in gm.graph.nodes:
-        value = node.meta.pop("bcpc_value", None)
-        if kind.get(node) == "size" and _is_size_value(value):
-            node.replace_all_uses_with(tuple(value) if isinstance(value, torch.Size) else value)
-            folded.append(node)
-    for node in reversed(list(gm.graph.nodes)):  # the folded nodes, and the size reads only they used
-        if not node.users and (node in folded or kind.get(node) == "shape"):
-            gm.graph.erase_node(node)
-    gm.recompile()
-    return gm
-
-
-def _is_size_value(value) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_is_size_value(v) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class _RecordValues(ShapeProp):
-    """ShapeProp that also records the Python-number results (sizes) of the nodes in meta."""
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if _is_size_value(result):
-            n.meta["bcpc_value"] = result
-        return result
-
-
-def _run_example(gm: fx.GraphModule, example_input: torch.Tensor, prop=ShapeProp) -> None:
-    """Run ``gm`` under ``prop`` (a ShapeProp) on a batch of two copies of the first sample, leaving
-    the buffers as they were; a failure raises GraphStructureError with the model's own error."""
+def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        names = ", ".join(n.name for n in placeholders)
+        raise GraphStructureError(
+            f"the model's forward takes {len(placeholders)} inputs ({names}); bcpc certifies models with exactly "
+            "one tensor input. Wrap the model so that forward(x) takes the perturbed input only.")
     example = torch.cat([example_input[:1], example_input[:1]], dim=0)
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     try:
         # ShapeProp prints the model's traceback itself before re-raising: keep it for the
         # failure message below, and let a successful run's output (warnings) through
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()) as printed:
-            prop(gm).propagate(example)
+            ShapeProp(gm).propagate(example)
         sys.stderr.write(printed.getvalue())
     except Exception as exc:
         cause = exc
@@ -183,20 +98,6 @@ def _run_example(gm: fx.GraphModule, example_input: torch.Tensor, prop=ShapeProp
                 # constant that is an expanded view (self.c.expand(8)) cannot be written into
                 if k in saved and not torch.equal(v, saved[k]):
                     v.copy_(saved[k])
-
-
-def _check_one_input(gm: fx.GraphModule) -> None:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        names = ", ".join(n.name for n in placeholders)
-        raise GraphStructureError(
-            f"the model's forward takes {len(placeholders)} inputs ({names}); bcpc certifies models with exactly "
-            "one tensor input. Wrap the model so that forward(x) takes the perturbed input only.")
-
-
-def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
-    _check_one_input(gm)
-    _run_example(gm, example_input, ShapeProp)
     for node in gm.graph.nodes:
         rec = info(node)
         tm = _tensor_outputs(node)

@@ -572,52 +572,6 @@ def test_one_to_one_rules_refuse_a_broadcast_operand_whatever_their_own_check(mo
         bcpc.compile(_ClampCopies("clamp(min=)").double().eval(), example_input=x, input_domain=(0.0, 1.0))
 
 
-class _Sizes(nn.Module):
-    """Layout ops whose arguments are read from the activation's shape, or written as numbers."""
-
-    def __init__(self, spelling, literal):
-        super().__init__()
-        self.spelling, self.literal = spelling, literal
-        self.l1, self.l2 = nn.Linear(4, 8), nn.LazyLinear(3)
-
-    def forward(self, x):
-        h = torch.relu(self.l1(x))
-        n = 8 if self.literal else h.size(1)
-        last = 8 if self.literal else h.shape[-1]
-        if self.spelling == "narrow":
-            h = h.narrow(1, 0, n // 2)
-        elif self.spelling == "select":
-            h = torch.stack([h.select(1, n // 8), h.select(-1, -last + 3)], 1)
-        elif self.spelling == "pad":
-            h = F.pad(h, (0, 18 - n))
-        elif self.spelling == "split":
-            h = h.split(n // 2, 1)[0]
-        else:  # the batch size stays a run-time value
-            h = h.view(h.size(0), last // 2, 2).flatten(1)
-        return self.l2(h)
-
-
-@pytest.mark.parametrize("spelling", ["narrow", "select", "pad", "split", "view"])
-def test_sizes_read_from_shapes_are_numbers_for_the_rules(spelling):
-    """``h.narrow(1, 0, h.size(1) // 2)`` and kin were refused ("int() argument must be ... not
-    'Node'", new-user review): sizes free of the batch dimension are folded to their values before
-    canonicalisation; the certificate is the one of the model written with numbers."""
-    torch.manual_seed(0)
-    x = torch.rand(5, 4, dtype=torch.float64)
-    certs = []
-    for literal in (False, True):
-        torch.manual_seed(1)
-        model = _Sizes(spelling, literal).double().eval()
-        model(x)  # materialise the lazy layer
-        certs.append(bcpc.compile(model, example_input=x[:1], input_domain=(0.0, 1.0)))
-    y = certs[1].model(x).argmax(1)
-    for batch in (x, x[:3]):  # the batch size is not folded
-        torch.testing.assert_close(certs[0].margins(batch, y[:len(batch)], 0.05),
-                                   certs[1].margins(batch, y[:len(batch)], 0.05), rtol=0, atol=0)
-    sizes = [n for n in certs[0].canonical.graph.nodes if n.target in ("size", "dim") or n.args[1:2] == ("shape",)]
-    assert len(sizes) == (spelling == "view")  # h.size(0) alone
-
-
 def test_attacks_run_on_a_model_that_detaches_every_path():
     """No gradient reaches the input: PGD (bcpc.testing, audit) stays at its start instead of failing."""
     from bcpc.testing import pgd_margin
