@@ -64,8 +64,12 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             raise UnsupportedOpError(f"node '{node.name}' ({info(node).spelling}) at {where(node)}: {exc}") from exc
         except (TypeError, ValueError) as exc:
             info(node).spelling = registry.describe_spelling(spelling)
+            computed = [a.name for a in node.all_input_nodes[1:]]
+            hint = (f". The argument(s) {', '.join(repr(c) for c in computed)} are computed when forward runs (a "
+                    "size read from a tensor's shape, such as h.size(1) // 2, say) where this op's rule needs a "
+                    "number: write the number itself (a compiled module takes inputs of one shape)") if computed else ""
             raise UnsupportedOpError(
-                f"node '{node.name}' ({info(node).spelling}) at {where(node)}: arguments not supported: {exc}"
+                f"node '{node.name}' ({info(node).spelling}) at {where(node)}: arguments not supported: {exc}{hint}"
             ) from exc
         info(node).spelling = registry.describe_spelling(spelling)
         if target is registry.IDENTITY:

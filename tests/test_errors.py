@@ -336,3 +336,22 @@ def test_a_model_compiled_in_training_mode_that_reads_self_training_is_told_to_c
         bcpc.compile(_FunctionalBN().train(), example_input=torch.rand(4, 4))
     assert "training mode when compiled" in str(e.value) and "model.eval()" in str(e.value)
     bcpc.compile(_FunctionalBN().eval(), example_input=torch.rand(4, 4))  # the fix works
+
+
+class _NarrowBySize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        return self.l2(h.narrow(1, 0, h.size(1) // 2))
+
+
+def test_a_size_read_at_run_time_where_a_rule_needs_a_number_says_so():
+    """Refused (folding sizes to numbers was tried and reverted: a size read after an op that moves
+    the batch dimension, h.T.shape[1], looks batch free and is not; a review got false certificates),
+    but the message names the computed argument and says to write the number (it was a raw
+    "int() argument must be ... not 'Node'")."""
+    with pytest.raises(errors.UnsupportedOpError, match=r"'floordiv' are computed when forward runs.*write the number"):
+        bcpc.compile(_NarrowBySize().eval(), example_input=torch.rand(1, 4))
