@@ -307,7 +307,11 @@ def _broadcast_operands(graph: fx.Graph, node: fx.Node) -> bool:
         return False
     out = tuple(info(node).shape or ())
     changed = False
-    for a in node.all_input_nodes:
+    # clamp's bounds must be constants (its check refuses a perturbed one, naming the user's node)
+    operands = node.args[:1] if node.target is torch.clamp else node.all_input_nodes
+    for a in operands:
+        if not isinstance(a, fx.Node):
+            continue
         shape = tuple(info(a).shape or ())
         if not info(a).perturbed or shape == out or len(shape) != len(out) or len(out) < 2:
             continue

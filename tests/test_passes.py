@@ -561,6 +561,23 @@ def test_clamp_with_a_tensor_bound_that_broadcasts_the_input_counts_the_copies(s
     assert float(cert.node_bounds(x, eps)["flatten"].radius) == pytest.approx(2 * eps)  # sqrt(4) copies
 
 
+def test_clamp_with_a_perturbed_bound_is_refused_naming_the_users_node():
+    """The broadcast rewrite leaves clamp's bounds alone: the refusal names the user's ``h[:, :1]``
+    (a review saw it name the inserted 'expand')."""
+
+    class PerturbedBound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.l(x)
+            return self.o(h.clamp(min=h[:, :1]))
+
+    with pytest.raises(bcpc.errors.UnsupportedOpError, match="clamp's min 'getitem' depends on the input"):
+        bcpc.compile(PerturbedBound().eval(), example_input=torch.rand(1, 4))
+
+
 def test_one_to_one_rules_refuse_a_broadcast_operand_whatever_their_own_check(monkeypatch):
     """The second line of defence: without the expand rewrite, an elementwise (one-to-one) rule of any
     family whose perturbed operand is broadcast is refused at analysis, not bounded as if it were not."""
