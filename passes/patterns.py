@@ -35,6 +35,11 @@ runs again when anything changed).
    constant and the output with another summed (a batched product), a repeated letter (a
    diagonal) or ``...`` is left as is (refused).
 
+0. *Common subexpressions.* A deterministic op (one with a rule) applied twice to the same
+   operands is one node: in ``(3 * h) * torch.sigmoid(3 * h)`` both ``3 * h`` are the same
+   value, and after the merge the product is step 4's SiLU. The merged graph computes the same
+   function; the bounds see one value used twice, which is what it is.
+
 Every rewrite computes the same values (the verify step checks the whole graph against the
 model). Rewritten nodes keep the user's node name and source line.
 """
@@ -46,7 +51,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from bcpc import ops
+from bcpc import ops, registry
 from bcpc.meta import NodeInfo, info
 from bcpc.rules._util import pick
 
@@ -483,10 +488,57 @@ def _einsum_elementwise(graph: fx.Graph, node: fx.Node, h: fx.Node, c: fx.Node, 
     return True
 
 
+
+_ATOMS = (str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _operand_key(value):
+    """A hashable key equal for two operands exactly when they are the same operand (a node by
+    identity, an attribute read by its name; a number by type and value, -0.0 apart from 0.0); None for an operand this does not
+    know how to compare (the node is then left alone)."""
+    if isinstance(value, fx.Node):  # a module's weight read twice is one weight
+        return ("attr", value.target) if value.op == "get_attr" else ("node", value)
+    if isinstance(value, bool) or isinstance(value, int):
+        return (type(value).__name__, value)
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, _ATOMS):
+        return (type(value).__name__, value)
+    if isinstance(value, slice):
+        parts = tuple(_operand_key(v) for v in (value.start, value.stop, value.step))
+        return None if None in parts else ("slice",) + parts
+    if isinstance(value, (tuple, list, torch.Size)):
+        parts = tuple(_operand_key(v) for v in value)
+        return None if None in parts else (type(value).__name__,) + parts
+    return None
+
+
+def _merge_common_subexpressions(graph: fx.Graph) -> bool:
+    """Step 0: each perturbed call of a ruled (so deterministic) op, or item read, that repeats an
+    earlier one with the same operands is replaced by it."""
+    seen, changed = {}, False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not info(node).perturbed:
+            continue
+        if node.target is not operator.getitem and registry.rule_for(node.target) is None:
+            continue
+        args = _operand_key(tuple(node.args))
+        kwargs = _operand_key(tuple(sorted(node.kwargs.items())))
+        if args is None or kwargs is None:
+            continue
+        key = (node.target, args, kwargs)
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            changed = True
+    return changed
+
+
 def rewrite_patterns(gm: fx.GraphModule) -> bool:
     """Apply the rewrites until none applies; True if the graph changed (then re-run shapes)."""
     graph = gm.graph
-    changed = False
+    changed = _merge_common_subexpressions(graph)
     for step in (_split_items, _value_items, _squeeze_dims, _maxmin, _grouped_sort, _silu, _broadcast_operands,
                  _matmul_by_constant, _einsum_by_constant):
         for node in list(graph.nodes):

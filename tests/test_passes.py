@@ -837,3 +837,50 @@ def test_forward_arguments_with_defaults_are_traced_at_their_defaults_and_stay_s
         bcpc.compile(TensorDefault().eval(), example_input=torch.rand(1, 6))
     with pytest.raises(TraceError, match=r"forward takes \*args: .*variable arguments"):
         bcpc.compile(Variadic().eval(), example_input=torch.rand(1, 6))
+
+
+class _Recomputed(nn.Module):
+    """The same value computed twice, as users write it: a scaled SiLU by hand, one layer applied
+    twice to one input, one chunk read twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = (3 * self.a(x)) * torch.sigmoid(3 * self.a(x))
+        h = h.chunk(2, 1)[0] - h.chunk(2, 1)[0].mul(0.5)
+        return self.b(h) + self.b(h)
+
+
+def test_a_value_computed_twice_is_one_node_and_the_hand_written_silu_is_found():
+    """Before the merge the product of two separately computed ``3 * a(x)`` had no rule (refused);
+    ``b(h) + b(h)`` and the double chunk counted two unrelated copies (sound, looser)."""
+    from bcpc.testing import check_soundness, pgd_margin, sample_perturbations
+
+    torch.manual_seed(0)
+    model = _Recomputed().double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1])
+    rules = list(cert.rules.values())
+    assert rules.count("silu") == 1 and rules.count("linear") == 2, rules
+    torch.testing.assert_close(cert(x, 0.1).logits, model(x))
+    y = model(x).argmax(1)
+    pts = torch.cat([sample_perturbations(x, 0.3, 2.0, n=200), pgd_margin(model, x, y, 0.3, 2.0, steps=30)[None]])
+    check_soundness(cert, model, x, y, 0.3, pts)
+    assert cert.certified_radius(x, y).max() > 0
+
+
+def test_random_and_unknown_calls_are_not_merged():
+    """Two draws of dropout in training mode are two values; only ops with a rule are merged."""
+    from bcpc.passes.patterns import _merge_common_subexpressions
+
+    def f(x):
+        return torch.sigmoid(x) + torch.sigmoid(x) + torch.rand_like(x) + torch.rand_like(x)
+
+    gm = torch.fx.symbolic_trace(f)
+    for node in gm.graph.nodes:
+        info(node).perturbed = node.op != "output"
+    assert _merge_common_subexpressions(gm.graph)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls.count(torch.sigmoid) == 1 and calls.count(torch.rand_like) == 2
