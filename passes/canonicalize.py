@@ -9,7 +9,10 @@ they are allowed (they are if they do not carry a perturbed tensor).
 """
 from __future__ import annotations
 
+import functools
 import warnings
+
+import torch
 
 import torch.fx as fx
 
@@ -84,6 +87,37 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         new.name = node.name  # keep the user's node names (the old node is gone, so it is free)
+    _refuse_random(graph)
     graph.lint()
     gm.recompile()
     return gm
+
+
+@functools.lru_cache(maxsize=None)
+def _draws_random(name: str) -> bool:
+    """``name`` (a function's or method's, ``bernoulli_`` as ``bernoulli``) is an ATen op that
+    torch tags as drawing from the random generator (``nondeterministic_seeded``)."""
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("__") else None
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    return any(torch.Tag.nondeterministic_seeded in getattr(packet, o).tags for o in packet.overloads())
+
+
+def _refuse_random(graph: fx.Graph) -> None:
+    """A random op left in the graph (``torch.bernoulli(p)``, ``h.new_ones(...).bernoulli(0.5)``,
+    ``torch.normal``) is refused whatever its arguments: even one that does not depend on the input
+    draws anew at every call, in the model and in the certifying module alike, so a certificate for
+    one draw says nothing of the next (found by a new-user review: certified 3.5 on half the calls,
+    where the model's margin at distance eps is -4.5 on half of its own). Dropout in eval mode is
+    gone by now (the identity)."""
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if isinstance(name, str) and _draws_random(name):
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({name}) at {where(node)} draws random numbers: the model computes another "
+                "function at every call, so no certificate holds. Make forward deterministic in eval mode (dropout "
+                "layers are; F.dropout(h, p, self.training) too), or draw outside the model.")

@@ -7,12 +7,20 @@ failed, not a raw fx traceback.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import operator
+import os
+import pickle
+import random
+import sys
+import sysconfig
+import types
 import warnings
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from bcpc.errors import TraceError, UnsupportedOpError
@@ -141,6 +149,10 @@ _ADVICE = (
      "A module built inside forward (nn.AvgPool2d(4)(h), nn.ReLU()(h)) is not part of the model, and "
      "torch.fx cannot record it. Build it once in __init__ (self.pool = nn.AvgPool2d(4)) or call the "
      "function instead (F.avg_pool2d(h, 4), torch.relu(h))."),
+    (("__cuda_array_interface__", "__array__", "__len__"),
+     "torch.tensor(...) / torch.as_tensor(...) (or np.array(...)) of a value computed from the input copies "
+     "it out of the graph, which torch.fx cannot record. Use the tensor itself (h, h.clone(), h.to(dtype)), "
+     "and build a tensor out of several with torch.stack([a, b], 1) or torch.cat."),
     (("does not support item assignment",),
      "Writing into a tensor (h[:, 0] = v) is not traced. Build the result out of place: "
      "torch.cat([v, h[:, 1:]], 1), or torch.where(mask, v, h) with a constant mask."),
@@ -392,6 +404,175 @@ def _restore_dim_checks(modules: list) -> None:
         vars(m).pop("_check_input_dim", None)
 
 
+def _from_torch(value) -> bool:
+    """A callable as torch defines it: a builtin, a descriptor, or a function (or functools wrapper
+    of one) whose module is torch's; typing's aliases count as torch's own imports."""
+    if isinstance(value, type) or inspect.ismodule(value) or not callable(value):
+        return True
+    if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+                          types.ClassMethodDescriptorType, types.MethodWrapperType)):
+        return True
+    if inspect.isfunction(value):
+        return (value.__module__ or "").startswith(("torch", "typing"))
+    wrapped = getattr(value, "__wrapped__", None)  # functools.lru_cache and the like
+    if wrapped is not None:
+        return _from_torch(wrapped)
+    return type(value).__module__.startswith(("torch", "typing"))
+
+
+def _replaced_torch_callables() -> list:
+    """torch.nn.functional's functions, torch's ops and Tensor's methods that are not torch's own
+    (``F.relu = my_relu``): a built-in layer calls them at run time, while its rule is torch's."""
+    out = [f"torch.nn.functional.{k}" for k, v in vars(F).items() if not _from_torch(v)]
+    out += [f"torch.{k}" for k, v in vars(torch).items()
+            if not k.startswith("_") and hasattr(torch.ops.aten, k) and not _from_torch(v)]
+    out += [f"torch.Tensor.{k}" for k, v in vars(torch.Tensor).items() if not _from_torch(v)]
+    return out
+
+
+def _refuse_replaced_code(model: nn.Module, tracer: "_Tracer") -> None:
+    """torch.fx records a built-in layer as a call of the layer, and bcpc bounds that call by the
+    rule of the layer's type; what ``model(x)`` runs is the layer's forward as it is now. A forward
+    replaced on the instance (``m.act.forward = f``, as adapter libraries do) or on the class
+    (``nn.ReLU.forward = f``), or a torch function the layer calls replaced (``F.relu = f``), makes
+    the two differ, only where ``f`` differs, which the check at sample points need not see (found by
+    a new-user review: certified 3.5 where the model's margin is -4.5). Refused, as is a model whose
+    own ``__call__`` or ``forward`` attribute replaces the one fx traces."""
+    if type(model).__call__ is not nn.Module.__call__:
+        raise TraceError(
+            f"{type(model).__name__} defines its own __call__: torch.fx traces forward(), while model(x) runs "
+            "__call__, so the graph bcpc would certify is not what you call. Move what __call__ adds into forward.")
+    for name, m in model.named_modules():
+        shadowed = sorted(k for k, v in vars(m).items() if callable(v) and not isinstance(v, nn.Module)
+                          and inspect.isroutine(getattr(type(m), k, None)))
+        if shadowed and (m is model or tracer.is_leaf_module(m, name)):
+            raise TraceError(
+                f"module {name or '<root>'!r} ({type(m).__name__}) has its method(s) {', '.join(shadowed)} replaced "
+                "on the instance: torch.fx and bcpc's rules read the class's, while model(x) runs the replacement. "
+                "Compile the model without the patch (apply it after certification), or subclass the layer and "
+                "define the method there (bcpc traces a subclass's own forward).")
+    classes = {nn.Module}
+    for name, m in model.named_modules():
+        if tracer.is_leaf_module(m, name):
+            classes.update(c for c in type(m).__mro__ if c.__module__.startswith(("torch.nn.", "torch.ao.nn.")))
+    patched = sorted(f"{c.__module__}.{c.__qualname__}.{k}" for c in classes for k, v in vars(c).items()
+                     if inspect.isfunction(v) and not _from_torch(v))
+    patched += _replaced_torch_callables()
+    if patched:
+        raise TraceError(
+            f"torch's own code is replaced: {', '.join(patched[:5])}{' ...' if len(patched) > 5 else ''} is not "
+            "torch's function. bcpc bounds built-in layers and torch ops by their rules, so a replacement that "
+            "computes anything else makes the certified graph differ from the model. Compile without the patch "
+            "(restore the original before bcpc.compile), or write the changed computation as your own module.")
+
+
+def _rng_states() -> bytes:
+    """torch's, Python's and NumPy's global random states, as one value to compare."""
+    states = [torch.random.get_rng_state().numpy().tobytes(), random.getstate()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += [t.numpy().tobytes() for t in torch.cuda.get_rng_state_all()]
+    np = sys.modules.get("numpy")
+    if np is not None:
+        states.append(np.random.get_state())
+    return pickle.dumps(states)
+
+
+#: torch's and bcpc's own code (bcpc's passes and rules included, wherever they are installed)
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
+                      for f in (torch.__file__, sys.modules["bcpc"].__file__, __file__,
+                                importlib.util.find_spec("bcpc.rules").origin))
+_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+#: torch.fx's "am I being traced" functions (is_fx_tracing, is_fx_symbolic_tracing, ...)
+_TRACING_CHECKS = frozenset(f.__code__ for k, f in vars(fx._symbolic_trace).items()
+                            if k.startswith("is_fx") and inspect.isfunction(f))
+
+
+def _source_file(cls: type):
+    try:
+        return inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
+
+
+class _PathWatch:
+    """While fx traces: the exceptions raised (and so caught, as tracing went on) in the model's
+    code, and the calls from it of torch.fx's ``is_fx_tracing``. Either means forward may take another path for the traced values than for
+    real tensors (``try: fast_numpy_path(h) except TypeError: torch_path(h)``)."""
+
+    def __init__(self, model: nn.Module):
+        self.caught, self.asked, self._user = [], [], {}
+        # the model's own files, wherever they live (an installed package's model too)
+        self._model_files = {os.path.abspath(_source_file(c)) for m in model.modules()
+                             for c in type(m).__mro__ if not c.__module__.startswith(("torch", "builtins"))
+                             and _source_file(c)}
+
+    def _is_user(self, filename: str) -> bool:
+        """Code of the model: its classes' files, and any file outside installed packages, the
+        standard library, torch and bcpc (an installed library's own try/except, such as an optional
+        import, is not the model's)."""
+        hit = self._user.get(filename)
+        if hit is None:
+            path = os.path.abspath(filename) if not filename.startswith("<") else filename
+            installed = os.sep + "site-packages" + os.sep in path or os.sep + "dist-packages" + os.sep in path
+            hit = path in self._model_files or not (
+                filename.startswith("<frozen") or installed or path.startswith(_LIBRARY_DIRS)
+                or path.startswith(_STDLIB_DIR))
+            self._user[filename] = hit
+        return hit
+
+    def _call(self, frame, event, arg):
+        code = frame.f_code
+        if code in _TRACING_CHECKS:
+            back = frame.f_back
+            if back is not None and self._is_user(back.f_code.co_filename):
+                self.asked.append(f"{back.f_code.co_filename}:{back.f_lineno}")
+            return None
+        if event != "call" or not self._is_user(code.co_filename):
+            return None
+        frame.f_trace_lines = False
+        return self._local
+
+    def _local(self, frame, event, arg):
+        if event == "exception" and not issubclass(arg[0], GeneratorExit):  # (a generator closed early)
+            exc = arg[1]
+            self.caught.append(f"{type(exc).__name__} ({str(exc)[:120]}) at {frame.f_code.co_filename}:{frame.f_lineno}")
+        return self._local
+
+    def __enter__(self):
+        self._previous = sys.gettrace()
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc):
+        sys.settrace(self._previous)
+        return False
+
+    def refuse(self) -> None:
+        if self.asked:
+            raise TraceError(
+                f"code called by forward asks whether torch.fx is tracing it (is_fx_tracing(), called at "
+                f"{self.asked[0]}): the trace takes one branch and the model, run by you, the other, so the graph "
+                "bcpc would certify is not the model. Remove the check, or make both branches compute the same.")
+        if self.caught:
+            raise TraceError(
+                f"forward raised and caught an exception while torch.fx traced it: {self.caught[0]}. Code that tries "
+                "one way and falls back to another (try/except around tensor code) takes a different path for the "
+                "traced values than for real tensors, so the graph bcpc would certify need not be the model. Let "
+                "forward take one path (drop the try/except, or catch only outside forward).")
+
+
+def _refuse_other_paths(rng: bytes, watch: "_PathWatch") -> None:
+    """After tracing: refuse a trace that drew random numbers, caught an exception or asked whether
+    it was being traced (each a way for the graph to be another function than the model)."""
+    if _rng_states() != rng:
+        raise TraceError(
+            "forward drew random numbers while torch.fx traced it (torch.rand(1), np.random..., random.random() "
+            "with no argument computed from the input run once, at trace time): the graph would keep that one draw "
+            "while the model draws anew at every call, so no certificate would hold. Make forward deterministic "
+            "(in eval mode), or draw outside the model.")
+    watch.refuse()
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; the result shares parameters with it. Forward hooks are
     refused (:func:`_refuse_forward_hooks`), and so is an in-place change of a tensor the graph
@@ -403,14 +584,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
     _refuse_tracing_checks(model)
     defaults = _forward_defaults(model)  # its refusals are the user's to read as they are, not fx failures
     tracer = _Tracer()
+    _refuse_replaced_code(model, tracer)
     unchecked = _skip_dim_checks(model, tracer)
     before = _attributes(model)
     # (BatchNorm's own counter, which a traced-through BatchNorm subclass bumps in training mode:
     # it only weights the running statistics, which the training step owns)
     buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers(remove_duplicate=False)
                if not name.endswith("num_batches_tracked")}
+    rng = _rng_states()
     try:
-        graph = tracer.trace(model, concrete_args=defaults or None)
+        with _PathWatch(model) as watch:
+            graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         _restore_dim_checks(unchecked)
         _undo_assignments(model, before)
@@ -420,6 +604,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"{type(exc).__name__}: {exc}. {_advice(exc)}"
         ) from exc
     _restore_dim_checks(unchecked)
+    try:
+        _refuse_other_paths(rng, watch)
+    except TraceError:
+        _undo_assignments(model, before)
+        raise
     _drop_specialisation_checks(graph)
     if unchecked:
         names = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if any(m is u for u in unchecked)]
