@@ -328,7 +328,8 @@ def _global_forward_hooks() -> tuple:
 
 def library_snapshot(model: nn.Module) -> dict:
     """``(namespace, label, name) -> object`` for every callable of torch's namespaces a forward
-    reaches (``torch``, ``torch.nn.functional``, ``torch.Tensor``, ``torch.nn.Module``) and of every
+    reaches (``torch``, ``torch.nn.functional``, ``torch.Tensor``, ``torch.nn.Module``, and
+    ``torch._C._nn``, the C functions F calls) and of every
     class of the model's modules, torch's own included, for :func:`library_changes`. A library
     patched after compile (``F.linear = ...``, ``nn.Conv2d._conv_forward = ...``,
     ``nn.Module.__call__ = ...``: quantisation and adapter libraries do it when imported) changes
@@ -337,7 +338,7 @@ def library_snapshot(model: nn.Module) -> dict:
     import torch.nn.functional as F
 
     spaces = [("torch", torch), ("torch.nn.functional", F), ("torch.Tensor", torch.Tensor),
-              ("torch.nn.Module", nn.Module)]
+              ("torch.nn.Module", nn.Module), ("torch._C._nn", torch._C._nn)]
     seen = {id(space) for _, space in spaces}
     for m in model.modules():
         for klass in type(m).__mro__:

@@ -93,16 +93,31 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+#: torch.nn.functional's random functions written in Python (no ATen op of their name); the
+#: dropouts in eval mode (training=False) are gone by now, as the identity
+_RANDOM_COMPOSITES = ("dropout", "gumbel_softmax", "rrelu")
+
+
 @functools.lru_cache(maxsize=None)
 def _draws_random(name: str) -> bool:
     """``name`` (a function's or method's, ``bernoulli_`` as ``bernoulli``) is an ATen op that
-    torch tags as drawing from the random generator (``nondeterministic_seeded``)."""
+    torch tags as drawing from the random generator (``nondeterministic_seeded``), or one of F's
+    random functions."""
+    if any(word in name for word in _RANDOM_COMPOSITES):
+        return True
     if name.endswith("_") and not name.endswith("__"):
         name = name[:-1]
     packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("__") else None
-    if packet is None or not hasattr(packet, "overloads"):
-        return False
-    return any(torch.Tag.nondeterministic_seeded in getattr(packet, o).tags for o in packet.overloads())
+    return _seeded(packet)
+
+
+def _seeded(op) -> bool:
+    """An ATen overload packet or overload tagged ``nondeterministic_seeded``."""
+    if isinstance(op, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in op.tags
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return any(torch.Tag.nondeterministic_seeded in getattr(op, o).tags for o in op.overloads())
+    return False
 
 
 def _refuse_random(graph: fx.Graph) -> None:
@@ -116,7 +131,7 @@ def _refuse_random(graph: fx.Graph) -> None:
         if node.op not in ("call_function", "call_method"):
             continue
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if isinstance(name, str) and _draws_random(name):
+        if _seeded(node.target) or (isinstance(name, str) and _draws_random(name)):
             raise UnsupportedOpError(
                 f"node '{node.name}' ({name}) at {where(node)} draws random numbers: the model computes another "
                 "function at every call, so no certificate holds. Make forward deterministic in eval mode (dropout "

@@ -7,6 +7,7 @@ failed, not a raw fx traceback.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import operator
@@ -404,29 +405,56 @@ def _restore_dim_checks(modules: list) -> None:
         vars(m).pop("_check_input_dim", None)
 
 
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+#: torch's own code, and the decorators it applies (typing_extensions.deprecated wraps a few __new__)
+_TORCH_CODE = (_TORCH_DIR,) + tuple(os.path.abspath(m.__file__) for m in (sys.modules.get("typing_extensions"),)
+                                    if m is not None and getattr(m, "__file__", None))
+
+
 def _from_torch(value) -> bool:
-    """A callable as torch defines it: a builtin, a descriptor, or a function (or functools wrapper
-    of one) whose module is torch's; typing's aliases count as torch's own imports."""
+    """A callable as torch defines it: a builtin, a descriptor, a function whose code is in
+    torch's files (``functools.wraps`` copies a name and a module, not the code), or a wrapper of
+    such; typing's aliases count as torch's own imports."""
+    if isinstance(value, (staticmethod, classmethod)):
+        return _from_torch(value.__func__)
+    if isinstance(value, property):
+        return all(f is None or _from_torch(f) for f in (value.fget, value.fset, value.fdel))
+    if isinstance(value, functools.partialmethod):
+        return False
     if isinstance(value, type) or inspect.ismodule(value) or not callable(value):
         return True
     if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
                           types.ClassMethodDescriptorType, types.MethodWrapperType)):
         return True
     if inspect.isfunction(value):
-        return (value.__module__ or "").startswith(("torch", "typing"))
+        if (value.__module__ or "") in ("typing", "typing_extensions"):
+            return True
+        return os.path.abspath(value.__code__.co_filename).startswith(_TORCH_CODE)
     wrapped = getattr(value, "__wrapped__", None)  # functools.lru_cache and the like
-    if wrapped is not None:
+    if wrapped is not None and type(value).__module__ == "functools":
         return _from_torch(wrapped)
     return type(value).__module__.startswith(("torch", "typing"))
 
 
+#: the names torch.nn's modules import torch's namespaces under (``F.relu`` in nn.ReLU.forward)
+_ALIASES = {"F": "torch.nn.functional", "torch": "torch", "init": "torch.nn.init", "_VF": "torch._VF"}
+
+
 def _replaced_torch_callables() -> list:
-    """torch.nn.functional's functions, torch's ops and Tensor's methods that are not torch's own
-    (``F.relu = my_relu``): a built-in layer calls them at run time, while its rule is torch's."""
+    """torch.nn.functional's functions, torch's ops, Tensor's methods and the C functions F calls
+    (``torch._C._nn``) that are not torch's own (``F.relu = my_relu``), and the namespaces torch.nn's
+    modules read replaced (``activation.F = ...``): a built-in layer calls them at run time, while
+    its rule is torch's."""
     out = [f"torch.nn.functional.{k}" for k, v in vars(F).items() if not _from_torch(v)]
     out += [f"torch.{k}" for k, v in vars(torch).items()
             if not k.startswith("_") and hasattr(torch.ops.aten, k) and not _from_torch(v)]
     out += [f"torch.Tensor.{k}" for k, v in vars(torch.Tensor).items() if not _from_torch(v)]
+    out += [f"torch._C._nn.{k}" for k, v in vars(torch._C._nn).items() if not _from_torch(v)]
+    for name, module in list(sys.modules.items()):
+        if module is not None and (name.startswith("torch.nn.modules.") or name == "torch.nn.functional"):
+            space = vars(module)
+            out += [f"{name}.{alias}" for alias, real in _ALIASES.items()
+                    if alias in space and space[alias] is not sys.modules.get(real, space[alias])]
     return out
 
 
@@ -443,6 +471,17 @@ def _refuse_replaced_code(model: nn.Module, tracer: "_Tracer") -> None:
             f"{type(model).__name__} defines its own __call__: torch.fx traces forward(), while model(x) runs "
             "__call__, so the graph bcpc would certify is not what you call. Move what __call__ adds into forward.")
     for name, m in model.named_modules():
+        if type(m)._call_impl is not nn.Module._call_impl:
+            raise TraceError(
+                f"module {name or '<root>'!r} ({type(m).__name__}) defines its own _call_impl: torch.fx traces "
+                "forward(), while calling the module runs _call_impl, so the graph bcpc would certify is not what "
+                "runs. Move what it adds into forward.")
+        if vars(m).get("_compiled_call_impl") is not None:
+            raise TraceError(
+                f"module {name or '<root>'!r} ({type(m).__name__}) was compiled with its .compile() method: calling "
+                "it runs torch.compile's code, not the forward torch.fx traces. Certify the model before "
+                "model.compile() (or build a fresh one from its state_dict).")
+    for name, m in model.named_modules():
         shadowed = sorted(k for k, v in vars(m).items() if callable(v) and not isinstance(v, nn.Module)
                           and inspect.isroutine(getattr(type(m), k, None)))
         if shadowed and (m is model or tracer.is_leaf_module(m, name)):
@@ -456,7 +495,7 @@ def _refuse_replaced_code(model: nn.Module, tracer: "_Tracer") -> None:
         if tracer.is_leaf_module(m, name):
             classes.update(c for c in type(m).__mro__ if c.__module__.startswith(("torch.nn.", "torch.ao.nn.")))
     patched = sorted(f"{c.__module__}.{c.__qualname__}.{k}" for c in classes for k, v in vars(c).items()
-                     if inspect.isfunction(v) and not _from_torch(v))
+                     if not _from_torch(v))
     patched += _replaced_torch_callables()
     if patched:
         raise TraceError(
@@ -494,27 +533,68 @@ def _source_file(cls: type):
         return None
 
 
+#: exceptions a value of the wrong kind raises (a NumPy or Python call given a traced value, fx's
+#: refusals): caught in the model's code, they mean a fallback path. Lookups (KeyError, a missing
+#: attribute), the end of an iteration and optional imports say nothing about the traced values.
+_VALUE_FAILURES = (TypeError, ValueError, RuntimeError, NotImplementedError, AssertionError, fx.proxy.TraceError)
+
+#: torch's functions that draw from a random generator when called with no traced argument
+_TORCH_DRAWS = frozenset(id(f) for f in (torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like,
+                                         torch.randn_like, torch.randint_like, torch.normal, torch.bernoulli,
+                                         torch.multinomial, torch.poisson, os.urandom))
+
+
+#: a generator's methods that read or set its state without drawing (a fixed seed included)
+_STATE_ONLY = frozenset(["manual_seed", "get_state", "set_state", "initial_seed", "getstate", "setstate",
+                         "graphsafe_get_state", "graphsafe_set_state", "clone_state", "__reduce__",
+                         "__getstate__", "__setstate__", "__init__", "__new__"])
+
+
+def _is_random_source(fn) -> bool:
+    """A C function that draws random numbers (or seeds from the system's entropy): torch's, or a
+    method of a random generator object (torch.Generator, NumPy's Generator/RandomState/bit
+    generators, Python's random.Random)."""
+    if id(fn) in _TORCH_DRAWS:
+        return True
+    if getattr(fn, "__name__", None) in _STATE_ONLY:
+        return False
+    owner = getattr(fn, "__self__", None)
+    if owner is None or inspect.ismodule(owner):
+        module = getattr(fn, "__module__", None) or ""
+        return module.startswith("numpy.random")  # default_rng and the module-level functions
+    if isinstance(owner, (torch.Generator, random.Random)):
+        return True
+    return type(owner).__module__.startswith("numpy.random")
+
+
 class _PathWatch:
-    """While fx traces: the exceptions raised (and so caught, as tracing went on) in the model's
-    code, and the calls from it of torch.fx's ``is_fx_tracing``. Either means forward may take another path for the traced values than for
-    real tensors (``try: fast_numpy_path(h) except TypeError: torch_path(h)``)."""
+    """While fx traces: exceptions of a value of the wrong kind raised and caught in the model's
+    code, calls from it of torch.fx's ``is_fx_tracing``, and draws from any random generator. Each
+    means the graph may be another function than the model: a fallback taken for the traced values
+    only (``try: fast_numpy_path(h) except TypeError: torch_path(h)``), a branch on tracing, or a
+    random value fixed once in the graph."""
 
     def __init__(self, model: nn.Module):
-        self.caught, self.asked, self._user = [], [], {}
-        # the model's own files, wherever they live (an installed package's model too)
-        self._model_files = {os.path.abspath(_source_file(c)) for m in model.modules()
-                             for c in type(m).__mro__ if not c.__module__.startswith(("torch", "builtins"))
-                             and _source_file(c)}
+        self.caught, self.asked, self.drawn, self._user = [], [], [], {}
+        # the model's code: every file of the packages (or single modules) its classes come from,
+        # wherever they are installed, and any code outside installed packages
+        self._model_roots = set()
+        for m in model.modules():
+            for c in type(m).__mro__:
+                if c.__module__.startswith(("torch", "builtins")):
+                    continue
+                top = sys.modules.get(c.__module__.split(".")[0])
+                path = getattr(top, "__file__", None)
+                if path:
+                    path = os.path.abspath(path)
+                    self._model_roots.add(os.path.dirname(path) + os.sep if path.endswith("__init__.py") else path)
 
     def _is_user(self, filename: str) -> bool:
-        """Code of the model: its classes' files, and any file outside installed packages, the
-        standard library, torch and bcpc (an installed library's own try/except, such as an optional
-        import, is not the model's)."""
         hit = self._user.get(filename)
         if hit is None:
             path = os.path.abspath(filename) if not filename.startswith("<") else filename
             installed = os.sep + "site-packages" + os.sep in path or os.sep + "dist-packages" + os.sep in path
-            hit = path in self._model_files or not (
+            hit = any(path == r or (r.endswith(os.sep) and path.startswith(r)) for r in self._model_roots) or not (
                 filename.startswith("<frozen") or installed or path.startswith(_LIBRARY_DIRS)
                 or path.startswith(_STDLIB_DIR))
             self._user[filename] = hit
@@ -533,21 +613,48 @@ class _PathWatch:
         return self._local
 
     def _local(self, frame, event, arg):
-        if event == "exception" and not issubclass(arg[0], GeneratorExit):  # (a generator closed early)
+        if event == "exception":
             exc = arg[1]
-            self.caught.append(f"{type(exc).__name__} ({str(exc)[:120]}) at {frame.f_code.co_filename}:{frame.f_lineno}")
+            if isinstance(exc, _VALUE_FAILURES) or "Proxy" in str(exc):
+                self.caught.append(
+                    f"{type(exc).__name__} ({str(exc)[:120]}) at {frame.f_code.co_filename}:{frame.f_lineno}")
         return self._local
 
+    def _called_by_model(self, frame) -> bool:
+        """``frame`` is the model's code, or a library function the model's code called within
+        two calls (``torch.seed()``, ``random.Random()``); a library's own lazy import deeper down is
+        not the model drawing."""
+        for _ in range(3):
+            if frame is None:
+                return False
+            if self._is_user(frame.f_code.co_filename):
+                return True
+            frame = frame.f_back
+        return False
+
+    def _profile(self, frame, event, arg):
+        if event == "c_call" and _is_random_source(arg) and self._called_by_model(frame):
+            name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", repr(arg))
+            self.drawn.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
+
     def __enter__(self):
-        self._previous = sys.gettrace()
+        self._previous = sys.gettrace(), sys.getprofile()
         sys.settrace(self._call)
+        sys.setprofile(self._profile)
         return self
 
     def __exit__(self, *exc):
-        sys.settrace(self._previous)
+        sys.settrace(self._previous[0])
+        sys.setprofile(self._previous[1])
         return False
 
     def refuse(self) -> None:
+        if self.drawn:
+            raise TraceError(
+                f"forward draws random numbers ({self.drawn[0]}): a draw made while torch.fx traces is kept in the "
+                "graph as a constant while the model draws anew at every call, so no certificate would hold (bcpc "
+                "cannot tell a generator seeded afresh at every call from one that is not). Make forward "
+                "deterministic (in eval mode); for fixed noise, draw it once in __init__ and keep it as a buffer.")
         if self.asked:
             raise TraceError(
                 f"code called by forward asks whether torch.fx is tracing it (is_fx_tracing(), called at "
@@ -555,10 +662,10 @@ class _PathWatch:
                 "bcpc would certify is not the model. Remove the check, or make both branches compute the same.")
         if self.caught:
             raise TraceError(
-                f"forward raised and caught an exception while torch.fx traced it: {self.caught[0]}. Code that tries "
-                "one way and falls back to another (try/except around tensor code) takes a different path for the "
-                "traced values than for real tensors, so the graph bcpc would certify need not be the model. Let "
-                "forward take one path (drop the try/except, or catch only outside forward).")
+                f"the model's code raised and caught an exception while torch.fx traced it: {self.caught[0]}. A "
+                "fallback taken when a call fails on a traced value (try: a NumPy or Python fast path, except: "
+                "the torch path) is a different path than the one real tensors take, so the graph bcpc would "
+                "certify need not be the model. Let forward take one path: call the torch code directly.")
 
 
 def _refuse_other_paths(rng: bytes, watch: "_PathWatch") -> None:

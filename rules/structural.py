@@ -198,19 +198,26 @@ register(torch.unflatten, ball=reshape_ball, box=unflatten_box, family="reshape"
          check=_check_unflatten)
 
 
-def _dropout_fn_adapter(module, args, kwargs):
-    """``F.dropout`` is the identity only when ``training`` is False at trace time: its default is
-    True, so ``F.dropout(h, 0.5)`` drops units in eval mode too (a random function)."""
-    x, p, training, inplace = pick(args, kwargs, ("input", "p", "training", "inplace"),
-                                   {"p": 0.5, "training": True, "inplace": False})
-    if training is not False:
-        from bcpc.errors import UnsupportedOpError
-        raise UnsupportedOpError(
-            f"F.dropout with training={training!r} drops units whatever the model's mode (its default is "
-            "training=True), so the model is random and no certificate holds. Write F.dropout(h, p, self.training) "
-            "or use nn.Dropout, and compile the model in eval mode")
-    return (x,), {}
+def _dropout_fn_adapter(name: str):
+    """``F.dropout`` (and ``dropout1d/2d/3d``, ``alpha_dropout``, ``feature_alpha_dropout``) is the
+    identity only when ``training`` is False at trace time: its default is True, so ``F.dropout(h,
+    0.5)`` drops units in eval mode too (a random function)."""
+
+    def adapter(module, args, kwargs):
+        x, p, training, inplace = pick(args, kwargs, ("input", "p", "training", "inplace"),
+                                       {"p": 0.5, "training": True, "inplace": False})
+        if training is not False:
+            from bcpc.errors import UnsupportedOpError
+            raise UnsupportedOpError(
+                f"F.{name} with training={training!r} drops units whatever the model's mode (its default is "
+                f"training=True), so the model is random and no certificate holds. Write F.{name}(h, p, "
+                "self.training) or use the dropout module, and compile the model in eval mode")
+        return (x,), {}
+
+    return adapter
 
 
-register_identity(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
-                  (torch.nn.functional.dropout, _dropout_fn_adapter), "contiguous", "clone")
+_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+register_identity(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout, "contiguous", "clone",
+                  *((getattr(torch.nn.functional, n), _dropout_fn_adapter(n)) for n in _DROPOUTS))

@@ -2,7 +2,10 @@
 review as a false certificate (certified margin 3.5 where the model's is -4.5 at distance eps), and
 each now refused at compile time: random draws, torch's code replaced, and forward taking another
 path under tracing than on tensors."""
+import functools
+import importlib
 import random
+import types
 
 import numpy as np
 import pytest
@@ -38,20 +41,43 @@ def _refused(model, *words):
 
 @pytest.mark.parametrize("draw", [
     lambda h: h - 20 * torch.bernoulli(torch.full_like(h, 0.5)) * F.relu(h - 5),
+    lambda h: h - 20 * torch.ops.aten.bernoulli.p(torch.ones_like(h), 0.5) * F.relu(h - 5),
+    lambda h: h - 20 * F.dropout2d(torch.ones_like(h)[..., None], 0.5)[..., 0] * F.relu(h - 5),
+    lambda h: h - 20 * F.gumbel_softmax(torch.zeros_like(h), hard=True) * F.relu(h - 5),
     lambda h: h - 20 * torch.ones_like(h).bernoulli(0.5) * F.relu(h - 5),
     lambda h: h - 20 * torch.poisson(torch.ones_like(h)) * F.relu(h - 5),
     lambda h: h - 20 * torch.normal(torch.zeros_like(h), 1.0).abs() * F.relu(h - 5),
     lambda h: h - 20 * torch.zeros_like(h).uniform_() * F.relu(h - 5),
-], ids=["torch.bernoulli", "Tensor.bernoulli", "torch.poisson", "torch.normal", "uniform_"])
+], ids=["torch.bernoulli", "aten.bernoulli.p", "F.dropout2d", "F.gumbel_softmax", "Tensor.bernoulli",
+        "torch.poisson", "torch.normal", "uniform_"])
 def test_random_ops_are_refused_whatever_their_arguments(draw):
     _refused(_toy(draw), "random")
 
 
 @pytest.mark.parametrize("coin", [
     lambda: float(torch.rand(1) < 0.5), lambda: float(np.random.rand() < 0.5), lambda: float(random.random() < 0.5),
-], ids=["torch.rand", "np.random", "random"])
+    lambda: float(np.random.default_rng().random() < 0.5), lambda: float(random.Random().random() < 0.5),
+    lambda: float(torch.rand(1, generator=torch.Generator().manual_seed(torch.Generator().seed())) < 0.5),
+], ids=["torch.rand", "np.random", "random", "np.default_rng", "random.Random", "torch.Generator"])
 def test_a_draw_made_once_while_tracing_is_refused(coin):
-    _refused(_toy(lambda h: h - 20 * coin() * F.relu(h - 5)), "drew random numbers while torch.fx traced it")
+    """A draw from the global generators, or from a generator made in forward (whose draws leave
+    the global states as they were)."""
+    _refused(_toy(lambda h: h - 20 * coin() * F.relu(h - 5)), "random numbers")
+
+
+def test_dropout_functions_in_eval_mode_are_the_identity():
+    class Drops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = F.dropout1d(self.fc(x)[:, None], 0.5, self.training)[:, 0]
+            return F.alpha_dropout(h, 0.2, training=self.training)
+
+    model = Drops().double().eval()
+    cert = bcpc.compile(model, example_input=X)
+    assert set(cert.rules.values()) <= {"input", "linear", "getitem"}, cert.rules
 
 
 class _WithAct(nn.Module):
@@ -81,6 +107,20 @@ def test_torch_code_replaced_before_compile_is_refused(monkeypatch):
     monkeypatch.setattr(F, "relu", lambda t, inplace=False: _relu_unless_large(t))
     _refused(_WithAct().double().eval(), "torch.nn.functional.relu is not torch's function")
     monkeypatch.undo()
+    # as monkeypatching libraries write it: functools.wraps copies torch's name and module
+    monkeypatch.setattr(nn.ReLU, "forward", functools.wraps(nn.ReLU.forward)(lambda self, t: _relu_unless_large(t)))
+    _refused(_WithAct().double().eval(), "ReLU.forward is not torch's function")
+    monkeypatch.undo()
+    monkeypatch.setattr(nn.ReLU, "forward", staticmethod(_relu_unless_large))
+    _refused(_WithAct().double().eval(), "ReLU.forward is not torch's function")
+    monkeypatch.undo()
+    # the C function F.relu calls, and the name nn.ReLU's module reads F under
+    monkeypatch.setattr(torch._C._nn, "hardtanh", lambda t, lo=-1.0, hi=1.0: _relu_unless_large(t))
+    _refused(_WithAct().double().eval(), "torch._C._nn.hardtanh is not torch's function")
+    monkeypatch.undo()
+    monkeypatch.setattr(nn.modules.activation, "F", types.SimpleNamespace(relu=_relu_unless_large))
+    _refused(_WithAct().double().eval(), "torch.nn.modules.activation.F")
+    monkeypatch.undo()
     bcpc.compile(_WithAct().double().eval(), example_input=X)  # torch's own again: compiles
 
 
@@ -90,6 +130,15 @@ def test_a_model_with_its_own_call_is_refused():
             return _relu_unless_large(super().__call__(x))
 
     _refused(Called().double().eval(), "defines its own __call__")
+
+    class Impl(_WithAct):
+        def _call_impl(self, *args, **kwargs):
+            return _relu_unless_large(super()._call_impl(*args, **kwargs))
+
+    _refused(Impl().double().eval(), "defines its own _call_impl")
+    compiled = _WithAct().double().eval()
+    compiled._compiled_call_impl = lambda x: _relu_unless_large(compiled.forward(x))  # what model.compile() sets
+    _refused(compiled, "was compiled with its .compile() method")
 
 
 def test_a_forward_that_falls_back_when_tracing_fails_is_refused():
@@ -113,6 +162,60 @@ def _tracing_now():
 def test_a_helper_that_asks_whether_it_is_traced_is_refused():
     """forward does not name the check itself (the name scan of forward cannot see it)."""
     _refused(_toy(lambda h: h if _tracing_now() else _relu_unless_large(h)), "asks whether torch.fx is tracing it")
+
+
+class _Countdown:
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n == 0:
+            raise StopIteration
+        self.n -= 1
+        return self.n
+
+
+_MEMO: dict = {}
+
+
+def _memoised_scale(key):
+    try:
+        return _MEMO[key]
+    except KeyError:
+        _MEMO[key] = 2.0
+        return _MEMO[key]
+
+
+def test_lookups_iterations_and_optional_imports_in_forward_still_compile():
+    """Exceptions that say nothing of the traced values (a missing key or attribute, the end of an
+    iteration, an optional import) are the model's own business, not a fallback path."""
+
+    class Ordinary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            try:
+                scale = self.scale
+            except AttributeError:  # checkpoints from before the attribute existed
+                scale = 1.0
+            try:
+                importlib.import_module("a_module_that_is_not_installed")
+            except ImportError:
+                pass
+            h = self.fc(x) * scale * _memoised_scale("k")
+            for _ in _Countdown(2):
+                h = h + 1.0
+            return h
+
+    _MEMO.clear()  # the first lookup misses while fx traces
+    model = Ordinary().double().eval()
+    cert = bcpc.compile(model, example_input=X)
+    torch.testing.assert_close(cert(X, 0.1).logits, model(X))
 
 
 def test_optional_lookups_in_forward_still_compile():
