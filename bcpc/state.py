@@ -338,7 +338,7 @@ def library_snapshot(model: nn.Module) -> dict:
     import torch.nn.functional as F
 
     spaces = [("torch", torch), ("torch.nn.functional", F), ("torch.Tensor", torch.Tensor),
-              ("torch.nn.Module", nn.Module), ("torch._C._nn", torch._C._nn)]
+              ("torch.nn.Module", nn.Module), ("torch._C._nn", torch._C._nn), ("torch._VF", torch._VF)]
     seen = {id(space) for _, space in spaces}
     for m in model.modules():
         for klass in type(m).__mro__:
@@ -347,6 +347,9 @@ def library_snapshot(model: nn.Module) -> dict:
                 spaces.append((f"{klass.__module__}.{klass.__qualname__}", klass))
     out = {(space, label, name): value for label, space in spaces for name, value in list(vars(space).items())
            if callable(value) and not isinstance(value, types.ModuleType) and name not in _CONSTRUCTION}
+    for label, space in spaces:  # the names themselves: one added (torch._VF.dropout = f shadows the C function)
+        out[(space, label, _NAMES)] = frozenset(k for k, v in list(vars(space).items())
+                                                if callable(v) and k not in _CONSTRUCTION)
     for label, space in spaces:  # a module class: also what its methods resolve to (nn.Linear.__call__ = ... added)
         if isinstance(space, type) and issubclass(space, nn.Module):
             out[(space, label, _RESOLVED)] = _resolved_callables(space)
@@ -354,6 +357,7 @@ def library_snapshot(model: nn.Module) -> dict:
 
 
 _RESOLVED = "<resolved methods>"
+_NAMES = "<names>"
 #: what builds a module (or unpickles it), never what an existing one computes: torch.compile wraps
 #: nn.Module.__init__ and __setstate__ the first time it runs (dynamo's generation tagging), which
 #: is no change of a compiled model (tests/test_backend.py failed when it ran first in its process)
@@ -373,6 +377,11 @@ def library_changes(snapshot: dict) -> Optional[str]:
     """The first callable of :func:`library_snapshot` replaced since, or None."""
     missing = object()
     for (space, label, name), value in snapshot.items():
+        if name == _NAMES:
+            now = frozenset(k for k, v in list(vars(space).items()) if callable(v) and k not in _CONSTRUCTION)
+            if now - value:
+                return f"{label}.{sorted(now - value)[0]} was added"
+            continue
         if name == _RESOLVED:
             now = _resolved_callables(space)
             for n in sorted(set(now) | set(value)):

@@ -95,6 +95,11 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def create_arg(self, a):
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(a, np.generic) and isinstance(a.item(), (bool, int, float)):
+            # a NumPy scalar (self.scale = np.sqrt(d)) as the Python number it holds: fx would write
+            # it into the graph's code as np.float64(...), a name that code does not import
+            return self.create_arg(a.item())
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) not in self.captured:
             # the values too: a write through .data (c.data.mul_(2)) does not move c's version counter
             self.captured[id(a)] = (a, a._version, a.detach().clone())
@@ -450,6 +455,7 @@ def _replaced_torch_callables() -> list:
             if not k.startswith("_") and hasattr(torch.ops.aten, k) and not _from_torch(v)]
     out += [f"torch.Tensor.{k}" for k, v in vars(torch.Tensor).items() if not _from_torch(v)]
     out += [f"torch._C._nn.{k}" for k, v in vars(torch._C._nn).items() if not _from_torch(v)]
+    out += [f"torch._VF.{k}" for k, v in vars(torch._VF).items() if not _from_torch(v)]
     for name, module in list(sys.modules.items()):
         if module is not None and (name.startswith("torch.nn.modules.") or name == "torch.nn.functional"):
             space = vars(module)
@@ -541,7 +547,8 @@ _VALUE_FAILURES = (TypeError, ValueError, RuntimeError, NotImplementedError, Ass
 #: torch's functions that draw from a random generator when called with no traced argument
 _TORCH_DRAWS = frozenset(id(f) for f in (torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like,
                                          torch.randn_like, torch.randint_like, torch.normal, torch.bernoulli,
-                                         torch.multinomial, torch.poisson, os.urandom))
+                                         torch.multinomial, torch.poisson, os.urandom, getattr(os, "getrandom", None))
+                         if f is not None)
 
 
 #: a generator's methods that read or set its state without drawing (a fixed seed included)
@@ -556,15 +563,23 @@ def _is_random_source(fn) -> bool:
     generators, Python's random.Random)."""
     if id(fn) in _TORCH_DRAWS:
         return True
-    if getattr(fn, "__name__", None) in _STATE_ONLY:
+    name = getattr(fn, "__name__", None)
+    if name in _STATE_ONLY:
         return False
     owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.Tensor) or (isinstance(name, str) and "." in name):
+        # a Tensor's random method (t.bernoulli_(p, generator=g)) or an ATen overload (bernoulli.p)
+        from bcpc.passes.canonicalize import _draws_random
+        return isinstance(name, str) and _draws_random(name.split(".")[0])
     if owner is None or inspect.ismodule(owner):
         module = getattr(fn, "__module__", None) or ""
         return module.startswith("numpy.random")  # default_rng and the module-level functions
     if isinstance(owner, (torch.Generator, random.Random)):
         return True
     return type(owner).__module__.startswith("numpy.random")
+
+
+_OVERLOAD_CALL = torch._ops.OpOverload.__call__.__code__
 
 
 class _PathWatch:
@@ -621,18 +636,25 @@ class _PathWatch:
         return self._local
 
     def _called_by_model(self, frame) -> bool:
-        """``frame`` is the model's code, or a library function the model's code called within
-        two calls (``torch.seed()``, ``random.Random()``); a library's own lazy import deeper down is
-        not the model drawing."""
-        for _ in range(3):
-            if frame is None:
+        """``frame`` is the model's code, or library code the model's code called
+        (``torch.seed()``, ``random.Random().randint``, ``secrets``), not through an import: a
+        library's own lazy import that seeds a generator is not the model drawing."""
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if filename.startswith("<frozen importlib"):
                 return False
-            if self._is_user(frame.f_code.co_filename):
+            if self._is_user(filename):
                 return True
             frame = frame.f_back
         return False
 
     def _profile(self, frame, event, arg):
+        if event == "call" and frame.f_code is _OVERLOAD_CALL:  # torch.ops.aten.bernoulli.p(...)
+            from bcpc.passes.canonicalize import _seeded
+            op = frame.f_locals.get("self")
+            if _seeded(op) and self._called_by_model(frame.f_back):
+                self.drawn.append(f"{op} at {frame.f_back.f_code.co_filename}:{frame.f_back.f_lineno}")
+            return
         if event == "c_call" and _is_random_source(arg) and self._called_by_model(frame):
             name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", repr(arg))
             self.drawn.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
@@ -662,10 +684,12 @@ class _PathWatch:
                 "bcpc would certify is not the model. Remove the check, or make both branches compute the same.")
         if self.caught:
             raise TraceError(
-                f"the model's code raised and caught an exception while torch.fx traced it: {self.caught[0]}. A "
-                "fallback taken when a call fails on a traced value (try: a NumPy or Python fast path, except: "
-                "the torch path) is a different path than the one real tensors take, so the graph bcpc would "
-                "certify need not be the model. Let forward take one path: call the torch code directly.")
+                f"the model's code raised and caught an exception while torch.fx traced it: {self.caught[0]}. bcpc "
+                "refuses every TypeError, ValueError, RuntimeError or NotImplementedError caught in the model's code "
+                "while it is traced: it cannot tell a fallback taken only because a call failed on a traced value "
+                "(try: a NumPy or fused fast path, except: the torch path), which real tensors would not take, from "
+                "your own logic, and with the first the graph bcpc certifies is not the model. Let forward take one "
+                "path: decide it in __init__, or call the torch code directly.")
 
 
 def _refuse_other_paths(rng: bytes, watch: "_PathWatch") -> None:

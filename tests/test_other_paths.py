@@ -235,3 +235,45 @@ def test_optional_lookups_in_forward_still_compile():
     model = Lookups().double().eval()
     cert = bcpc.compile(model, example_input=X)
     torch.testing.assert_close(cert(X, 0.1).logits, model(X))
+
+
+_PRIVATE = torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("coin", [
+    lambda: float(torch.empty(1).bernoulli_(0.5, generator=_PRIVATE)),
+    lambda: float(torch.ops.aten.bernoulli.p(torch.zeros(1), 0.5, generator=_PRIVATE)),
+    lambda: float(__import__("secrets").randbelow(2)),
+], ids=["Tensor.bernoulli_(generator=)", "aten.bernoulli.p(generator=)", "secrets"])
+def test_draws_from_a_private_generator_or_deep_in_a_library_are_refused(coin):
+    """A generator of the model's own leaves the global states as they were; the standard
+    library's secrets draws several calls below the model's code."""
+    _refused(_toy(lambda h: h - 20 * coin() * F.relu(h - 5)), "random numbers")
+
+
+def test_a_replaced_vf_function_is_refused_before_and_after_compile(monkeypatch):
+    """nn.Dropout in eval mode is the identity in the graph and torch._VF.dropout in the model."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).double().eval()
+    monkeypatch.setattr(torch._VF, "dropout", lambda t, p, train: _relu_unless_large(t), raising=False)
+    _refused(model, "torch._VF.dropout is not torch's function")
+    monkeypatch.undo()
+    cert = bcpc.compile(model, example_input=X)
+    monkeypatch.setattr(torch._VF, "dropout", lambda t, p, train: _relu_unless_large(t), raising=False)
+    with pytest.raises(bcpc.errors.GraphMismatchError, match="torch._VF.dropout was added"):
+        cert.certify(X, torch.tensor([0]), 0.1)
+
+
+def test_a_numpy_scalar_attribute_is_its_number():
+    """``self.scale = np.sqrt(d)``: torch.fx would write np.float64(...) into code that has no np."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scale = nn.Linear(2, 2), np.sqrt(16.0)
+
+        def forward(self, x):
+            return self.fc(x) / self.scale
+
+    model = Scaled().double().eval()
+    cert = bcpc.compile(model, example_input=X)
+    torch.testing.assert_close(cert(X, 0.1).logits, model(X))
