@@ -347,9 +347,9 @@ def library_snapshot(model: nn.Module) -> dict:
                 spaces.append((f"{klass.__module__}.{klass.__qualname__}", klass))
     out = {(space, label, name): value for label, space in spaces for name, value in list(vars(space).items())
            if callable(value) and not isinstance(value, types.ModuleType) and name not in _CONSTRUCTION}
-    for label, space in spaces:  # the names themselves: one added (torch._VF.dropout = f shadows the C function)
-        out[(space, label, _NAMES)] = frozenset(k for k, v in list(vars(space).items())
-                                                if callable(v) and k not in _CONSTRUCTION)
+    for label, space in spaces:  # a namespace's names: one added (torch._VF.dropout = f shadows the C function);
+        if not (isinstance(space, type) and issubclass(space, nn.Module)):  # module classes: _RESOLVED below
+            out[(space, label, _NAMES)] = _callable_names(space)
     for label, space in spaces:  # a module class: also what its methods resolve to (nn.Linear.__call__ = ... added)
         if isinstance(space, type) and issubclass(space, nn.Module):
             out[(space, label, _RESOLVED)] = _resolved_callables(space)
@@ -362,6 +362,10 @@ _NAMES = "<names>"
 #: nn.Module.__init__ and __setstate__ the first time it runs (dynamo's generation tagging), which
 #: is no change of a compiled model (tests/test_backend.py failed when it ran first in its process)
 _CONSTRUCTION = frozenset(["__init__", "__new__", "__init_subclass__", "__setstate__"])
+
+
+def _callable_names(space) -> frozenset:
+    return frozenset(k for k, v in list(vars(space).items()) if callable(v) and k not in _CONSTRUCTION)
 
 
 def _resolved_callables(klass) -> dict:
@@ -378,7 +382,7 @@ def library_changes(snapshot: dict) -> Optional[str]:
     missing = object()
     for (space, label, name), value in snapshot.items():
         if name == _NAMES:
-            now = frozenset(k for k, v in list(vars(space).items()) if callable(v) and k not in _CONSTRUCTION)
+            now = _callable_names(space)
             if now - value:
                 return f"{label}.{sorted(now - value)[0]} was added"
             continue

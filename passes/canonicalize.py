@@ -13,7 +13,6 @@ import functools
 import warnings
 
 import torch
-
 import torch.fx as fx
 
 from bcpc import registry

@@ -445,14 +445,20 @@ def _from_torch(value) -> bool:
 _ALIASES = {"F": "torch.nn.functional", "torch": "torch", "init": "torch.nn.init", "_VF": "torch._VF"}
 
 
+@functools.lru_cache(maxsize=1)
+def _aten_names() -> frozenset:
+    """torch's public names that are ATen ops (looked up once: ``hasattr(torch.ops.aten, k)``
+    resolves an op, which is slow for the names that are not one)."""
+    return frozenset(k for k in vars(torch) if not k.startswith("_") and hasattr(torch.ops.aten, k))
+
+
 def _replaced_torch_callables() -> list:
     """torch.nn.functional's functions, torch's ops, Tensor's methods and the C functions F calls
     (``torch._C._nn``) that are not torch's own (``F.relu = my_relu``), and the namespaces torch.nn's
     modules read replaced (``activation.F = ...``): a built-in layer calls them at run time, while
     its rule is torch's."""
     out = [f"torch.nn.functional.{k}" for k, v in vars(F).items() if not _from_torch(v)]
-    out += [f"torch.{k}" for k, v in vars(torch).items()
-            if not k.startswith("_") and hasattr(torch.ops.aten, k) and not _from_torch(v)]
+    out += [f"torch.{k}" for k, v in vars(torch).items() if k in _aten_names() and not _from_torch(v)]
     out += [f"torch.Tensor.{k}" for k, v in vars(torch.Tensor).items() if not _from_torch(v)]
     out += [f"torch._C._nn.{k}" for k, v in vars(torch._C._nn).items() if not _from_torch(v)]
     out += [f"torch._VF.{k}" for k, v in vars(torch._VF).items() if not _from_torch(v)]
@@ -530,13 +536,6 @@ _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 #: torch.fx's "am I being traced" functions (is_fx_tracing, is_fx_symbolic_tracing, ...)
 _TRACING_CHECKS = frozenset(f.__code__ for k, f in vars(fx._symbolic_trace).items()
                             if k.startswith("is_fx") and inspect.isfunction(f))
-
-
-def _source_file(cls: type):
-    try:
-        return inspect.getsourcefile(cls)
-    except (TypeError, OSError):
-        return None
 
 
 #: exceptions a value of the wrong kind raises (a NumPy or Python call given a traced value, fx's
