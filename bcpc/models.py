@@ -22,13 +22,19 @@ def _activation(name: str):
 
 
 def conv_4c3f(in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
-              activation: str = "relu", width: float = 1.0) -> nn.Sequential:
+              activation: str = "relu", width: float = 1.0,
+              dense_width: int | None = None) -> nn.Sequential:
     """conv 32-3/1, conv 32-4/2, conv 64-3/1, conv 64-4/2, fc 512, fc 512, fc classes, with
     ``activation`` between: ReLU (the paper's) or MaxMin (GloRo's 4C3F-MinMax, same parameters).
-    ``width`` scales every hidden width (rounded to an even number, as MaxMin pairs channels)."""
+    ``width`` scales every hidden width (rounded to an even number, as MaxMin pairs channels);
+    ``dense_width``, when given, sets the two hidden dense layers' width alone."""
     side = image_size // 4
     act = _activation(activation)
     c1, c2, f = (2 * round(width * n / 2) for n in (32, 64, 512))
+    if dense_width is not None:
+        if dense_width < 2 or dense_width % 2:
+            raise ValueError(f"dense_width must be an even number >= 2 (MaxMin pairs units), got {dense_width}")
+        f = dense_width
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 3, 1, 1), act(),
         nn.Conv2d(c1, c1, 4, 2, 1), act(),
@@ -214,6 +220,8 @@ ARCHITECTURES = {
     "mnist_4c3f": lambda: conv_4c3f(1, 28, 10),
     "mnist_4c3f_minmax": lambda: conv_4c3f(1, 28, 10, activation="maxmin"),
     "mnist_4c3f_minmax_w2": lambda: conv_4c3f(1, 28, 10, activation="maxmin", width=2.0),
+    "mnist_4c3f_minmax_fc1024": lambda: conv_4c3f(1, 28, 10, activation="maxmin", dense_width=1024),
+    "mnist_4c3f_minmax_fc2048": lambda: conv_4c3f(1, 28, 10, activation="maxmin", dense_width=2048),
     "cifar_4c3f": lambda: conv_4c3f(3, 32, 10),
     "cifar_6c2f": lambda: conv_6c2f(3, 32, 10),
     "cifar_wrn": lambda: wrn(3, 32, 10),

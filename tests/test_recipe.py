@@ -25,6 +25,12 @@ def test_minmax_4c3f_has_the_4c3f_parameters_and_maxmin_activations():
     widths = [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
               for m in wide.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert widths == [64, 64, 128, 128, 1024, 1024, 10] and wide[9].in_features == 128 * 7 * 7
+    dense = ARCHITECTURES["mnist_4c3f_minmax_fc1024"]()  # the dense layers alone doubled
+    widths = [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+              for m in dense.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert widths == [32, 32, 64, 64, 1024, 1024, 10] and count(dense) == 4_372_970
+    with pytest.raises(ValueError, match="dense_width must be an even number"):
+        bcpc.models.conv_4c3f(1, 28, 10, activation="maxmin", dense_width=511)
 
 
 def test_log_ramp_is_geometric_from_eps_start_and_lam_constant():
