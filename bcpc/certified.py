@@ -344,7 +344,7 @@ class CertifiedModule(nn.Module):
             return
         with torch.no_grad():
             # a copy: a model that writes into its input (h = x.view(...); h += 1) must not change the user's x
-            live = self.model(x_user.to(gm_dtype(self.propagation), copy=True))
+            live = self.model(x_user.to(gm_dtype(self.propagation, x_user.dtype), copy=True))
             guard.check(logits, live, against=f"model(x) (the live model, {live.dtype})",
                         dtypes=(logits.dtype, live.dtype))
             if self.guard == "strict":
@@ -374,12 +374,13 @@ class CertifiedModule(nn.Module):
         if sound:
             self._check_eval_mode()
             self._check_unchanged()
-            gm = self._sound_graph(sound_dtype(dtype))
-            x = x.to(gm_dtype(gm))
+            dtype = sound_dtype(dtype)
+            gm = self._sound_graph(dtype)
+            x = x.to(dtype)  # not gm_dtype(gm): a model without parameters or buffers has none to tell
             if isinstance(eps, Tensor):
                 eps = eps.to(x.dtype)
             return gm, x, eps
-        model_dtype = gm_dtype(self.propagation)
+        model_dtype = gm_dtype(self.propagation, x.dtype)
         if x.dtype != model_dtype:
             raise InvalidInputError(f"x has dtype {x.dtype} but the model's parameters are {model_dtype}; "
                                     f"convert with x.to({model_dtype}) (the sound path converts by itself)")
@@ -646,10 +647,12 @@ def sound_dtype(dtype) -> torch.dtype:
         "with an intermediate value near 1e8.")
 
 
-def gm_dtype(gm: nn.Module) -> torch.dtype:
+def gm_dtype(gm: nn.Module, default: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype of ``gm``'s first parameter or floating buffer; ``default`` (torch's default dtype
+    if None) for a module with neither, which computes in whatever dtype its input has."""
     for p in gm.parameters():
         return p.dtype
     for b in gm.buffers():
         if b.dtype.is_floating_point:
             return b.dtype
-    return torch.get_default_dtype()
+    return default if default is not None else torch.get_default_dtype()

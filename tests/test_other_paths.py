@@ -277,3 +277,20 @@ def test_a_numpy_scalar_attribute_is_its_number():
     model = Scaled().double().eval()
     cert = bcpc.compile(model, example_input=X)
     torch.testing.assert_close(cert(X, 0.1).logits, model(X))
+
+
+def test_a_model_without_parameters_or_buffers_is_certified_in_float64():
+    """A model with neither parameters nor buffers has no dtype of its own: the sound path ran it in
+    torch's default float32, where (4.1 + 1e8) - 1e8 is 8, and certified class 0 at eps 5 with a
+    margin of at least 3 while the float64 model's margin at x0 = -0.9 (distance 5) is -0.9."""
+    model = _toy(lambda h0: (h0 + 1e8) - 1e8)
+    assert not list(model.parameters()) and not list(model.buffers())
+    x = torch.tensor([[4.1, 0.0]], dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x)
+    out = cert(x, 5.0)
+    assert out.logits.dtype == out.margins.dtype == torch.float64
+    torch.testing.assert_close(out.logits, model(x))
+    worst = model(x - torch.tensor([[5.0, 0.0]], dtype=torch.float64))
+    assert worst[0, 0] - worst[0, 1] < 0
+    assert not bool(cert.certify(x, torch.tensor([0]), 5.0)[0])
+    assert out.margins[0, 1] <= worst[0, 0] - worst[0, 1]
