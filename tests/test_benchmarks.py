@@ -182,3 +182,11 @@ def test_whole_network_ascent_reaches_orders_no_better_than_brute_force_and_no_w
         v.view(1, 1, 4, 4), net[0].weight, None, 2, 1).flatten(), torch.zeros(16, dtype=torch.float64))
     product = product * torch.linalg.matrix_norm(conv, 2)
     assert (brute <= product + 1e-12).all()
+
+
+def test_compile_watch_prints_the_watch_cost_ratio():
+    out = run("compile_watch.py", "--models", "mnist_small", "--reps", "1")
+    row = [line for line in out.splitlines() if line.startswith("mnist_small")]
+    assert len(row) == 1 and row[0].rstrip().endswith("x"), out
+    watched, unwatched = (float(v) for v in row[0].split()[1:3])
+    assert watched > 0 and unwatched > 0
