@@ -239,6 +239,27 @@ class CertifiedModule(nn.Module):
             raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
         return eps
 
+    def _check_model_dtype(self, x: Tensor) -> None:
+        """Refuse to certify a model that computes in float16 or bfloat16: the certificate is computed
+        for the model's function in float64 with a threshold for float32-sized rounding of the
+        logits, and such a model rounds every hidden value by up to 2^-11 (float16) or 2^-8
+        (bfloat16) relative. A new-user review certified inputs the float16 and bfloat16 models
+        misclassify inside the ball (a random 2-4-2 MLP at its certified radius)."""
+        narrow = {t.dtype for t in list(self.model.parameters()) + list(self.model.buffers())
+                  if t.dtype in _NARROW_FLOATS}
+        owned = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t.is_floating_point()]
+        if not owned and x.dtype in _NARROW_FLOATS:  # no tensors of its own: it computes in x's dtype
+            narrow.add(x.dtype)
+        if narrow:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in narrow))
+            raise ModelModeError(
+                f"the model computes in {names}: bcpc certifies the model's function as computed in float64 (and "
+                "accepts float32 models, whose own rounding of about 1e-7 relative to the hidden values is a known "
+                f"limit, docs/soundness.md), but {names} rounds every hidden value by up to {_unit_text(narrow)} relative, which no "
+                "certificate here bounds: inputs certified this way were misclassified by the model itself inside "
+                "the ball. Certify and deploy the model in float32 or float64 (model.float() or model.double(); "
+                "for mixed-precision training keep the weights in float32 and autocast only the training step).")
+
     def _check_eval_mode(self) -> None:
         training = [f"{name or type(self.model).__name__} ({type(m).__name__})"
                     for name, m in self.model.named_modules()
@@ -374,6 +395,7 @@ class CertifiedModule(nn.Module):
         if sound:
             self._check_eval_mode()
             self._check_unchanged()
+            self._check_model_dtype(x)
             dtype = sound_dtype(dtype)
             gm = self._sound_graph(dtype)
             x = x.to(dtype)  # not gm_dtype(gm): a model without parameters or buffers has none to tell
@@ -645,6 +667,14 @@ def sound_dtype(dtype) -> torch.dtype:
         "In a narrower dtype, rounding inside the network (not only of the logits) can exceed any threshold on the "
         "final margins: new-user reviews certified misclassified inputs in bfloat16 and float16, and in float32 "
         "with an intermediate value near 1e8.")
+
+
+_NARROW_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def _unit_text(dtypes) -> str:
+    """The largest relative rounding error (unit roundoff) of the least precise of ``dtypes``."""
+    return "2^-8" if torch.bfloat16 in dtypes else "2^-11"
 
 
 def gm_dtype(gm: nn.Module, default: Optional[torch.dtype] = None) -> torch.dtype:

@@ -324,6 +324,23 @@ def _train_mode():
     cert.certify(X, Y, 0.1)
 
 
+def _half_model(dtype):
+    """A model in float16 rounds every hidden value by up to 2^-11: certified as if in float64, a
+    new-user review found inputs it misclassifies inside their certified ball."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval().to(dtype)
+    cert = bcpc.compile(model, example_input=torch.zeros(1, 4, dtype=dtype))
+    cert.certify(X.to(dtype), Y, 0.1)
+
+
+def _parameterless_on(dtype):
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.cat([(x[:, :1] + 1500) - 1500, torch.full_like(x[:, :1], 0.4)], 1)
+
+    cert = bcpc.compile(Net(), example_input=torch.zeros(1, 4, dtype=dtype))
+    cert.certify(X.to(dtype), torch.tensor([0, 1]), 0.1)
+
+
 def _functional_batch_statistics():
     class Net(nn.Module):
         def __init__(self):
@@ -493,6 +510,10 @@ CASES = [
     ("input with Inf", lambda t: _cert()[1].certify(torch.full((2, 4), float("inf")), Y, 0.1),
      errors.InvalidInputError),
     ("input of the wrong shape", lambda t: _cert()[1].certify(torch.rand(2, 5), Y, 0.1), errors.InvalidInputError),
+    ("a float16 model at certification (model.half())",
+     lambda t: _half_model(torch.float16), errors.ModelModeError),
+    ("a model without parameters run on bfloat16 inputs at certification",
+     lambda t: _parameterless_on(torch.bfloat16), errors.ModelModeError),
     ("a sound run in half precision (certify(..., dtype=torch.bfloat16))",
      lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.bfloat16), errors.InvalidInputError),
     ("a sound run in float16 (node_bounds(..., dtype=torch.float16))",

@@ -294,3 +294,21 @@ def test_a_model_without_parameters_or_buffers_is_certified_in_float64():
     assert worst[0, 0] - worst[0, 1] < 0
     assert not bool(cert.certify(x, torch.tensor([0]), 5.0)[0])
     assert out.margins[0, 1] <= worst[0, 0] - worst[0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_made_half_precision_after_compile_is_not_certified(dtype):
+    """A new-user review: model.half() after compile was accepted (the float64 twin rebuilt from the
+    rounded weights), and its certificates ignored the float16 model's own rounding."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(1, 2)
+    cert = bcpc.compile(model, example_input=x)
+    assert cert.certify(x, model(x).argmax(1), 1e-3).dtype == torch.bool
+    model.to(dtype)
+    with pytest.raises(bcpc.errors.ModelModeError, match="model.float"):
+        cert.certify(x.to(dtype), torch.tensor([0]), 1e-3)
+    with pytest.raises(bcpc.errors.ModelModeError):
+        cert.certified_radius(x.to(dtype), torch.tensor([0]))
+    model.float()
+    cert.certify(x, torch.tensor([0]), 1e-3)  # back in float32: certified again (rebuilt twin)
