@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bcpc import guard, losses, ops
+from bcpc import guard, losses, ops, rounding
 from bcpc import margins as margins_mod
 from bcpc.meta import where
 from bcpc.state import (Snapshot, changes, copy_in_dtype, library_changes, library_snapshot, names_read,
@@ -126,6 +126,10 @@ class CertifiedModule(nn.Module):
         #: the runtime guard: compare the certification graph's clean logits with the user's model
         #: before returning any sound result (on by default; see bcpc.guard and docs/soundness.md)
         self.guard = True
+        #: what a sound result covers: False (default) the model's function computed in float64, as
+        #: every published certificate does; True also the float32 model's own rounding, bounded in
+        #: the worst case over every summation order (bcpc.rounding; docs/soundness.md gives its cost)
+        self.model_rounding = False
         self._guard_done = False  # set while certified_radius re-certifies inputs it has checked
         self.backend = backend
         self._compiled = None  # torch.compile(self.propagation), built on the first training call
@@ -238,6 +242,14 @@ class CertifiedModule(nn.Module):
         if bool((t < 0).any()):
             raise InvalidEpsilonError(f"eps must be >= 0, got {eps}")
         return eps
+
+    def _rounding_unit(self, x_user: Tensor) -> float:
+        """The unit roundoff of the live model's own arithmetic, which a sound run adds to every
+        Bound with ``model_rounding`` (bcpc.rounding): 2^-24 for a float32 model, 0 for a float64
+        one, and 0 without ``model_rounding``."""
+        if not self.model_rounding:
+            return 0.0
+        return rounding.unit(gm_dtype(self.propagation, x_user.dtype))
 
     def _check_model_dtype(self, x: Tensor) -> None:
         """Refuse to certify a model that computes in float16 or bfloat16: the certificate is computed
@@ -450,7 +462,7 @@ class CertifiedModule(nn.Module):
         y = None if y is None else y.long()  # int32 / int16 / uint8 labels index like int64 ones
         if sound:
             with torch.no_grad():
-                logits, m = gm(x, eps, y, True)
+                logits, m = gm(x, eps, y, True, self._rounding_unit(x_user))
             self._guard(gm, x, x_user, logits)
             if torch.isnan(m).any():
                 raise NonFiniteBoundError("a certified margin came out NaN; refusing to read it as a bound")
@@ -509,6 +521,9 @@ class CertifiedModule(nn.Module):
 
     def certify(self, x: Tensor, y: Tensor, eps, dtype: Optional[torch.dtype] = None) -> Tensor:
         """(B,) bool: True where every x' in the perturbation set is classified as y. SOUND.
+
+        By the model's function computed in float64; with ``cert.model_rounding = True`` also by a
+        float32 model's own arithmetic (docs/soundness.md). float16 and bfloat16 models are refused.
 
         The certified margins (float64, guaranteed Lipschitz bounds) must exceed a safety
         threshold (:data:`CERTIFY_ATOL`, :data:`CERTIFY_RTOL`). The first call on a model computes
@@ -587,7 +602,7 @@ class CertifiedModule(nn.Module):
         names = self._lowered.bound_nodes
         rec = _Recorder(gm, names.values())
         with torch.set_grad_enabled(not sound and torch.is_grad_enabled()):
-            logits, _ = rec.run(x, eps, None, sound)
+            logits, _ = rec.run(x, eps, None, sound, self._rounding_unit(x_user) if sound else 0.0)
         if sound:
             self._guard(gm, x, x_user, logits)
         return {origin: rec.values[name] for origin, name in names.items()}

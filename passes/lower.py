@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from bcpc import domain, margins, registry
+from bcpc import domain, margins, registry, rounding
 from bcpc.rules import affine
 from bcpc.meta import info
 
@@ -70,6 +70,8 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
             eps = graph.placeholder("eps")
             y = graph.placeholder("y", default_value=None)
             sound = graph.placeholder("sound", default_value=False)
+            # the model's unit roundoff: its own rounding widens every Bound (bcpc.rounding; 0 = none)
+            unit = graph.placeholder("rounding", default_value=0.0)
             center[node] = x
             has_ball[node] = True
             # ibp keeps the input ball too: the first affine layer reads its row norms from it
@@ -91,7 +93,9 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
                 p = analysis.last_affine.args[0]
                 w = _map(analysis.last_affine.args[1], center)
                 b = _map(analysis.last_affine.args[2], center) if len(analysis.last_affine.args) > 2 else None
-                m = _call(graph, margins.last_layer_margins, (spec_bound(p), w, b, center[logits], y), name="margins")
+                m = _call(graph, margins.last_layer_margins, (spec_bound(p), w, b, center[logits], y),
+                          name="margins_exact")
+                m = _call(graph, rounding.margins, (m, unit, spec_bound(p), w, b, center[logits], y), name="margins")
             else:
                 m = _call(graph, margins.logit_margins, (spec_bound(logits), y), name="margins")
             graph.output((center[logits], m))
@@ -131,19 +135,26 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
                 w_node = node.args[w_index]
                 lowered.lipschitz[rec.origin] = (lip_name, w_node.target if w_node.op == "get_attr" else None)
             radius = _call(graph, rule.ball, b_args, ball_kwargs, name=f"{node.name}_radius")
+        folded_bn = with_box and node in analysis.folds
+        widened = not folded_bn and rule.name not in rounding.EXACT  # the model's rounding added after
+        name = f"{node.name}_exact" if widened or folded_bn else f"{node.name}_bound"
         if with_box and node in folded_convs:
             # its box is formed at the BatchNorm that reads it, through the folded map
-            out = _call(graph, affine.folded_conv_bound, (c, radius) + tuple(b_args), b_kwargs,
-                        name=f"{node.name}_bound")
-        elif with_box and node in analysis.folds:
+            out = _call(graph, affine.folded_conv_bound, (c, radius) + tuple(b_args), b_kwargs, name=name)
+        elif folded_bn:
             conv = analysis.folds[node]
             conv_args = (bnd[conv.args[0]],) + tuple(_map(conv.args[1:], center)) + (center[conv],)
             out = _call(graph, affine.conv_batch_norm_box, (c, radius) + conv_args + tuple(b_args[1:]), b_kwargs,
+                        name=name)
+            out = _call(graph, rounding.batch_norm_after_conv, (out, unit) + conv_args + tuple(b_args[1:]), b_kwargs,
                         name=f"{node.name}_bound")
         elif with_box:
-            out = _call(graph, rule.box, (c, radius) + tuple(b_args), b_kwargs, name=f"{node.name}_bound")
+            out = _call(graph, rule.box, (c, radius) + tuple(b_args), b_kwargs, name=name)
         else:
-            out = _call(graph, domain.ball_only, (c, radius), name=f"{node.name}_bound")
+            out = _call(graph, domain.ball_only, (c, radius), name=name)
+        if widened:
+            out = _call(graph, rounding.node, (out, unit, rule.name) + tuple(b_args), b_kwargs,
+                        name=f"{node.name}_bound")
         bnd[node] = out
         lowered.bound_nodes[rec.origin] = out.name
         lowered.rules[rec.origin] = rule.name

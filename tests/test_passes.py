@@ -8,7 +8,7 @@ from torch import nn
 
 import bcpc
 import bcpc.rules  # noqa: F401
-from bcpc import ops
+from bcpc import ops, rounding
 from bcpc.meta import info
 from bcpc.passes.analysis import analyze, to_networkx
 from bcpc.passes.canonicalize import canonicalize
@@ -128,8 +128,12 @@ def test_lower_emits_paired_nodes_per_method(method, has_radius, has_box):
     box_targets = [n.target.__name__ for n in low.graph_module.graph.nodes if n.name == "_1_bound"]
     assert box_targets == (["relu_box"] if has_box else ["ball_only"])
     assert ("_0_sigma" in names) == has_radius  # the Lipschitz cache is only needed for a ball
+    # the affine layers' Bounds are widened by the model's own rounding (bcpc.rounding); ReLU is exact
+    rounded = {n.name: n.args[0].name for n in low.graph_module.graph.nodes if n.target is rounding.node}
+    assert rounded == {"_0_bound": "_0_exact", "_2_bound": "_2_exact"}
+    assert [n.target for n in low.graph_module.graph.nodes if n.name == "margins"] == [rounding.margins]
     code = low.graph_module.code
-    assert "def forward(self, input_1, eps, y = None, sound = False)" in code
+    assert "def forward(self, input_1, eps, y = None, sound = False, rounding = 0.0)" in code
 
 
 def test_compiled_module_shares_parameters_with_model():

@@ -1,0 +1,206 @@
+"""The model's own rounding as part of the perturbation set.
+
+Certification runs on a float64 copy of the model; a float32 model computes every node in float32,
+and its values differ from the float64 copy's by the rounding of each operation. Each perturbed
+node's Bound is widened by a bound ``delta`` on the rounding of the model's operation (elementwise:
+the box by ``delta`` on each side, the ball by ``||delta||_2``), computed from the node's input
+bounds, which are widened in turn. By induction every value the float32 model computes at any
+point of the perturbation set lies in the widened Bound, and the margins of the last affine layer
+lose its rounding on both logits of each pair.
+
+The bounds are the standard model of floating-point arithmetic, ``fl(a op b) = (a op b)(1 + d)``
+with ``|d| <= u`` (``u = 2^-24`` for float32), for operations computed as sums of products:
+
+- a dot product of ``n`` terms plus a bias, in any order and blocking, with or without fused
+  multiply-adds: ``|error| <= gamma(n + 1) (|W| |x| + |b|)``, ``gamma(k) = k u / (1 - k u)``
+  (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1). This assumes convolutions are
+  computed as such sums (direct or im2col convolution, as oneDNN and cuDNN do by default), not by
+  Winograd or FFT transforms, whose errors are not bounded this way;
+- one rounding per add, subtract, multiply or divide by a constant (``3 u |result|``: the constant's
+  own rounding to float32 and a reciprocal included);
+- averages, sums and linear resampling: as dot products with nonnegative weights;
+- BatchNorm in eval mode: a per-channel scale and shift computed from the running statistics
+  (``gamma(8)`` on ``|s| (|x| + |mean|) + |bias|``);
+- elementary functions (tanh, sigmoid, GELU, softplus, ...): at most 16 units in the last place of
+  ``|input| + |output| + 1``, an assumption on torch's vectorised implementations (documented at
+  1 to 3.5 ulp), not a proof;
+- exact operations (ReLU, max and min, MaxMin, clamp, abs, negation, max pooling, reshapes,
+  concatenation, selection, padding): no rounding.
+
+A float64 model is its own certification copy: its rounding is the copy's, which the safety
+threshold on the final margins covers, so the unit is 0 and nothing is widened. Values that do not
+depend on the input (a weight normalised in forward, say) are computed in float64 by the copy and in
+float32 by the model; that difference is not bounded here (docs/soundness.md, known limits).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bcpc.domain import Bound, expand_radius
+
+#: rule name -> how the model's operation rounds (every registered rule has one; tests check it)
+EXACT = frozenset({
+    "relu", "clamp", "abs", "neg", "cat", "stack", "reshape", "flatten", "unflatten", "permute", "transpose",
+    "movedim", "unsqueeze", "squeeze", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "narrow", "select", "getitem", "expand", "repeat", "pad", "cast", "detach", "group_sort", "maximum",
+    "minimum", "amax", "amin", "where", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d"})
+ONE = frozenset({"add", "sub", "mul", "div", "leaky_relu", "prelu"})
+AFFINE = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                    "conv_transpose3d"})
+AVERAGE = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                     "adaptive_avg_pool3d", "interpolate"})
+REDUCE = frozenset({"sum", "mean"})
+LIBRARY = frozenset({"tanh", "sigmoid", "elu", "hardsigmoid", "softsign", "logsigmoid", "tanhshrink", "celu",
+                     "selu", "softplus", "gelu", "silu", "mish", "hardswish"})
+BATCH_NORM = frozenset({"batch_norm"})
+KINDS = (EXACT, ONE, AFFINE, AVERAGE, REDUCE, LIBRARY, BATCH_NORM)
+
+#: rule name -> its canonical function, for the rules that apply it to magnitudes
+_TARGETS: dict = {}
+
+#: ulps of |input| + |output| + 1 allowed to an elementary function (an assumption, above)
+LIBRARY_ULPS = 16
+
+
+def unit(dtype: torch.dtype) -> float:
+    """The unit roundoff to bound for a model computing in ``dtype``: 0 for float64 (the
+    certification copy's own dtype), ``2^-24`` for float32."""
+    if dtype == torch.float64:
+        return 0.0
+    if dtype == torch.float32:
+        return 2.0 ** -24
+    raise ValueError(f"no rounding bound for a model in {dtype} (float16 and bfloat16 models are not certified)")
+
+
+def gamma(k: int, u: float) -> float:
+    """``k u / (1 - k u)``: the relative error bound of a sum of ``k`` products (Higham 3.1)."""
+    ku = k * u
+    if ku >= 0.5:
+        return math.inf
+    return ku / (1.0 - ku)
+
+
+def magnitude(b: Bound) -> Tensor:
+    """Elementwise upper bound on ``|v|`` over the Bound (its box, else centre ± radius)."""
+    if b.lower is not None:
+        return torch.maximum(b.lower.abs(), b.upper.abs())
+    return b.center.abs() + expand_radius(b.radius, b.center)
+
+
+def widen(b: Bound, delta: Tensor) -> Bound:
+    """The Bound enlarged by ``delta`` (elementwise, broadcastable to the centre) on every coordinate."""
+    delta = delta.expand_as(b.center)
+    radius = None if b.radius is None else b.radius + delta.flatten(1).norm(dim=1)
+    lower = None if b.lower is None else b.lower - delta
+    upper = None if b.upper is None else b.upper + delta
+    return Bound(b.center, radius, lower, upper)
+
+
+def _is_bound(a) -> bool:
+    return isinstance(a, Bound)
+
+
+def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[Tensor] = None, *args) -> Tensor:
+    m = magnitude(x)
+    w, b = weight.abs(), (None if bias is None else bias.abs())
+    if name == "linear":
+        return gamma(weight.shape[1] + 1, u) * F.linear(m, w, b)
+    nd = weight.dim() - 2
+    kernel = math.prod(weight.shape[2:])
+    if name.startswith("conv_transpose"):
+        stride, padding, output_padding, groups, dilation = args
+        terms = (weight.shape[0] // groups) * kernel
+        fn = getattr(F, f"conv_transpose{nd}d")
+        return gamma(terms + 1, u) * fn(m, w, b, stride, padding, output_padding, groups, dilation)
+    stride, padding, dilation, groups = args
+    fn = getattr(F, f"conv{nd}d")
+    return gamma(weight.shape[1] * kernel + 1, u) * fn(m, w, b, stride, padding, dilation, groups)
+
+
+def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_var, eps) -> Tensor:
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    view = (1, -1) + (1,) * (x.center.dim() - 2)
+    s = scale.abs().reshape(view)
+    total = s * (magnitude(x) + running_mean.abs().reshape(view))
+    if bias is not None:
+        total = total + bias.abs().reshape(view)
+    return gamma(8, u) * total
+
+
+def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
+    """``out``, the Bound of a node of rule ``name`` computed from the (widened) input Bounds in
+    ``args``, widened by the rounding of the model's own operation (unit roundoff ``u``)."""
+    if not u or name in EXACT:
+        return out
+    if not _TARGETS:
+        from bcpc import registry
+        _TARGETS.update({r.name: r.target for r in registry.rules()})
+    if name in AFFINE:
+        return widen(out, _affine_delta(u, name, *args))
+    if name in BATCH_NORM:
+        x, weight, bias, running_mean, running_var, _, _, _, eps = args
+        return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps))
+    if name in ONE:
+        return widen(out, 3 * u * magnitude(out))
+    if name in AVERAGE:
+        # nonnegative weights: op(|x|) bounds the sum of |weight * term|; linear resampling has at
+        # most 8 terms and weights computed in float, a pooling window no more than one channel's map
+        x, *rest = args
+        op = _TARGETS[name]
+        terms = 16 if name == "interpolate" else math.prod(x.center.shape[2:]) + 2
+        return widen(out, gamma(terms, u) * op(magnitude(x), *rest, **kwargs))
+    if name in REDUCE:
+        x, dims, keepdim = args
+        terms = max(1, x.center[0].numel() // max(1, out.center[0].numel()))
+        reduce = torch.sum if name == "sum" else torch.mean
+        return widen(out, gamma(terms + 1, u) * reduce(magnitude(x), dims, keepdim))
+    if name in LIBRARY:
+        # per sample: the largest |input| of the sample, plus |output| elementwise, plus 1
+        inputs = [a for a in args if _is_bound(a)]
+        per = torch.stack([magnitude(a).flatten(1).amax(1) for a in inputs]).amax(0)
+        return widen(out, LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0))
+    raise NotImplementedError(f"bcpc.rounding has no rounding bound for rule {name!r}: classify it in bcpc/rounding.py")
+
+
+def batch_norm_after_conv(out: Bound, u: float, x: Bound, weight, bias, stride, padding, dilation, groups,
+                          conv_center, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                          training, momentum, eps) -> Bound:
+    """A BatchNorm whose box was formed through the folded convolution (``conv_batch_norm_box``),
+    from the convolution's input: its box also gets the convolution's rounding, scaled by the
+    BatchNorm (its ball already has it, through the convolution's widened ball)."""
+    if not u:
+        return out
+    nd = weight.dim() - 2
+    conv_delta = _affine_delta(u, f"conv{nd}d", x, weight, bias, stride, padding, dilation, groups)
+    scale = torch.rsqrt(running_var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight
+    view = (1, -1) + (1,) * (x.center.dim() - 2)
+    # |the convolution's float32 output| <= conv(|x|, |W|) + |b| + its rounding
+    conv_mag = getattr(F, f"conv{nd}d")(magnitude(x), weight.abs(), None if bias is None else bias.abs(),
+                                        stride, padding, dilation, groups) + conv_delta
+    bn_delta = _batch_norm_delta(u, Bound(conv_center, None, -conv_mag, conv_mag), bn_weight, bn_bias,
+                                 running_mean, running_var, eps)
+    box_delta = scale.abs().reshape(view) * conv_delta + bn_delta
+    radius = None if out.radius is None else out.radius + bn_delta.expand_as(out.center).flatten(1).norm(dim=1)
+    lower = None if out.lower is None else out.lower - box_delta
+    upper = None if out.upper is None else out.upper + box_delta
+    return Bound(out.center, radius, lower, upper)
+
+
+def margins(m: Tensor, u: float, p: Bound, weight: Tensor, bias: Optional[Tensor], logits: Tensor,
+            y: Optional[Tensor]) -> Tensor:
+    """Margins of the last affine layer less its rounding on both logits of each pair."""
+    if not u:
+        return m
+    delta = _affine_delta(u, "linear", p, weight, bias)
+    ref = logits.argmax(1) if y is None else y
+    return m - (delta.gather(1, ref.unsqueeze(1)) + delta)

@@ -1,0 +1,120 @@
+"""``cert.model_rounding``: certificates that also cover the float32 model's own rounding.
+
+By default a certificate is for the model's function computed in float64 (the certification copy);
+a twentieth-session review found float32 models misclassified inside certified balls where their
+own rounding moves a margin across zero (a hidden value 3e7 + 0.9 that float32 rounds to 3e7; a
+random MLP at its certified radius). With ``model_rounding`` every Bound is widened by a
+worst-case bound on that rounding (bcpc.rounding) and neither is certified."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bcpc
+from bcpc import registry, rounding
+
+
+def _hidden_rounding_model():
+    """z0 = (x + 3e7) - 3e7 (in float32 a multiple of 2), z1 = 0.5."""
+    m = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        m[0].bias.copy_(torch.tensor([3e7, 3e7]))
+        m[1].weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+        m[1].bias.copy_(torch.tensor([0.0, 0.5]))
+    return m.eval()
+
+
+def test_a_hidden_rounding_of_the_float32_model_is_covered():
+    model = _hidden_rounding_model()
+    x, y = torch.tensor([[2.0]]), torch.tensor([0])
+    inside = torch.tensor([[0.9]])  # distance 1.1
+    assert model(inside).argmax(1).item() == 1  # float32: 3e7 + 0.9 rounds to 3e7, z0 = 0 < 0.5
+    assert model.double()(inside.double()).argmax(1).item() == 0  # the float64 function: z0 = 0.9
+    model.float()
+    cert = bcpc.compile(model, example_input=x)
+    assert bool(cert.certify(x, y, 1.2)[0])  # the default: the float64 function, which is correct there
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, y, 1.2)[0])
+    assert float(cert.certified_radius(x, y)[0]) < 1.1
+
+
+def test_a_random_float32_mlp_at_its_certified_radius():
+    """The review's case: certified radius 0.1365702 by default, and the float32 model misclassifies
+    a point at distance 0.1365701; with model_rounding the radius stops short of that point."""
+    torch.manual_seed(51)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(8, 2)[2:3]
+    y = model(x).argmax(1)
+    inside = torch.tensor([[0.7067648768424988, 0.6411675214767456]])
+    distance = float((inside.double() - x.double()).norm())
+    assert model(inside).argmax(1).item() != y.item()
+    cert = bcpc.compile(model, example_input=x)
+    assert float(cert.certified_radius(x, y)[0]) > distance  # the float64 function's radius
+    cert.model_rounding = True
+    assert float(cert.certified_radius(x, y)[0]) < distance
+
+
+def test_every_rule_has_a_rounding_kind():
+    kinds = rounding.KINDS
+    for rule in registry.rules():
+        assert sum(rule.name in k for k in kinds) == 1, rule.name
+    assert not set().union(*kinds) - {r.name for r in registry.rules()}  # no stale names
+
+
+class _Mixed(nn.Module):
+    """One node of each rounding kind: conv + BatchNorm (folded), affine, one rounding, averages,
+    reductions, an elementary function, exact ops, a transposed convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.fc = nn.Linear(2 * 4 * 4 + 2, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.conv(x)))
+        h = F.leaky_relu(h * 0.5 + 1.0, 0.1) / 3.0
+        h = F.avg_pool2d(h, 2) - h.mean((2, 3), keepdim=True)
+        h = torch.tanh(self.up(h))
+        h = F.interpolate(h, scale_factor=0.5, mode="bilinear", align_corners=False)
+        s = h.sum((2, 3))
+        return self.fc(torch.cat([torch.relu(h).flatten(1), s], 1))
+
+
+@pytest.mark.parametrize("method", ["bcp", "ibp", "lipschitz"])
+def test_model_rounding_only_lowers_margins_and_holds_on_sampled_points(method):
+    torch.manual_seed(0)
+    model = _Mixed()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.rand(6, 1, 8, 8)
+    y = model(x).argmax(1)
+    cert = bcpc.compile(model, example_input=x[:1], input_domain=(0.0, 1.0), method=method)
+    eps = 0.05
+    plain = cert(x, eps, y).margins
+    cert.model_rounding = True
+    rounded = cert(x, eps, y).margins
+    finite = torch.isfinite(plain)
+    assert torch.isfinite(rounded[finite]).all()
+    assert (rounded[finite] <= plain[finite]).all() and (rounded[finite] < plain[finite]).any()
+    # every float32 value of the model at sampled points of the ball lies in the widened margins
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        d = torch.randn(x.shape, generator=g)
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps * torch.rand(6, 1, 1, 1, generator=g)
+        z = model((x + d).clamp(0, 1)).double()
+        true = z.gather(1, y[:, None]) - z
+        assert (rounded[finite] <= true[finite]).all()
+
+
+def test_a_float64_model_is_its_own_certification_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    x = torch.rand(4, 3, dtype=torch.float64)
+    cert = bcpc.compile(model, example_input=x[:1])
+    plain = cert(x, 0.1).margins
+    cert.model_rounding = True
+    torch.testing.assert_close(cert(x, 0.1).margins, plain, rtol=0, atol=0)
