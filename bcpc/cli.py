@@ -251,6 +251,7 @@ def _setup(args, progress: bool) -> Setup:
         raise InvalidEpsilonError("--eps is required with --model: a state_dict does not record the radius to "
                                   "certify (e.g. --eps 0.5 for an l2 ball of radius 0.5)")
     cert._check_eps(eps, 1)
+    cert.model_rounding = bool(getattr(args, "model_rounding", False))
     cert.prepare(progress=progress)
     cert.certify(x[:1], y[:1], eps)  # the first call's one-off work (kernel compilation, the guard) is set-up too
     return Setup(cert=cert, x=x, y=y, eps=float(eps), model=_model_section(meta, cert), data=dmeta, cfg=cfg,
@@ -261,7 +262,7 @@ def _threat(cert, eps) -> dict:
     from bcpc import report
 
     return {"norm": report.norm_name(cert.norm), "eps": None if eps is None else float(eps),
-            "input_domain": report.domain(*cert.input_domain)}
+            "input_domain": report.domain(*cert.input_domain), "model_rounding": bool(cert.model_rounding)}
 
 
 def _runtime(cert, setup_s: float, run_s: float, n: int, processes: int = 1) -> dict:
@@ -713,6 +714,10 @@ def _threat_options(p, inspect: bool = False) -> None:
                    "(default: the checkpoint's, else l2)")
     g.add_argument("--input-domain", default=None, metavar="LOW,HIGH",
                    help="range of valid inputs, or none (default: the checkpoint's, else 0,1)")
+    if not inspect:
+        g.add_argument("--model-rounding", action="store_true",
+                       help="certify the float32 model's own arithmetic too (a worst-case bound on its rounding: "
+                            "several points of verified accuracy lower; default: the model's function in float64)")
 
 
 def _output_options(p, out_help: str = "also write the report as JSON to FILE") -> None:

@@ -77,6 +77,9 @@ FIELDS = (
     Field("threat.eps", "float", _ALL, _RUN, "its radius (inspect: only with `--eps`)"),
     Field("threat.input_domain", "list", _ALL, _ALL, "[low, high]: every perturbed input lies in it too; an open "
           "end is the string `-inf` / `inf`"),
+    Field("threat.model_rounding", "bool", _ALL, (), "true: the certificates also hold for the float32 model's "
+          "own arithmetic (`--model-rounding`); false (and absent, in reports written before it existed): for the "
+          "model's function computed in float64"),
     Field("method", "str", _ALL, _ALL, "the bound behind the certificates: bcp, ibp or lipschitz"),
     Field("attack.pgd_steps", "int", (_E, _A), (_A,), "PGD steps (evaluate leaves the attack out with "
           "`--pgd-steps 0`)"),
@@ -396,7 +399,8 @@ def _threat_line(r: dict) -> str:
     lo, hi = t["input_domain"]
     dom = "unbounded inputs" if (lo, hi) == ("-inf", "inf") else f"inputs in [{_g(lo)}, {_g(hi)}]"
     ball = f"{t['norm']} ball of radius {_g(t['eps'])}" if "eps" in t else f"{t['norm']} norm (no radius given)"
-    return f"{ball}, {dom}"
+    arithmetic = ", the float32 model's own rounding included" if t.get("model_rounding") else ""
+    return f"{ball}, {dom}{arithmetic}"
 
 
 def _attack_line(a: dict, command: str) -> str:

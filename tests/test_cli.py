@@ -175,6 +175,14 @@ def test_certify_shows_progress_counting_images_and_writes_its_report(tmp_path, 
                      "--data-root", str(ROOT / "data"), "--json"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and json.loads(captured.out)["data"]["n"] == 5
+    plain = json.loads(captured.out)
+    assert plain["threat"]["model_rounding"] is False
+    assert cli.main(["certify", "--checkpoint", str(DEMO), "--eps", "1.58", "--n", "5", "--no-progress",
+                     "--data-root", str(ROOT / "data"), "--json", "--model-rounding"]) == 0
+    rounded = report.validate(json.loads(capsys.readouterr().out))
+    assert rounded["threat"]["model_rounding"] is True
+    assert rounded["results"]["certified"] <= plain["results"]["certified"]
+    assert "own rounding included" in report.render_text(rounded)
 
 
 def test_inspect_needs_no_input_shape_with_a_checkpoint(capsys, one_thread):
