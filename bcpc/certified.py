@@ -249,7 +249,15 @@ class CertifiedModule(nn.Module):
         one, and 0 without ``model_rounding``."""
         if not self.model_rounding:
             return 0.0
-        return rounding.unit(gm_dtype(self.propagation, x_user.dtype))
+        dtype = gm_dtype(self.propagation, x_user.dtype)
+        if dtype == torch.float32 and x_user.device.type == "cuda" and (
+                torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
+            raise ConfigError(
+                "model_rounding bounds float32 arithmetic, but this CUDA model may compute its convolutions or "
+                "matrix products in TF32 (10-bit mantissas: 2^13 times float32's rounding): set "
+                "torch.backends.cudnn.allow_tf32 = False and torch.backends.cuda.matmul.allow_tf32 = False, or "
+                "certify on the CPU")
+        return rounding.unit(dtype)
 
     def _check_model_dtype(self, x: Tensor) -> None:
         """Refuse to certify a model that computes in float16 or bfloat16: the certificate is computed

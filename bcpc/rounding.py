@@ -78,6 +78,12 @@ def unit(dtype: torch.dtype) -> float:
     raise ValueError(f"no rounding bound for a model in {dtype} (float16 and bfloat16 models are not certified)")
 
 
+def eta(u: float) -> float:
+    """The absolute rounding error of an underflowing result: half the smallest subnormal
+    (float32: ``2^-150``; the relative model ``(1 + d)`` does not hold below the normal range)."""
+    return u * 2.0 ** -126
+
+
 def gamma(k: int, u: float) -> float:
     """``k u / (1 - k u)``: the relative error bound of a sum of ``k`` products (Higham 3.1)."""
     ku = k * u
@@ -110,17 +116,19 @@ def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[
     m = magnitude(x)
     w, b = weight.abs(), (None if bias is None else bias.abs())
     if name == "linear":
-        return gamma(weight.shape[1] + 1, u) * F.linear(m, w, b)
+        n = weight.shape[1] + 1
+        return gamma(n, u) * F.linear(m, w, b) + (n + 1) * eta(u)
     nd = weight.dim() - 2
     kernel = math.prod(weight.shape[2:])
     if name.startswith("conv_transpose"):
         stride, padding, output_padding, groups, dilation = args
-        terms = (weight.shape[0] // groups) * kernel
+        terms = (weight.shape[0] // groups) * kernel + 1
         fn = getattr(F, f"conv_transpose{nd}d")
-        return gamma(terms + 1, u) * fn(m, w, b, stride, padding, output_padding, groups, dilation)
+        return gamma(terms, u) * fn(m, w, b, stride, padding, output_padding, groups, dilation) + (terms + 1) * eta(u)
     stride, padding, dilation, groups = args
+    terms = weight.shape[1] * kernel + 1
     fn = getattr(F, f"conv{nd}d")
-    return gamma(weight.shape[1] * kernel + 1, u) * fn(m, w, b, stride, padding, dilation, groups)
+    return gamma(terms, u) * fn(m, w, b, stride, padding, dilation, groups) + (terms + 1) * eta(u)
 
 
 def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_var, eps) -> Tensor:
@@ -132,42 +140,79 @@ def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_va
     total = s * (magnitude(x) + running_mean.abs().reshape(view))
     if bias is not None:
         total = total + bias.abs().reshape(view)
-    return gamma(8, u) * total
+    return gamma(8, u) * total + 8 * eta(u)
+
+
+def _constants(args, kwargs) -> float:
+    """Sum of the magnitudes of the Python float arguments (a clamp's bounds, a pad value, an added
+    constant): the model rounds each to float32 (an absolute error up to ``u |c|`` that a relative
+    bound on the result does not cover where the result is much smaller), the copy does not."""
+    values = [a for a in list(args) + list(kwargs.values()) if isinstance(a, float)]
+    values += [v for a in args if isinstance(a, (tuple, list)) for v in a if isinstance(v, float)]
+    return sum(abs(v) for v in values)
 
 
 def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     """``out``, the Bound of a node of rule ``name`` computed from the (widened) input Bounds in
     ``args``, widened by the rounding of the model's own operation (unit roundoff ``u``)."""
-    if not u or name in EXACT:
+    if not u:
         return out
     if not _TARGETS:
         from bcpc import registry
         _TARGETS.update({r.name: r.target for r in registry.rules()})
+    const = u * _constants(args, kwargs)  # the model's float32 copies of Python constants
+    if name in EXACT:
+        return widen(out, torch.full_like(out.center[:1], const)) if const else out
     if name in AFFINE:
-        return widen(out, _affine_delta(u, name, *args))
+        return widen(out, _affine_delta(u, name, *args) + const)
     if name in BATCH_NORM:
         x, weight, bias, running_mean, running_var, _, _, _, eps = args
         return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps))
     if name in ONE:
-        return widen(out, 3 * u * magnitude(out))
+        return widen(out, 3 * u * magnitude(out) + 3 * eta(u) + const)
+    if name == "interpolate":
+        # float32 computes the source coordinates in float32 and may take other neighbours (or a
+        # nonzero weight on an element float64 gives none): bound by the channel's largest magnitude
+        x = args[0]
+        per = magnitude(x).flatten(2).amax(2)
+        return widen(out, 2 * (1 + 4 * u) * per.reshape(per.shape + (1,) * (out.center.dim() - 2)))
     if name in AVERAGE:
-        # nonnegative weights: op(|x|) bounds the sum of |weight * term|; linear resampling has at
-        # most 8 terms and weights computed in float, a pooling window no more than one channel's map
+        # nonnegative weights: op(|x|) bounds the sum of |weight * term|; a pooling window is no
+        # larger than one channel's map
         x, *rest = args
-        op = _TARGETS[name]
-        terms = 16 if name == "interpolate" else math.prod(x.center.shape[2:]) + 2
-        return widen(out, gamma(terms, u) * op(magnitude(x), *rest, **kwargs))
+        terms = math.prod(x.center.shape[2:]) + 2
+        return widen(out, gamma(terms, u) * _TARGETS[name](magnitude(x), *rest, **kwargs) + terms * eta(u))
     if name in REDUCE:
         x, dims, keepdim = args
-        terms = max(1, x.center[0].numel() // max(1, out.center[0].numel()))
+        terms = max(1, x.center[0].numel() // max(1, out.center[0].numel())) + 1
         reduce = torch.sum if name == "sum" else torch.mean
-        return widen(out, gamma(terms + 1, u) * reduce(magnitude(x), dims, keepdim))
+        return widen(out, gamma(terms, u) * reduce(magnitude(x), dims, keepdim) + terms * eta(u))
     if name in LIBRARY:
         # per sample: the largest |input| of the sample, plus |output| elementwise, plus 1
         inputs = [a for a in args if _is_bound(a)]
         per = torch.stack([magnitude(a).flatten(1).amax(1) for a in inputs]).amax(0)
-        return widen(out, LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0))
+        delta = LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0)
+        if name == "softplus":
+            delta = delta + _softplus_switch(u, *args)
+        return widen(out, delta)
     raise NotImplementedError(f"bcpc.rounding has no rounding bound for rule {name!r}: classify it in bcpc/rounding.py")
+
+
+def _softplus_switch(u: float, x: Bound, beta, threshold) -> Tensor:
+    """softplus jumps by ``jump`` at ``x0 = threshold / beta`` (rules/activations.py), and float32
+    decides the side by comparing ``fl(beta x)`` with ``fl(threshold)``: within a few units of
+    roundoff of ``x0`` it may take the other piece than the copy. There, the jump is added."""
+    from bcpc.rules.activations import _softplus_jump
+
+    jump = _softplus_jump(beta, threshold)
+    if not jump:
+        return torch.zeros((), dtype=x.center.dtype, device=x.center.device)
+    x0 = threshold / beta
+    lower = x.lower if x.lower is not None else x.center - expand_radius(x.radius, x.center)
+    upper = x.upper if x.upper is not None else x.center + expand_radius(x.radius, x.center)
+    slack = 8 * u * (abs(x0) + torch.maximum(lower.abs(), upper.abs())) + 8 * eta(u)
+    near = (lower <= x0 + slack) & (upper >= x0 - slack)
+    return jump * near.to(x.center.dtype)
 
 
 def batch_norm_after_conv(out: Bound, u: float, x: Bound, weight, bias, stride, padding, dilation, groups,

@@ -46,6 +46,13 @@ def _call(graph: fx.Graph, target, args, kwargs=None, *, name: str) -> fx.Node:
     return graph.create_node("call_function", target, tuple(args), dict(kwargs or {}), name=name)
 
 
+def _float_constants(node: fx.Node) -> bool:
+    """Whether the node has Python float arguments (a clamp's bound, a pad value)."""
+    flat = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
+    return any(isinstance(a, float) for a in flat)
+
+
 def _map(arg, env):
     return fx.node.map_arg(arg, lambda n: env[n])
 
@@ -136,7 +143,8 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
                 lowered.lipschitz[rec.origin] = (lip_name, w_node.target if w_node.op == "get_attr" else None)
             radius = _call(graph, rule.ball, b_args, ball_kwargs, name=f"{node.name}_radius")
         folded_bn = with_box and node in analysis.folds
-        widened = not folded_bn and rule.name not in rounding.EXACT  # the model's rounding added after
+        # the model's rounding is added after (exact ops too where the model rounds a Python constant)
+        widened = not folded_bn and (rule.name not in rounding.EXACT or _float_constants(node))
         name = f"{node.name}_exact" if widened or folded_bn else f"{node.name}_bound"
         if with_box and node in folded_convs:
             # its box is formed at the BatchNorm that reads it, through the folded map

@@ -118,3 +118,78 @@ def test_a_float64_model_is_its_own_certification_copy():
     plain = cert(x, 0.1).margins
     cert.model_rounding = True
     torch.testing.assert_close(cert(x, 0.1).margins, plain, rtol=0, atol=0)
+
+
+class _Head(nn.Module):
+    """``fc(body(x))`` with ``fc`` fixed: z0 = h0 + bias0, z1 = h1 (identity weights)."""
+
+    def __init__(self, body, bias0=-0.5, width=1):
+        super().__init__()
+        self.body, self.fc = body, nn.Linear(width, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(2)[:, :width])
+            self.fc.bias.copy_(torch.tensor([bias0, 0.0]))
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+# A second review's violations of model_rounding, each a float32 point x' inside the ball that the
+# float32 model misclassifies while the first version certified it: (body, x, x', eps, bias0, width)
+_CASES = {
+    # a clamp bound float32 cannot hold: the model clamps to fl32(C) = 25165824, the copy to C
+    "clamp to a Python constant": (lambda x: torch.clamp(x * 2.0 ** 25, min=25165824.9) - 25165824.0,
+                                   [[0.75 + 4 * 2.0 ** -24]], [[0.75]], 2.5e-7, -0.5, 1),
+    "pad with a Python constant": (lambda x: F.pad(x * 2.0 ** 25, (0, 1), value=25165824.9).amax(1, keepdim=True)
+                                   - 25165824.0, [[0.75 + 4 * 2.0 ** -24]], [[0.75]], 2.5e-7, -0.5, 1),
+    # x - C with |x - C| much smaller than C: the constant's own rounding, not the result's
+    "subtracting a Python constant": (lambda x: torch.clamp(x - 25165825.1, 0.0, 1.0),
+                                      [[25165832.0]], [[25165826.0]], 6.06, -0.5, 1),
+    # softplus jumps at threshold / beta, and float32 compares fl(beta x) with fl(threshold)
+    "softplus at its switch point": (lambda x: -F.softplus(x, beta=1.0, threshold=0.1),
+                                     [[0.2]], [[0.1]], 0.10000000224, 0.5, 1),
+    # results below float32's normal range are rounded absolutely, not relatively
+    "a product that underflows": (lambda x: torch.clamp(x * 1e-44 * 1e38 * 1e6, 0.0, 0.85),
+                                  [[1.0]], [[0.9]], 0.101, -0.845, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_what_the_second_review_found_is_not_certified(case):
+    body, x, inside, eps, bias0, width = _CASES[case]
+
+    class Body(nn.Module):
+        def forward(self, h):
+            return body(h)
+
+    model = _Head(Body(), bias0, width).eval()
+    x, inside, y = torch.tensor(x), torch.tensor(inside), torch.tensor([0])
+    assert float((inside.double() - x.double()).norm()) <= eps
+    assert model(inside).argmax(1).item() == 1  # the float32 model, inside the ball
+    cert = bcpc.compile(model, example_input=x)
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, y, eps)[0])
+    z = model(inside).double()
+    assert float(cert(x, eps, y).margins[0, 1]) <= float(z[0, 0] - z[0, 1])
+
+
+def test_bilinear_resampling_that_takes_another_neighbour_in_float32():
+    """Upsampling 8 to 24 columns (align_corners): at the last column float64's source coordinate is
+    exactly 7, float32's 6.9999995, which puts a weight of 4.8e-7 on the large element 6."""
+
+    class Body(nn.Module):
+        def forward(self, x):
+            out = F.interpolate(x, size=(1, 24), mode="bilinear", align_corners=True)
+            return torch.relu(torch.cat([out[..., 0], out[..., 23]], dim=-1)).flatten(1)
+
+    model = _Head(Body(), 0.0, 2).eval()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.eye(2))
+        model.fc.bias.copy_(torch.tensor([0.02, 0.0]))
+    x = torch.tensor([[[[-5.0, 0, 0, 0, 0, 0, 1e5, -1.0]]]])
+    inside = x.clone()
+    inside[..., 7] = -0.01
+    assert model(inside).argmax(1).item() == 1
+    cert = bcpc.compile(model, example_input=x)
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, torch.tensor([0]), 1.0)[0])
