@@ -132,24 +132,48 @@ def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[
 
 
 def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_var, eps) -> Tensor:
-    scale = torch.rsqrt(running_var + eps)
+    """The model's BatchNorm (eval) against the copy's: its float32 scale ``w / sqrt(var + fl(eps))``
+    computed as the model computes it, whose difference from the copy's exact one is counted in
+    full (a subnormal or cancelling ``var + eps`` makes it far more than a few units of roundoff),
+    plus the rounding of applying it."""
+    exact = torch.rsqrt(running_var + eps)
+    own = torch.rsqrt(running_var.float() + torch.tensor(eps, dtype=torch.float32)).to(exact.dtype)
     if weight is not None:
-        scale = scale * weight
+        exact, own = exact * weight, own * weight
     view = (1, -1) + (1,) * (x.center.dim() - 2)
-    s = scale.abs().reshape(view)
-    total = s * (magnitude(x) + running_mean.abs().reshape(view))
+    own_abs = own.abs() * (1 + gamma(4, u))  # the float32 rsqrt and product themselves
+    spread = ((own - exact).abs() + gamma(4, u) * own.abs()).reshape(view)
+    centred = magnitude(x) + running_mean.abs().reshape(view)
+    total = own_abs.reshape(view) * centred
     if bias is not None:
         total = total + bias.abs().reshape(view)
-    return gamma(8, u) * total + 8 * eta(u)
+    return spread * centred + gamma(8, u) * total + 8 * eta(u)
 
 
-def _constants(args, kwargs) -> float:
-    """Sum of the magnitudes of the Python float arguments (a clamp's bounds, a pad value, an added
-    constant): the model rounds each to float32 (an absolute error up to ``u |c|`` that a relative
-    bound on the result does not cover where the result is much smaller), the copy does not."""
-    values = [a for a in list(args) + list(kwargs.values()) if isinstance(a, float)]
-    values += [v for a in args if isinstance(a, (tuple, list)) for v in a if isinstance(v, float)]
-    return sum(abs(v) for v in values)
+def _constants(args, kwargs) -> tuple[float, float]:
+    """``(absolute, relative)``: the largest difference between a constant argument and the float32
+    value the model computes with (Python floats, and tensors that are no Bound: a float64 tensor
+    attribute, ``full_like(x, 0.1)``), and the largest such difference relative to the constant.
+    The model rounds them to float32 (a subnormal one by far more than ``u`` relative), the copy
+    does not; an added constant moves the result by the first, a factor by the second times the
+    result. Parameters, float32 already, differ by nothing."""
+    flat = list(args) + list(kwargs.values())
+    flat += [v for a in list(args) if isinstance(a, (tuple, list)) and not _is_bound(a) for v in a]
+    absolute = relative = 0.0
+    for a in flat:
+        if isinstance(a, bool) or not isinstance(a, (float, Tensor)) or _is_bound(a):
+            continue
+        t = torch.as_tensor(a, dtype=torch.float64) if isinstance(a, float) else a
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        t = t.detach().to(torch.float64)
+        err = (t - t.float().to(torch.float64)).abs()
+        if not bool((err > 0).any()):
+            continue
+        absolute = max(absolute, float(err.max()))
+        nonzero = t != 0
+        relative = max(relative, float((err[nonzero] / t[nonzero].abs()).max()))
+    return absolute, relative
 
 
 def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
@@ -160,14 +184,15 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     if not _TARGETS:
         from bcpc import registry
         _TARGETS.update({r.name: r.target for r in registry.rules()})
-    const = u * _constants(args, kwargs)  # the model's float32 copies of Python constants
+    absolute, relative = _constants(args, kwargs)  # the model's float32 copies of constants
+    const = absolute + 2 * relative * magnitude(out) if (absolute or relative) else 0.0
     if name in EXACT:
-        return widen(out, torch.full_like(out.center[:1], const)) if const else out
+        return widen(out, const + torch.zeros_like(out.center[:1])) if (absolute or relative) else out
     if name in AFFINE:
         return widen(out, _affine_delta(u, name, *args) + const)
     if name in BATCH_NORM:
         x, weight, bias, running_mean, running_var, _, _, _, eps = args
-        return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps))
+        return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps) + const)
     if name in ONE:
         return widen(out, 3 * u * magnitude(out) + 3 * eta(u) + const)
     if name == "interpolate":
@@ -181,17 +206,17 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
         # larger than one channel's map
         x, *rest = args
         terms = math.prod(x.center.shape[2:]) + 2
-        return widen(out, gamma(terms, u) * _TARGETS[name](magnitude(x), *rest, **kwargs) + terms * eta(u))
+        return widen(out, gamma(terms, u) * _TARGETS[name](magnitude(x), *rest, **kwargs) + terms * eta(u) + const)
     if name in REDUCE:
         x, dims, keepdim = args
         terms = max(1, x.center[0].numel() // max(1, out.center[0].numel())) + 1
         reduce = torch.sum if name == "sum" else torch.mean
-        return widen(out, gamma(terms, u) * reduce(magnitude(x), dims, keepdim) + terms * eta(u))
+        return widen(out, gamma(terms, u) * reduce(magnitude(x), dims, keepdim) + terms * eta(u) + const)
     if name in LIBRARY:
         # per sample: the largest |input| of the sample, plus |output| elementwise, plus 1
         inputs = [a for a in args if _is_bound(a)]
         per = torch.stack([magnitude(a).flatten(1).amax(1) for a in inputs]).amax(0)
-        delta = LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0)
+        delta = LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0) + const
         if name == "softplus":
             delta = delta + _softplus_switch(u, *args)
         return widen(out, delta)
@@ -225,9 +250,11 @@ def batch_norm_after_conv(out: Bound, u: float, x: Bound, weight, bias, stride, 
         return out
     nd = weight.dim() - 2
     conv_delta = _affine_delta(u, f"conv{nd}d", x, weight, bias, stride, padding, dilation, groups)
-    scale = torch.rsqrt(running_var + eps)
+    # the larger of the copy's scale and the float32 model's
+    scale = torch.maximum(torch.rsqrt(running_var + eps).abs(),
+                          torch.rsqrt(running_var.float() + torch.tensor(eps, dtype=torch.float32)).to(x.center.dtype))
     if bn_weight is not None:
-        scale = scale * bn_weight
+        scale = scale * bn_weight.abs() * (1 + gamma(4, u))
     view = (1, -1) + (1,) * (x.center.dim() - 2)
     # |the convolution's float32 output| <= conv(|x|, |W|) + |b| + its rounding
     conv_mag = getattr(F, f"conv{nd}d")(magnitude(x), weight.abs(), None if bias is None else bias.abs(),

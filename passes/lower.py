@@ -47,10 +47,12 @@ def _call(graph: fx.Graph, target, args, kwargs=None, *, name: str) -> fx.Node:
 
 
 def _float_constants(node: fx.Node) -> bool:
-    """Whether the node has Python float arguments (a clamp's bound, a pad value)."""
+    """Whether the node has constant arguments the model may hold in float32 where the float64 copy
+    does not: Python floats (a clamp's bound, a pad value) or values that do not depend on the input
+    (a tensor attribute, ``full_like(x, 0.1)``)."""
     flat = []
     fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
-    return any(isinstance(a, float) for a in flat)
+    return any(isinstance(a, float) or (isinstance(a, fx.Node) and not info(a).perturbed) for a in flat)
 
 
 def _map(arg, env):

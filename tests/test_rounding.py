@@ -193,3 +193,55 @@ def test_bilinear_resampling_that_takes_another_neighbour_in_float32():
     cert = bcpc.compile(model, example_input=x)
     cert.model_rounding = True
     assert not bool(cert.certify(x, torch.tensor([0]), 1.0)[0])
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn, **tensors):
+        super().__init__()
+        self.fn = fn
+        for name, t in tensors.items():
+            setattr(self, name, t)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _not_certified_where_the_float32_model_is_wrong(model, x, y, eps):
+    cert = bcpc.compile(model, example_input=x)
+    cert.model_rounding = True
+    z = model(x).double()
+    own = z.gather(1, y[:, None]) - z  # the float32 model's margins at the centre itself
+    others = torch.ones_like(own, dtype=torch.bool).scatter(1, y[:, None], False)
+    assert (cert(x, eps, y).margins[others] <= own[others]).all()
+    return cert
+
+
+def test_constants_the_model_rounds_far_more_than_a_unit_are_counted_in_full():
+    """A third review: a subnormal constant (1e-40 is 5e-6 off in float32), a BatchNorm eps that is
+    subnormal in float32, a float64 tensor attribute and a tensor filled in forward, each rounded by
+    the float32 model and not by the copy."""
+    x, y = torch.tensor([[1000.0, 999.99]]), torch.tensor([0])
+    big = torch.tensor(1e38)
+    subnormal = _Lambda(lambda s, h: torch.cat([h[:, :1] * 1e-40 * s.big * 100.0, h[:, 1:]], 1), big=big).eval()
+    cert = _not_certified_where_the_float32_model_is_wrong(subnormal, x, y, 1e-3)
+    assert not bool(cert.certify(x, y, 1e-3)[0])
+
+    bn = nn.BatchNorm1d(2, eps=1e-40).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.0, 1.0]))
+        bn.weight.copy_(torch.tensor([1e-20, 1.0]))
+    x2, y2 = torch.tensor([[999.99, 1000.0]]), torch.tensor([1])
+    cert = _not_certified_where_the_float32_model_is_wrong(nn.Sequential(bn).eval(), x2, y2, 1e-3)
+    assert not bool(cert.certify(x2, y2, 1e-3)[0])
+
+    lin = nn.Linear(1, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[-1e6], [1e6], [0.0]]))
+        lin.bias.copy_(torch.tensor([0.0, 0.0, -100.0]))
+    x3, y3 = torch.tensor([[0.1]]), torch.tensor([1])
+    attribute = _Lambda(lambda s, h: s.lin(h - s.c), lin=lin, c=torch.tensor(0.1, dtype=torch.float64)).eval()
+    filled = _Lambda(lambda s, h: s.lin(h - torch.full_like(h, 0.1)), lin=lin).eval()
+    for model in (attribute, filled):
+        assert model(x3).argmax(1).item() == 0  # float32: 0.1 - fl32(0.1) is 0, not 1e6 * 1.5e-9
+        cert = _not_certified_where_the_float32_model_is_wrong(model, x3, y3, 1e-12)
+        assert not bool(cert.certify(x3, y3, 1e-12)[0])
