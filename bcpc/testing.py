@@ -241,11 +241,16 @@ class SoundnessReport:
     violations: list = field(default_factory=list)
 
 
-def reference_model(model: nn.Module, probe: Tensor) -> tuple:
+def reference_model(model: nn.Module, probe: Tensor, own_dtype: bool = False) -> tuple:
     """``(model, dtype)`` to check bounds against: a float64 copy of the user's model where it runs
     in float64, else (a forward that casts to float32 inside, ``x.float()``, meets the float64
     weights with a float32 tensor) the model itself in its own dtype, whose rounding then counts
-    against the bounds (a stricter check)."""
+    against the bounds (a stricter check). With ``own_dtype`` (the certificates of
+    ``cert.model_rounding``) always the model itself, in its own dtype."""
+    own = next((t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()),
+               probe.dtype)
+    if own_dtype:
+        return model.eval(), own
     model64 = copy_in_dtype(model, torch.float64).eval()
     try:
         with torch.no_grad():
@@ -254,8 +259,6 @@ def reference_model(model: nn.Module, probe: Tensor) -> tuple:
     except RuntimeError as exc:
         if "dtype" not in str(exc) and "type" not in str(exc):
             raise
-    own = next((t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()),
-               torch.get_default_dtype())
     return model.eval(), own
 
 
@@ -275,7 +278,7 @@ def check_soundness(cert, model: nn.Module, x: Tensor, y: Tensor, eps, points: T
     bounds = cert.node_bounds(x, eps, sound=True)
     cert_m = cert.margins(x, y, eps, sound=True)
     n = points.shape[0]
-    model, dtype = reference_model(model, points[0])
+    model, dtype = reference_model(model, points[0], own_dtype=getattr(cert, "model_rounding", False))
     flat = points.reshape((-1,) + tuple(points.shape[2:])).to(dtype)
     acts = record_activations(model, flat)
     rep = SoundnessReport(points=int(flat.shape[0]))
@@ -333,7 +336,7 @@ def audit(cert, x: Tensor, y: Tensor, eps, *, pgd_steps: int = 100, restarts: in
     For each certified input: PGD on the margin with ``restarts`` restarts (the first from x, the
     others random) plus ``sphere_samples`` points on the sphere / at box corners, all inside the
     input domain, pushed through the model in float64 (in its own dtype where it cannot run in
-    float64, :func:`reference_model`). A violation is an attack point classified other than y. Also reports the smallest gap between the certified margin lower bound and the
+    float64, :func:`reference_model`; in its own dtype with ``cert.model_rounding``). A violation is an attack point classified other than y. Also reports the smallest gap between the certified margin lower bound and the
     margin actually reached by the attack (it must be >= 0; small values mean a tight bound).
     """
     import time
@@ -342,7 +345,7 @@ def audit(cert, x: Tensor, y: Tensor, eps, *, pgd_steps: int = 100, restarts: in
 
     t0 = time.time()
     rep = AuditReport()
-    model_ref, dtype = reference_model(cert.model, x[:4])
+    model_ref, dtype = reference_model(cert.model, x[:4], own_dtype=getattr(cert, "model_rounding", False))
     gen = torch.Generator().manual_seed(seed)
     for i in tqdm(range(0, x.shape[0], batch_size), disable=not progress, desc="audit", unit="batch"):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]

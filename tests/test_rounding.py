@@ -245,3 +245,20 @@ def test_constants_the_model_rounds_far_more_than_a_unit_are_counted_in_full():
         assert model(x3).argmax(1).item() == 0  # float32: 0.1 - fl32(0.1) is 0, not 1e6 * 1.5e-9
         cert = _not_certified_where_the_float32_model_is_wrong(model, x3, y3, 1e-12)
         assert not bool(cert.certify(x3, y3, 1e-12)[0])
+
+
+def test_audit_and_check_soundness_attack_the_float32_model_under_model_rounding():
+    from bcpc import testing
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(6, 4)
+    y = model(x).argmax(1)
+    cert = bcpc.compile(model, example_input=x[:1], input_domain=(0.0, 1.0))
+    assert testing.reference_model(model, x)[1] == torch.float64
+    cert.model_rounding = True
+    assert testing.reference_model(model, x, own_dtype=True) == (model, torch.float32)
+    rep = testing.audit(cert, x, y, 0.05, pgd_steps=10, restarts=1, sphere_samples=8)
+    assert rep.violations == 0 and rep.certified > 0
+    points = x.unsqueeze(0) + 0.01 * torch.randn(5, *x.shape)
+    assert not testing.check_soundness(cert, model, x, y, 0.05, points.clamp(0, 1)).violations
