@@ -250,13 +250,16 @@ class CertifiedModule(nn.Module):
         if not self.model_rounding:
             return 0.0
         dtype = gm_dtype(self.propagation, x_user.dtype)
-        if dtype == torch.float32 and x_user.device.type == "cuda" and (
-                torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
-            raise ConfigError(
-                "model_rounding bounds float32 arithmetic, but this CUDA model may compute its convolutions or "
-                "matrix products in TF32 (10-bit mantissas: 2^13 times float32's rounding): set "
-                "torch.backends.cudnn.allow_tf32 = False and torch.backends.cuda.matmul.allow_tf32 = False, or "
-                "certify on the CPU")
+        if dtype == torch.float32:
+            reduced = rounding.reduced_precision(x_user.device.type)
+            if reduced:
+                raise ConfigError(
+                    f"model_rounding bounds float32 arithmetic, but torch is set to compute float32 {reduced}, "
+                    "whose rounding is thousands of times float32's (a review certified inputs that the model then "
+                    "misclassified under set_float32_matmul_precision('medium')). Set torch's float32 precision to "
+                    "IEEE for the certification and the deployment (torch.set_float32_matmul_precision('highest'); "
+                    "on CUDA also torch.backends.cudnn.conv.fp32_precision = 'ieee' and "
+                    "torch.backends.cuda.matmul.fp32_precision = 'ieee'), or certify without model_rounding.")
         return rounding.unit(dtype)
 
     def _check_model_dtype(self, x: Tensor) -> None:

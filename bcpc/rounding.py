@@ -78,6 +78,45 @@ def unit(dtype: torch.dtype) -> float:
     raise ValueError(f"no rounding bound for a model in {dtype} (float16 and bfloat16 models are not certified)")
 
 
+#: the largest finite float32: a value the bounds allow beyond it may be inf (or NaN) in the model
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def reduced_precision(device_type: str) -> str:
+    """What torch's settings let float32 products on ``device_type`` run in below IEEE float32
+    (TF32 or bfloat16), as words for an error message; "" where they run in float32."""
+    found = []
+    if torch.get_float32_matmul_precision() != "highest":
+        found.append(f"matrix products at precision {torch.get_float32_matmul_precision()!r}")
+    if device_type == "cuda":
+        paths = ("backends.fp32_precision", "backends.cuda.matmul.fp32_precision", "backends.cudnn.fp32_precision",
+                 "backends.cudnn.conv.fp32_precision")
+        for flag in ("backends.cudnn.allow_tf32", "backends.cuda.matmul.allow_tf32"):
+            try:
+                if _attribute(flag):
+                    found.append(f"in TF32 (torch.{flag})")
+            except RuntimeError:  # torch refuses the old flag once the new API is used
+                pass
+    else:
+        paths = ("backends.fp32_precision", "backends.mkldnn.fp32_precision", "backends.mkldnn.matmul.fp32_precision",
+                 "backends.mkldnn.conv.fp32_precision")
+    for path in paths:
+        try:
+            value = _attribute(path)
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(value, str) and value not in ("none", "ieee"):
+            found.append(f"in {value} (torch.{path})")
+    return ", ".join(dict.fromkeys(found))
+
+
+def _attribute(path: str):
+    obj = torch
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def eta(u: float) -> float:
     """The absolute rounding error of an underflowing result: half the smallest subnormal
     (float32: ``2^-150``; the relative model ``(1 + d)`` does not hold below the normal range)."""
@@ -117,18 +156,19 @@ def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[
     w, b = weight.abs(), (None if bias is None else bias.abs())
     if name == "linear":
         n = weight.shape[1] + 1
-        return gamma(n, u) * F.linear(m, w, b) + (n + 1) * eta(u)
+        total = F.linear(m, w, b)
+        return _overflow(total, gamma(n, u) * total + (n + 1) * eta(u))
     nd = weight.dim() - 2
     kernel = math.prod(weight.shape[2:])
     if name.startswith("conv_transpose"):
         stride, padding, output_padding, groups, dilation = args
         terms = (weight.shape[0] // groups) * kernel + 1
-        fn = getattr(F, f"conv_transpose{nd}d")
-        return gamma(terms, u) * fn(m, w, b, stride, padding, output_padding, groups, dilation) + (terms + 1) * eta(u)
+        total = getattr(F, f"conv_transpose{nd}d")(m, w, b, stride, padding, output_padding, groups, dilation)
+        return _overflow(total, gamma(terms, u) * total + (terms + 1) * eta(u))
     stride, padding, dilation, groups = args
     terms = weight.shape[1] * kernel + 1
-    fn = getattr(F, f"conv{nd}d")
-    return gamma(terms, u) * fn(m, w, b, stride, padding, dilation, groups) + (terms + 1) * eta(u)
+    total = getattr(F, f"conv{nd}d")(m, w, b, stride, padding, dilation, groups)
+    return _overflow(total, gamma(terms, u) * total + (terms + 1) * eta(u))
 
 
 def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_var, eps) -> Tensor:
@@ -150,6 +190,26 @@ def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_va
     return spread * centred + gamma(8, u) * total + 8 * eta(u)
 
 
+def _overflow(magnitude_bound: Tensor, delta: Tensor) -> Tensor:
+    """``delta``, infinite where the values (or a dot product's sum of terms) may pass float32's
+    largest finite value: there the model may compute inf or NaN, and nothing is certified."""
+    return torch.where(magnitude_bound + delta >= FLOAT32_MAX, torch.full_like(delta, math.inf), delta)
+
+
+def _window(name: str, x: Bound, out: Bound, rest) -> int:
+    """The most terms one output of an averaging op sums: the kernel of a pool, the largest
+    adaptive window, at most 8 for linear resampling. Counted on the last ``nd`` dimensions, which
+    torch pools whatever the batch and channel dimensions (an unbatched-looking ``(B, L)`` value
+    is pooled over L)."""
+    nd = int(name[-2])
+    spatial = x.center.shape[-nd:]
+    if name.startswith("adaptive"):
+        return math.prod(-(-s // max(1, o)) + 1 for s, o in zip(spatial, out.center.shape[-nd:]))
+    kernel = rest[0]
+    kernel = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,) * nd
+    return math.prod(int(k) for k in kernel)
+
+
 def _constants(args, kwargs) -> tuple[float, float]:
     """``(absolute, relative)``: the largest difference between a constant argument and the float32
     value the model computes with (Python floats, and tensors that are no Bound: a float64 tensor
@@ -161,9 +221,12 @@ def _constants(args, kwargs) -> tuple[float, float]:
     flat += [v for a in list(args) if isinstance(a, (tuple, list)) and not _is_bound(a) for v in a]
     absolute = relative = 0.0
     for a in flat:
-        if isinstance(a, bool) or not isinstance(a, (float, Tensor)) or _is_bound(a):
+        if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)) or _is_bound(a):
             continue
-        t = torch.as_tensor(a, dtype=torch.float64) if isinstance(a, float) else a
+        if isinstance(a, int) and abs(a) <= 2 ** 24:  # sizes, dims, and every int float32 holds
+            continue
+        t = torch.as_tensor(float(a) if isinstance(a, int) else a, dtype=torch.float64) \
+            if isinstance(a, (int, float)) else a
         if not t.is_floating_point() or t.numel() == 0:
             continue
         t = t.detach().to(torch.float64)
@@ -179,7 +242,7 @@ def _constants(args, kwargs) -> tuple[float, float]:
 def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     """``out``, the Bound of a node of rule ``name`` computed from the (widened) input Bounds in
     ``args``, widened by the rounding of the model's own operation (unit roundoff ``u``)."""
-    if not u:
+    if not u or (out.radius is None and out.lower is None):  # nothing to widen (a folded conv in ibp)
         return out
     if not _TARGETS:
         from bcpc import registry
@@ -189,12 +252,12 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     if name in EXACT:
         return widen(out, const + torch.zeros_like(out.center[:1])) if (absolute or relative) else out
     if name in AFFINE:
-        return widen(out, _affine_delta(u, name, *args) + const)
+        return widen(out, _overflow(magnitude(out), _affine_delta(u, name, *args) + const))
     if name in BATCH_NORM:
         x, weight, bias, running_mean, running_var, _, _, _, eps = args
         return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps) + const)
     if name in ONE:
-        return widen(out, 3 * u * magnitude(out) + 3 * eta(u) + const)
+        return widen(out, _overflow(magnitude(out), 3 * u * magnitude(out) + 3 * eta(u) + const))
     if name == "interpolate":
         # float32 computes the source coordinates in float32 and may take other neighbours (or a
         # nonzero weight on an element float64 gives none): bound by the channel's largest magnitude
@@ -202,16 +265,17 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
         per = magnitude(x).flatten(2).amax(2)
         return widen(out, 2 * (1 + 4 * u) * per.reshape(per.shape + (1,) * (out.center.dim() - 2)))
     if name in AVERAGE:
-        # nonnegative weights: op(|x|) bounds the sum of |weight * term|; a pooling window is no
-        # larger than one channel's map
+        # nonnegative weights: op(|x|) bounds the sum of |weight * term| over a window
         x, *rest = args
-        terms = math.prod(x.center.shape[2:]) + 2
-        return widen(out, gamma(terms, u) * _TARGETS[name](magnitude(x), *rest, **kwargs) + terms * eta(u) + const)
+        terms = _window(name, x, out, rest) + 2
+        total = _TARGETS[name](magnitude(x), *rest, **kwargs)
+        return widen(out, _overflow(total, gamma(terms, u) * total + terms * eta(u) + const))
     if name in REDUCE:
         x, dims, keepdim = args
         terms = max(1, x.center[0].numel() // max(1, out.center[0].numel())) + 1
         reduce = torch.sum if name == "sum" else torch.mean
-        return widen(out, gamma(terms, u) * reduce(magnitude(x), dims, keepdim) + terms * eta(u) + const)
+        total = reduce(magnitude(x), dims, keepdim)
+        return widen(out, _overflow(total, gamma(terms, u) * total + terms * eta(u) + const))
     if name in LIBRARY:
         # per sample: the largest |input| of the sample, plus |output| elementwise, plus 1
         inputs = [a for a in args if _is_bound(a)]

@@ -52,7 +52,8 @@ def _float_constants(node: fx.Node) -> bool:
     (a tensor attribute, ``full_like(x, 0.1)``)."""
     flat = []
     fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
-    return any(isinstance(a, float) or (isinstance(a, fx.Node) and not info(a).perturbed) for a in flat)
+    return any(isinstance(a, float) or (isinstance(a, int) and not isinstance(a, bool) and abs(a) > 2 ** 24)
+               or (isinstance(a, fx.Node) and not info(a).perturbed) for a in flat)
 
 
 def _map(arg, env):

@@ -262,3 +262,42 @@ def test_audit_and_check_soundness_attack_the_float32_model_under_model_rounding
     assert rep.violations == 0 and rep.certified > 0
     points = x.unsqueeze(0) + 0.01 * torch.randn(5, *x.shape)
     assert not testing.check_soundness(cert, model, x, y, 0.05, points.clamp(0, 1)).violations
+
+
+def test_a_fourth_reviews_cases_are_not_certified():
+    """An average pool over an unbatched-looking (B, L) value sums L terms (not the 3 that its
+    'channel map' would suggest); an integer constant above 2^24 is rounded by the float32 model."""
+    length = 32
+    c = 2.0 ** -5 + 8 * 2.0 ** -28
+    pool = _Lambda(lambda s, h: torch.cat([F.avg_pool1d(h, length), torch.full_like(h[:, :1], c)], 1)).eval()
+    x = torch.full((1, length), 2.0 ** -24)
+    x[0, 0] = 1.0
+    cert = _not_certified_where_the_float32_model_is_wrong(pool, x, torch.tensor([0]), 0.0)
+    assert not bool(cert.certify(x, torch.tensor([0]), 0.0)[0])
+
+    lin = nn.Linear(1, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        lin.bias.copy_(torch.tensor([0.5, 0.0]))
+    big_int = _Lambda(lambda s, h: s.lin(torch.clamp(h, max=16777219) - 16777220.0), lin=lin).eval()
+    x, y = torch.tensor([[16777210.0]]), torch.tensor([1])
+    assert big_int(torch.tensor([[16777220.0]])).argmax(1).item() == 0  # at distance 10
+    cert = bcpc.compile(big_int, example_input=x)
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, y, 12.0)[0])
+
+
+def test_reduced_float32_precision_is_refused_under_model_rounding():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 4)
+    cert = bcpc.compile(model, example_input=x[:1])
+    cert.model_rounding = True
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with pytest.raises(bcpc.errors.ConfigError, match="set_float32_matmul_precision"):
+            cert.certify(x, model(x).argmax(1), 0.1)
+        cert.model_rounding = False
+        cert.certify(x, model(x).argmax(1), 0.1)  # the float64 function's certificate does not depend on it
+    finally:
+        torch.set_float32_matmul_precision(before)
