@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bcpc.domain import Bound, expand_radius
+from bcpc.rules._util import is_bound
 
 #: rule name -> how the model's operation rounds (every registered rule has one; tests check it)
 EXACT = frozenset({
@@ -147,10 +148,6 @@ def widen(b: Bound, delta: Tensor) -> Bound:
     return Bound(b.center, radius, lower, upper)
 
 
-def _is_bound(a) -> bool:
-    return isinstance(a, Bound)
-
-
 def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[Tensor] = None, *args) -> Tensor:
     m = magnitude(x)
     w, b = weight.abs(), (None if bias is None else bias.abs())
@@ -171,15 +168,22 @@ def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[
     return _overflow(total, gamma(terms, u) * total + (terms + 1) * eta(u))
 
 
+def _bn_scales(running_var: Tensor, eps: float, weight) -> tuple:
+    """BatchNorm's per-channel scale ``w / sqrt(var + eps)`` as the copy computes it (float64) and as
+    the float32 model does (``fl(eps)``, float32 rsqrt), both in the copy's dtype."""
+    exact = torch.rsqrt(running_var + eps)
+    own = torch.rsqrt(running_var.float() + torch.tensor(eps, dtype=torch.float32)).to(exact.dtype)
+    if weight is not None:
+        exact, own = exact * weight, own * weight
+    return exact, own
+
+
 def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_var, eps) -> Tensor:
     """The model's BatchNorm (eval) against the copy's: its float32 scale ``w / sqrt(var + fl(eps))``
     computed as the model computes it, whose difference from the copy's exact one is counted in
     full (a subnormal or cancelling ``var + eps`` makes it far more than a few units of roundoff),
     plus the rounding of applying it."""
-    exact = torch.rsqrt(running_var + eps)
-    own = torch.rsqrt(running_var.float() + torch.tensor(eps, dtype=torch.float32)).to(exact.dtype)
-    if weight is not None:
-        exact, own = exact * weight, own * weight
+    exact, own = _bn_scales(running_var, eps, weight)
     view = (1, -1) + (1,) * (x.center.dim() - 2)
     own_abs = own.abs() * (1 + gamma(4, u))  # the float32 rsqrt and product themselves
     spread = ((own - exact).abs() + gamma(4, u) * own.abs()).reshape(view)
@@ -218,10 +222,10 @@ def _constants(args, kwargs) -> tuple[float, float]:
     does not; an added constant moves the result by the first, a factor by the second times the
     result. Parameters, float32 already, differ by nothing."""
     flat = list(args) + list(kwargs.values())
-    flat += [v for a in list(args) if isinstance(a, (tuple, list)) and not _is_bound(a) for v in a]
+    flat += [v for a in list(args) if isinstance(a, (tuple, list)) and not is_bound(a) for v in a]
     absolute = relative = 0.0
     for a in flat:
-        if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)) or _is_bound(a):
+        if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)) or is_bound(a):
             continue
         if isinstance(a, int) and abs(a) <= 2 ** 24:  # sizes, dims, and every int float32 holds
             continue
@@ -278,7 +282,7 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
         return widen(out, _overflow(total, gamma(terms, u) * total + terms * eta(u) + const))
     if name in LIBRARY:
         # per sample: the largest |input| of the sample, plus |output| elementwise, plus 1
-        inputs = [a for a in args if _is_bound(a)]
+        inputs = [a for a in args if is_bound(a)]
         per = torch.stack([magnitude(a).flatten(1).amax(1) for a in inputs]).amax(0)
         delta = LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0) + const
         if name == "softplus":
@@ -314,11 +318,8 @@ def batch_norm_after_conv(out: Bound, u: float, x: Bound, weight, bias, stride, 
         return out
     nd = weight.dim() - 2
     conv_delta = _affine_delta(u, f"conv{nd}d", x, weight, bias, stride, padding, dilation, groups)
-    # the larger of the copy's scale and the float32 model's
-    scale = torch.maximum(torch.rsqrt(running_var + eps).abs(),
-                          torch.rsqrt(running_var.float() + torch.tensor(eps, dtype=torch.float32)).to(x.center.dtype))
-    if bn_weight is not None:
-        scale = scale * bn_weight.abs() * (1 + gamma(4, u))
+    exact, own = _bn_scales(running_var, eps, bn_weight)
+    scale = torch.maximum(exact.abs(), own.abs()) * (1 + gamma(4, u))  # the larger of the two
     view = (1, -1) + (1,) * (x.center.dim() - 2)
     # |the convolution's float32 output| <= conv(|x|, |W|) + |b| + its rounding
     conv_mag = getattr(F, f"conv{nd}d")(magnitude(x), weight.abs(), None if bias is None else bias.abs(),
