@@ -260,6 +260,16 @@ class CertifiedModule(nn.Module):
                     "IEEE for the certification and the deployment (torch.set_float32_matmul_precision('highest'); "
                     "on CUDA also torch.backends.cudnn.conv.fp32_precision = 'ieee' and "
                     "torch.backends.cuda.matmul.fp32_precision = 'ieee'), or certify without model_rounding.")
+            if self._lowered.weight_rounding:
+                raise ConfigError(
+                    "model_rounding bounds the rounding of the float32 model's operations on the input, but the model "
+                    "also computes values from its weights alone in forward, which the float64 certification copy "
+                    "computes in float64 and whose float32 rounding is not bounded: "
+                    + self._lowered.weight_rounding[0]
+                    + (f" (and {len(self._lowered.weight_rounding) - 1} more)" if len(self._lowered.weight_rounding) > 1 else "")
+                    + ". Compute such weights once, outside forward (assign them to a plain layer's parameter, or "
+                    "torch.nn.utils.parametrize.remove_parametrizations), or certify without model_rounding (the "
+                    "certificate is then for the model's function computed in float64).")
         return rounding.unit(dtype)
 
     def _check_model_dtype(self, x: Tensor) -> None:
@@ -509,9 +519,11 @@ class CertifiedModule(nn.Module):
         out = self.forward(x, eps, y, sound=sound)
         return margins_mod.worst_logits(out.logits, out.margins, out.labels)
 
-    def loss(self, x: Tensor, y: Tensor, eps, lam: float = 1.0, kind: str = "bcp", hinge_margin: float = 1.0) -> Tensor:
+    def loss(self, x: Tensor, y: Tensor, eps, lam: float = 1.0, kind: str = "bcp", hinge_margin: float = 1.0,
+             slack: float = 0.1) -> Tensor:
         """Certified training loss; ``kind="bcp"`` is the paper's eq. 13,
-        ``(1 - lam) CE(z, y) + lam CE(zw, y)``; ``"trades"`` and ``"hinge"`` are in :mod:`bcpc.losses`.
+        ``(1 - lam) CE(z, y) + lam CE(zw, y)``; the others (``"trades"``, ``"gloro"``, ``"emma"``,
+        ``"hinge"`` with ``hinge_margin``, ``"cll"`` with ``slack``) are in :mod:`bcpc.losses`.
 
         Uses the Lipschitz-cache estimates (not a guarantee); differentiable w.r.t. the model.
 
@@ -522,7 +534,7 @@ class CertifiedModule(nn.Module):
         """
         ref = None if kind in losses.PREDICTION_REFERENCED else y  # "gloro": margins against the prediction
         out = self.forward(x, eps, ref, sound=False)
-        return losses.certified_loss(kind, out.logits, out.margins, y.long(), lam, hinge_margin)
+        return losses.certified_loss(kind, out.logits, out.margins, y.long(), lam, hinge_margin, slack)
 
     @staticmethod
     def threshold(logits: Tensor) -> Tensor:

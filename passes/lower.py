@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bcpc import domain, margins, registry, rounding
 from bcpc.rules import affine
-from bcpc.meta import info
+from bcpc.meta import info, where
 
 METHODS = ("bcp", "ibp", "lipschitz")
 
@@ -40,6 +41,10 @@ class Lowered:
     rules: dict = field(default_factory=dict)
     #: origin node name -> (lip module name, weight's qualified name in the model or None)
     lipschitz: dict = field(default_factory=dict)
+    #: values the model computes from its weights alone by an op that rounds (a weight normalised
+    #: in forward): the copy computes them in float64, so ``model_rounding`` does not cover them;
+    #: "'origin' (op) at <source line>" descriptions
+    weight_rounding: list = field(default_factory=list)
 
 
 def _call(graph: fx.Graph, target, args, kwargs=None, *, name: str) -> fx.Node:
@@ -54,6 +59,55 @@ def _float_constants(node: fx.Node) -> bool:
     fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
     return any(isinstance(a, float) or (isinstance(a, int) and not isinstance(a, bool) and abs(a) > 2 ** 24)
                or (isinstance(a, fx.Node) and not info(a).perturbed) for a in flat)
+
+
+def _computed_from_tensors(node: fx.Node) -> bool:
+    """Whether a node that does not depend on the input's values computes a floating tensor from
+    other such tensors (parameters, buffers, tensors made in forward) by an op that rounds: a weight
+    normalised in forward, ``1 / self.std``. The float64 certification copy computes it in float64,
+    the model in float32, and bcpc.rounding does not bound that difference. Exact re-layouts and
+    selections (``rounding.EXACT``, with no Python float argument) do not round; every module call
+    does (its parameters are applied in the model's dtype). Factories (``full_like(x, 0.1)``) read
+    no tensor's values: their float32 rounding is counted where they are used."""
+    rec = info(node)
+    if not (rec.is_tensor and rec.dtype is not None and rec.dtype.is_floating_point):
+        return False
+    if node.op == "call_module":
+        return True
+    if not any(n.op == "get_attr" or (info(n).is_tensor and not info(n).perturbed) for n in node.all_input_nodes):
+        return False
+    flat = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
+    if any(isinstance(a, float) for a in flat):
+        return True
+    if node.op == "call_method" and node.target in ("t", "contiguous", "clone", "detach"):
+        return False
+    rule = registry.rule_for(node.target)
+    if rule is None:  # a value that does not depend on the input keeps the user's spelling
+        spelled = registry.spelling_for("method" if node.op == "call_method" else "function", node.target)
+        if spelled is not None and spelled[0] is registry.IDENTITY:
+            return False
+        rule = registry.rule_for(spelled[0]) if spelled is not None else None
+    return rule is None or rule.name not in rounding.EXACT
+
+
+def _what(node: fx.Node) -> str:
+    if info(node).spelling:
+        return info(node).spelling
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    return f"Tensor.{node.target}" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
+def _parametrized(model: nn.Module, target: str) -> bool:
+    """Whether the attribute ``target`` of the model is computed by a parametrization
+    (``torch.nn.utils.parametrizations.weight_norm``, ``orthogonal``, ...) when it is read."""
+    owner, _, attr = target.rpartition(".")
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return False
+    return parametrize.is_parametrized(module, attr)
 
 
 def _map(arg, env):
@@ -112,8 +166,13 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
             continue
         if node.op == "get_attr":
             center[node] = graph.get_attr(f"model.{node.target}")
+            if _parametrized(model, node.target):
+                lowered.weight_rounding.append(f"'{node.target}' (computed by its torch.nn.utils.parametrize "
+                                               "parametrization at every access)")
             continue
         if not rec.perturbed:
+            if _computed_from_tensors(node):
+                lowered.weight_rounding.append(f"'{rec.origin}' ({_what(node)}) at {where(node)}")
             new = graph.node_copy(node, lambda n: center[n])
             if node.op in ("call_module", "get_attr"):
                 new.target = f"model.{node.target}"

@@ -341,6 +341,17 @@ def _parameterless_on(dtype):
     cert.certify(X.to(dtype), torch.tensor([0, 1]), 0.1)
 
 
+def _parametrized_under_model_rounding():
+    """A weight_norm parametrization computes the weight at every access, in float64 in the
+    certification copy and in float32 in the model: model_rounding does not bound that."""
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 3)).eval()
+    cert = bcpc.compile(model, example_input=X)
+    cert.model_rounding = True
+    cert.certify(X, Y, 0.1)
+
+
 def _functional_batch_statistics():
     class Net(nn.Module):
         def __init__(self):
@@ -514,6 +525,8 @@ CASES = [
      lambda t: _half_model(torch.float16), errors.ModelModeError),
     ("a model without parameters run on bfloat16 inputs at certification",
      lambda t: _parameterless_on(torch.bfloat16), errors.ModelModeError),
+    ("a weight computed in forward (a weight_norm parametrization) under cert.model_rounding",
+     lambda t: _parametrized_under_model_rounding(), errors.ConfigError),
     ("a sound run in half precision (certify(..., dtype=torch.bfloat16))",
      lambda t: _cert()[1].certify(X, Y, 0.1, dtype=torch.bfloat16), errors.InvalidInputError),
     ("a sound run in float16 (node_bounds(..., dtype=torch.float16))",

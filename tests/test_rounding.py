@@ -301,3 +301,36 @@ def test_reduced_float32_precision_is_refused_under_model_rounding():
         cert.certify(x, model(x).argmax(1), 0.1)  # the float64 function's certificate does not depend on it
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_weights_computed_in_forward_are_refused_under_model_rounding():
+    """The copy computes a weight normalised in forward (by the user's code or a torch.nn.utils
+    parametrization) in float64 and the model in float32; bcpc.rounding does not bound that
+    difference, so model_rounding is refused, naming the value. Exact re-layouts of a weight (its
+    transpose, a view) round nothing and are accepted."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(3)
+    x = torch.randn(4, 3)
+    lin = nn.Linear(3, 2)
+    v, g = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.rand(5) + 0.5)
+    by_hand = _Lambda(lambda s, h: s.lin(F.relu(F.linear(h, s.v / s.v.norm(dim=1, keepdim=True) * s.g[:, None]))),
+                      lin=nn.Linear(5, 2), v=v, g=g).eval()
+    inverse = _Lambda(lambda s, h: s.lin(h * (1 / s.std)), lin=lin,
+                      std=nn.Parameter(torch.tensor([0.3, 0.7, 1.1]), requires_grad=False)).eval()
+    parametrized = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 5)), nn.ReLU(), nn.Linear(5, 2)).eval()
+    cases = [(by_hand, "'norm' (Tensor.norm)"), (inverse, "'truediv'"), (parametrized, "'0.weight' (computed by")]
+    for model, named in cases:
+        y = model(x).argmax(1)
+        cert = bcpc.compile(model, example_input=x, input_domain=None)
+        assert cert.certify(x, y, 1e-3).all()  # the float64 function, by default
+        cert.model_rounding = True
+        with pytest.raises(bcpc.errors.ConfigError, match="from its weights alone") as err:
+            cert.certify(x, y, 1e-3)
+        assert named in str(err.value) and "remove_parametrizations" in str(err.value)
+    relayout = _Lambda(lambda s, h: F.linear(h, s.w.t().contiguous()) * s.scale.view(1, -1),
+                       w=nn.Parameter(torch.randn(3, 2)), scale=nn.Parameter(torch.rand(2) + 0.5)).eval()
+    cert = bcpc.compile(relayout, example_input=x, input_domain=None)
+    cert.model_rounding = True
+    y = relayout(x).argmax(1)
+    assert cert.certify(x, y, 0.0).shape == (4,)  # accepted
