@@ -51,12 +51,13 @@ class TrainConfig:
     init: str = "default"  # default (PyTorch's layer init) | orthogonal (every conv/linear weight orthogonal, biases 0; GloRo's)
     init_from: Optional[str] = None  # start from this checkpoint's weights (fine-tuning); optimizer and schedule start fresh
     # --- the recipe beyond the paper (defaults: the paper's) ---
-    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL) | gloro (CE + lam KL with a bottom class, GloRo's exact form) | emma (eq. 13 with each class translated at most to a tie, EMMA's) | hinge (BCOP)
+    loss: str = "bcp"  # bcp (eq. 13) | trades (CE + lam KL) | gloro (CE + lam KL with a bottom class, GloRo's exact form) | emma (eq. 13 with each class translated at most to a tie, EMMA's) | hinge (BCOP) | cll (CE over the certified radii, calibrated by cll_slack; Losch et al.'s CLL)
     lam: float = 1.0  # the final lam (trades: the KL weight, may exceed 1)
     lam_schedule: str = "ramp"  # ramp (0 -> lam with the eps ramp) | constant (lam from the first certified step)
     eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps) | gloro (GloRo's "log": log of a linear ramp of exp(eps); fast at first)
     eps_start: float = 0.01  # log and gloro ramps: the first certified step's eps, as a fraction of eps
     hinge_margin: float = 1.0  # hinge: the margin kappa each certified margin is pushed above
+    cll_slack: float = 0.1  # cll: the slack p in (0, 1); the calibrated logistic rises from p/2 at radius 0 to 1 - p/2 at twice the training eps
     lr_schedule: str = "step"  # step (x lr_decay_factor at lr_decay_epochs) | exp (geometric lr -> lr_final)
     lr_final: float = 1e-6  # exp: the learning rate of the last epoch
     lr_decay_start: Optional[float] = None  # exp: the epoch the decay starts (default: half of epochs)
@@ -101,7 +102,7 @@ class TrainConfig:
 
 
 #: settings added after the paper's recipe (they enter the fingerprint only when not at the default)
-RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "lr_schedule",
+RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "cll_slack", "lr_schedule",
                "lr_final", "lr_decay_start", "late_method", "late_method_epoch", "precision")
 
 #: the choices of the string-valued settings
@@ -210,6 +211,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: late_method_epoch must be >= 1 (to train with one method throughout, set method)")
     if not 0 < cfg.eps_start <= 1:
         raise ConfigError(f"{source}: eps_start must be in (0, 1] (a fraction of eps), got {cfg.eps_start}")
+    if not 0 < cfg.cll_slack < 1:
+        raise ConfigError(f"{source}: cll_slack must be in (0, 1), got {cfg.cll_slack}")
     if cfg.lr_schedule == "exp" and not 0 < cfg.lr_final <= cfg.lr:
         raise ConfigError(f"{source}: lr_final must be in (0, lr] for lr_schedule exp, got {cfg.lr_final}")
     for key in ("epochs", "batch_size", "checkpoint_every", "lipschitz_iters", "val_every"):

@@ -23,10 +23,23 @@ term by ``lam``:
 - ``"hinge"`` — a multi-class hinge on the certified margins (BCOP's margin loss):
   ``(1 - lam) CE(z, y) + lam * sum_{j != y} relu(kappa - m_j) / C``, zero once every margin is
   certified with room ``kappa``.
+- ``"cll"`` — the Calibrated Lipschitz-Margin loss (Losch et al. 2023, "Certified robust models
+  with slack control and large Lipschitz constants"): cross-entropy over each class's certified
+  radius rather than its logit. With ``t_j = z_y - z_j - m_j`` the worst-case translation at eps
+  (``eps K_yj`` for the global bound), ``r_j = eps (z_y - z_j) / t_j`` is the radius at which the
+  pair's bound reaches a tie, and the calibrated logits are ``q_j = (r_target - r_j) / sigma`` with
+  the target ``r_target = eps`` and the width ``sigma = 2 eps / Q``, ``Q = 2 log(2 / p - 1)``: the
+  logistic of ``(r_j - eps) / sigma`` rises from ``p / 2`` at radius 0 to ``1 - p / 2`` at 2 eps,
+  and ``p`` (``slack``) is how much of that is left to the data. So
+  ``q_j = log(2 / p - 1) (1 - (z_y - z_j) / t_j)``, ``q_y = 0``, and the loss is
+  ``(1 - lam) CE(z, y) + lam CE(q, y)``. It does not change when every logit is scaled (the
+  radius does not): nothing in it rewards a small Lipschitz constant for its own sake.
 
 ``lam == 0`` is plain cross-entropy for every loss.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +47,14 @@ from torch import Tensor
 
 from bcpc import margins as margins_mod
 
-LOSSES = ("bcp", "trades", "gloro", "emma", "hinge")
+LOSSES = ("bcp", "trades", "gloro", "emma", "hinge", "cll")
 
 #: losses whose margins are taken against the predicted class (the forward gets no labels)
 PREDICTION_REFERENCED = ("gloro",)
 
 
 def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: float,
-                   hinge_margin: float = 1.0) -> Tensor:
+                   hinge_margin: float = 1.0, slack: float = 0.1) -> Tensor:
     """The training objective ``kind`` (one of :data:`LOSSES`) from one certified forward."""
     clean = F.cross_entropy(logits, y)
     if lam == 0:
@@ -65,6 +78,8 @@ def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: f
         own = F.one_hot(y, margins.shape[1]).bool()
         gap = torch.relu(hinge_margin - margins).masked_fill(own, 0.0)
         return (1 - lam) * clean + lam * gap.sum(dim=1).mean() / margins.shape[1]
+    if kind == "cll":
+        return (1 - lam) * clean + lam * F.cross_entropy(cll_logits(logits, margins, y, slack), y)
     raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -77,3 +92,18 @@ def emma_logits(logits: Tensor, margins: Tensor, y: Tensor) -> Tensor:
     t = (gap - margins).masked_fill(own, 0.0)    # the translation the bound allows, >= 0
     scale = (gap / t.clamp_min(torch.finfo(t.dtype).tiny)).clamp(0.0, 1.0).detach()
     return torch.where(own, logits, logits + t * scale)
+
+
+def cll_logits(logits: Tensor, margins: Tensor, y: Tensor, slack: float) -> Tensor:
+    """CLL's calibrated logits ``q_j = log(2 / p - 1) (1 - (z_y - z_j) / t_j)``, ``q_y = 0``: minus each
+    class's certified radius in units of the training eps, shifted by one and scaled by the slack."""
+    if not 0 < slack < 1:
+        raise ValueError(f"the CLL slack p must be in (0, 1), got {slack}")
+    z_y = logits.gather(1, y.unsqueeze(1))
+    gap = z_y - logits                           # z_y - z_j
+    own = F.one_hot(y, logits.shape[1]).bool()
+    # the translation the bound allows at eps (> 0 for eps > 0); floored so that a pair without
+    # any translation gives a large finite logit, not inf * 0
+    t = (gap - margins).masked_fill(own, 1.0).clamp_min(torch.finfo(logits.dtype).eps)
+    scale = math.log(2.0 / slack - 1.0)
+    return (scale * (1.0 - gap / t)).masked_fill(own, 0.0)

@@ -155,16 +155,17 @@ class CertifiedLoss(nn.Module):
     ``lam == 0`` (warm-up). ``certs`` maps each method the run trains with to its certifying
     module (all share the model's parameters)."""
 
-    def __init__(self, certs: dict, kind: str = "bcp", hinge_margin: float = 1.0):
+    def __init__(self, certs: dict, kind: str = "bcp", hinge_margin: float = 1.0, slack: float = 0.1):
         super().__init__()
         self.certs = nn.ModuleDict(certs)
-        self.kind, self.hinge_margin = kind, hinge_margin
+        self.kind, self.hinge_margin, self.slack = kind, hinge_margin, slack
         self.model = next(iter(certs.values())).model
 
     def forward(self, x, y, eps: float, lam: float, method: str):
         if lam == 0.0:
             return F.cross_entropy(self.model(x), y)
-        return self.certs[method].loss(x, y, eps, lam, kind=self.kind, hinge_margin=self.hinge_margin)
+        return self.certs[method].loss(x, y, eps, lam, kind=self.kind, hinge_margin=self.hinge_margin,
+                                       slack=self.slack)
 
 
 @dataclass
@@ -449,7 +450,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         log(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256()[:16]}...)")
     if ctx.main:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    objective = CertifiedLoss(certs, cfg.loss, cfg.hinge_margin)
+    objective = CertifiedLoss(certs, cfg.loss, cfg.hinge_margin, cfg.cll_slack)
     if ctx.world > 1:
         objective = DistributedDataParallel(objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                             else None, broadcast_buffers=True)

@@ -100,6 +100,37 @@ def test_losses_match_their_formulas():
         losses.certified_loss("focal", logits, m, y, 1.0)
 
 
+def test_cll_is_cross_entropy_over_calibrated_radii():
+    """CLL in its paper's own terms: q_j = ((z_j - z_y) / K_yj + eps) / sigma, sigma = 2 eps / Q,
+    Q = logit(1 - p/2) - logit(p/2), with the global bound's K_yj = t_j / eps."""
+    torch.manual_seed(1)
+    eps, p = 1.3, 0.2
+    logits = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    k = torch.rand(8, 5, dtype=torch.float64) + 0.1          # each pair's Lipschitz constant
+    gap = logits.gather(1, y.unsqueeze(1)) - logits
+    m = gap - eps * k                                       # the global bound's margins at eps
+    m[torch.arange(8), y] = math.inf
+    logit = lambda v: math.log(v / (1 - v))
+    sigma = 2 * eps / (logit(1 - p / 2) - logit(p / 2))
+    q = ((-gap) / k + eps) / sigma
+    q[torch.arange(8), y] = 0.0
+    expected = F.cross_entropy(q, y)
+    assert losses.certified_loss("cll", logits, m, y, 1.0, slack=p) == pytest.approx(float(expected))
+    ce = F.cross_entropy(logits, y)
+    assert losses.certified_loss("cll", logits, m, y, 0.25, slack=p) == pytest.approx(
+        float(0.75 * ce + 0.25 * expected))
+    # the radius does not change when the network's output is scaled, nor does the loss
+    assert losses.cll_logits(7 * logits, 7 * m, y, p) == pytest.approx(losses.cll_logits(logits, m, y, p))
+    # a larger clean margin at the same translation (a larger radius): less loss
+    up = logits + 0.1 * F.one_hot(y, 5)
+    assert losses.certified_loss("cll", up, m + 0.1, y, 1.0, slack=p) < expected
+    # a pair with no translation gives a finite loss
+    assert torch.isfinite(losses.certified_loss("cll", logits, gap.masked_fill(torch.isinf(m), math.inf), y, 1.0))
+    with pytest.raises(ValueError, match="slack"):
+        losses.certified_loss("cll", logits, m, y, 1.0, slack=1.0)
+
+
 def test_gloro_loss_is_the_kl_with_a_bottom_class_against_the_prediction():
     """GloRo's form: margins against the predicted class k, an 11th "bottom" logit
     z_bot = max_j (z_j + eps K_kj) = z_k - min_j m_j, and KL([softmax(z), 0] || softmax([z, z_bot]))."""
