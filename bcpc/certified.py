@@ -520,10 +520,11 @@ class CertifiedModule(nn.Module):
         return margins_mod.worst_logits(out.logits, out.margins, out.labels)
 
     def loss(self, x: Tensor, y: Tensor, eps, lam: float = 1.0, kind: str = "bcp", hinge_margin: float = 1.0,
-             slack: float = 0.1) -> Tensor:
+             slack: float = 0.1, temperature: float = 1.0) -> Tensor:
         """Certified training loss; ``kind="bcp"`` is the paper's eq. 13,
         ``(1 - lam) CE(z, y) + lam CE(zw, y)``; the others (``"trades"``, ``"gloro"``, ``"emma"``,
-        ``"hinge"`` with ``hinge_margin``, ``"cll"`` with ``slack``) are in :mod:`bcpc.losses`.
+        ``"hinge"`` with ``hinge_margin``, ``"cll"`` with ``slack``) and ``temperature`` are in
+        :mod:`bcpc.losses`.
 
         Uses the Lipschitz-cache estimates (not a guarantee); differentiable w.r.t. the model.
 
@@ -534,7 +535,8 @@ class CertifiedModule(nn.Module):
         """
         ref = None if kind in losses.PREDICTION_REFERENCED else y  # "gloro": margins against the prediction
         out = self.forward(x, eps, ref, sound=False)
-        return losses.certified_loss(kind, out.logits, out.margins, y.long(), lam, hinge_margin, slack)
+        return losses.certified_loss(kind, out.logits, out.margins, y.long(), lam, hinge_margin, slack,
+                                     temperature)
 
     @staticmethod
     def threshold(logits: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class TrainConfig:
     eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps) | gloro (GloRo's "log": log of a linear ramp of exp(eps); fast at first)
     eps_start: float = 0.01  # log and gloro ramps: the first certified step's eps, as a fraction of eps
     hinge_margin: float = 1.0  # hinge: the margin kappa each certified margin is pushed above
+    loss_temperature: float = 1.0  # every loss: the logits and margins are scaled by this before the loss (how soft it is at a given radius)
     cll_slack: float = 0.1  # cll: the slack p in (0, 1); the calibrated logistic rises from p/2 at radius 0 to 1 - p/2 at twice the training eps
     lr_schedule: str = "step"  # step (x lr_decay_factor at lr_decay_epochs) | exp (geometric lr -> lr_final)
     lr_final: float = 1e-6  # exp: the learning rate of the last epoch
@@ -102,8 +104,8 @@ class TrainConfig:
 
 
 #: settings added after the paper's recipe (they enter the fingerprint only when not at the default)
-RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "cll_slack", "lr_schedule",
-               "lr_final", "lr_decay_start", "late_method", "late_method_epoch", "precision")
+RECIPE_KEYS = ("init", "loss", "lam", "lam_schedule", "eps_schedule", "eps_start", "hinge_margin", "cll_slack",
+               "loss_temperature", "lr_schedule", "lr_final", "lr_decay_start", "late_method", "late_method_epoch", "precision")
 
 #: the choices of the string-valued settings
 CHOICES = {"init": ("default", "orthogonal"), "loss": LOSSES, "lam_schedule": ("ramp", "constant"),
@@ -211,6 +213,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: late_method_epoch must be >= 1 (to train with one method throughout, set method)")
     if not 0 < cfg.eps_start <= 1:
         raise ConfigError(f"{source}: eps_start must be in (0, 1] (a fraction of eps), got {cfg.eps_start}")
+    if not 0 < cfg.loss_temperature < math.inf:
+        raise ConfigError(f"{source}: loss_temperature must be positive and finite, got {cfg.loss_temperature}")
     if not 0 < cfg.cll_slack < 1:
         raise ConfigError(f"{source}: cll_slack must be in (0, 1), got {cfg.cll_slack}")
     if cfg.lr_schedule == "exp" and not 0 < cfg.lr_final <= cfg.lr:

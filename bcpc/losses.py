@@ -35,7 +35,10 @@ term by ``lam``:
   ``(1 - lam) CE(z, y) + lam CE(q, y)``. It does not change when every logit is scaled (the
   radius does not): nothing in it rewards a small Lipschitz constant for its own sake.
 
-``lam == 0`` is plain cross-entropy for every loss.
+``lam == 0`` is plain cross-entropy for every loss. ``temperature`` T scales the logits and the
+margins (both in logit units) before any loss, ``CE(T z, y)`` and so on: the network could scale
+its last layer itself, but that scales its Lipschitz bound too, so T sets how soft the loss is at a
+given certified radius (GloRo's and the paper's losses use T = 1).
 """
 from __future__ import annotations
 
@@ -54,8 +57,10 @@ PREDICTION_REFERENCED = ("gloro",)
 
 
 def certified_loss(kind: str, logits: Tensor, margins: Tensor, y: Tensor, lam: float,
-                   hinge_margin: float = 1.0, slack: float = 0.1) -> Tensor:
+                   hinge_margin: float = 1.0, slack: float = 0.1, temperature: float = 1.0) -> Tensor:
     """The training objective ``kind`` (one of :data:`LOSSES`) from one certified forward."""
+    if temperature != 1.0:
+        logits, margins = temperature * logits, temperature * margins
     clean = F.cross_entropy(logits, y)
     if lam == 0:
         return clean

@@ -155,17 +155,21 @@ class CertifiedLoss(nn.Module):
     ``lam == 0`` (warm-up). ``certs`` maps each method the run trains with to its certifying
     module (all share the model's parameters)."""
 
-    def __init__(self, certs: dict, kind: str = "bcp", hinge_margin: float = 1.0, slack: float = 0.1):
+    def __init__(self, certs: dict, kind: str = "bcp", **options):
         super().__init__()
         self.certs = nn.ModuleDict(certs)
-        self.kind, self.hinge_margin, self.slack = kind, hinge_margin, slack
+        self.kind, self.options = kind, options  # hinge_margin, slack, temperature (bcpc.losses)
         self.model = next(iter(certs.values())).model
 
     def forward(self, x, y, eps: float, lam: float, method: str):
         if lam == 0.0:
             return F.cross_entropy(self.model(x), y)
-        return self.certs[method].loss(x, y, eps, lam, kind=self.kind, hinge_margin=self.hinge_margin,
-                                       slack=self.slack)
+        return self.certs[method].loss(x, y, eps, lam, kind=self.kind, **self.options)
+
+
+def loss_options(cfg) -> dict:
+    """The keyword options of :func:`bcpc.losses.certified_loss` a config sets."""
+    return dict(hinge_margin=cfg.hinge_margin, slack=cfg.cll_slack, temperature=cfg.loss_temperature)
 
 
 @dataclass
@@ -450,7 +454,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         log(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256()[:16]}...)")
     if ctx.main:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    objective = CertifiedLoss(certs, cfg.loss, cfg.hinge_margin, cfg.cll_slack)
+    objective = CertifiedLoss(certs, cfg.loss, **loss_options(cfg))
     if ctx.world > 1:
         objective = DistributedDataParallel(objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                             else None, broadcast_buffers=True)

@@ -41,7 +41,7 @@ def main():
     lip_owner = certs[cfg.method]
     checkpoint.load_model_state(model, ckpt["model_state"], args.checkpoint)
     lip_owner.propagation.lip.load_state_dict(ckpt["lip_state"])
-    objective = T.CertifiedLoss(certs, cfg.loss, cfg.hinge_margin, cfg.cll_slack)
+    objective = T.CertifiedLoss(certs, cfg.loss, **T.loss_options(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if "optimizer" in ckpt:  # last.pt; a best.pt continues with a fresh optimizer
         opt.load_state_dict(ckpt["optimizer"])

@@ -339,3 +339,22 @@ def test_bfloat16_precision_trains_the_step_under_autocast_and_validates_soundly
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ConfigError, match="precision"):
         small_cfg(tmp_path, precision="float16")
+
+
+def test_loss_temperature_scales_logits_and_margins_before_every_loss():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    m = torch.rand(6, 4, dtype=torch.float64) * 2 - 0.5
+    m[torch.arange(6), y] = math.inf
+    for kind in losses.LOSSES:
+        hot = losses.certified_loss(kind, logits, m, y, 0.7, temperature=3.0)
+        assert hot == pytest.approx(float(losses.certified_loss(kind, 3.0 * logits, 3.0 * m, y, 0.7)))
+    # a sharper loss at the same radii: GloRo's loss of a correct, certified batch falls
+    ok = logits + 4 * F.one_hot(y, 4)
+    margins_ok = ok.gather(1, y[:, None]) - ok - 0.5
+    margins_ok[torch.arange(6), y] = math.inf
+    assert losses.certified_loss("gloro", ok, margins_ok, y, 1.5, temperature=2.0) < \
+        losses.certified_loss("gloro", ok, margins_ok, y, 1.5)
+    with pytest.raises(bcpc.errors.ConfigError, match="loss_temperature"):
+        config.from_dict({"loss_temperature": 0.0}, "test")
