@@ -482,9 +482,14 @@ class CertifiedModule(nn.Module):
         gm, x, eps = self._prepare(x, eps, y, sound, dtype)
         y = None if y is None else y.long()  # int32 / int16 / uint8 labels index like int64 ones
         if sound:
+            unit = self._rounding_unit(x_user)
             with torch.no_grad():
-                logits, m = gm(x, eps, y, True, self._rounding_unit(x_user))
+                logits, m = gm(x, eps, y, True, unit)
             self._guard(gm, x, x_user, logits)
+            if unit:
+                # an infinite Bound is the model's float32 overflow (bcpc.rounding), and where it meets a
+                # zero weight the model itself computes 0 * inf = NaN: nothing is certified there
+                m = m.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             if torch.isnan(m).any():
                 raise NonFiniteBoundError("a certified margin came out NaN; refusing to read it as a bound")
         else:

@@ -334,3 +334,22 @@ def test_weights_computed_in_forward_are_refused_under_model_rounding():
     cert.model_rounding = True
     y = relayout(x).argmax(1)
     assert cert.certify(x, y, 0.0).shape == (4,)  # accepted
+
+
+def test_an_overflow_that_meets_a_zero_weight_is_not_certified():
+    """The float32 model overflows (1e37 * 40.5 > 3.4e38) and its next layer multiplies the inf by a
+    zero weight: its logits are NaN. The float64 function certifies; model_rounding gives "not
+    certified" for those inputs (it stopped with NonFiniteBoundError before)."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1e37, 0.0], [0.0, 1.0]]))
+        m[0].bias.copy_(torch.tensor([0.0, 100.0]))
+        m[2].weight.copy_(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+        m[2].bias.zero_()
+    x, y = torch.tensor([[0.5, 1.0], [1e-3, 1.0]]), torch.tensor([0, 0])
+    assert torch.isnan(m(torch.tensor([[40.5, 1.0]]))).all()  # inside the ball of the first input
+    cert = bcpc.compile(m, example_input=x, input_domain=None)
+    assert cert.certify(x, y, 40.0).all()
+    cert.model_rounding = True
+    assert not cert.certify(x, y, 40.0).any()
+    assert cert.certify(x, y, 1.0).all()  # no overflow inside the smaller balls
