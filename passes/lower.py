@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
@@ -61,26 +62,39 @@ def _float_constants(node: fx.Node) -> bool:
                or (isinstance(a, fx.Node) and not info(a).perturbed) for a in flat)
 
 
-def _computed_from_tensors(node: fx.Node) -> bool:
-    """Whether a node that does not depend on the input's values computes a floating tensor from
-    other such tensors (parameters, buffers, tensors made in forward) by an op that rounds: a weight
-    normalised in forward, ``1 / self.std``. The float64 certification copy computes it in float64,
-    the model in float32, and bcpc.rounding does not bound that difference. Exact re-layouts and
-    selections (``rounding.EXACT``, with no Python float argument) do not round; every module call
-    does (its parameters are applied in the model's dtype). Factories (``full_like(x, 0.1)``) read
-    no tensor's values: their float32 rounding is counted where they are used."""
-    rec = info(node)
-    if not (rec.is_tensor and rec.dtype is not None and rec.dtype.is_floating_point):
-        return False
+#: ops that round nothing on values computed without the input: re-layouts, selections, copies and
+#: metadata queries, as Tensor methods and torch functions (the rules' exact ops are read from
+#: ``rounding.EXACT``)
+_EXACT_NAMES = frozenset({
+    "t", "contiguous", "clone", "detach", "view_as", "reshape_as", "expand_as", "index_select", "gather", "tile",
+    "hstack", "vstack", "dstack", "column_stack", "zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones",
+    "new_empty", "size", "dim", "ndimension", "numel", "nelement", "get_device", "sort", "msort", "split",
+    "tensor_split", "chunk", "unbind", "cummax", "cummin", "topk", "kthvalue", "aminmax", "max", "min", "median"})
+
+
+def _rounds_in_forward(node: fx.Node, derived: set) -> bool:
+    """Whether a node that does not depend on the input's values computes something from values that
+    do not either (parameters, buffers, tensors made in forward: ``derived``) by an op that may give
+    another result in the model's float32 than in the float64 certification copy: a weight normalised
+    in forward, ``1 / self.std``, ``torch.linalg.eigh(w)[0]`` (a tuple), ``w > 0.1`` (the copy compares
+    with 0.1, the model with its float32 rounding). bcpc.rounding does not bound that difference.
+    Exact re-layouts, selections and metadata queries (``rounding.EXACT``, :data:`_EXACT_NAMES`, with
+    no Python float argument) give the same in both; every module call may not (its parameters are
+    applied in the model's dtype). Factories (``full_like(x, 0.1)``) read no such value: their float32
+    rounding is counted where they are used."""
     if node.op == "call_module":
         return True
-    if not any(n.op == "get_attr" or (info(n).is_tensor and not info(n).perturbed) for n in node.all_input_nodes):
+    if not any(n in derived for n in node.all_input_nodes):
         return False
     flat = []
     fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
     if any(isinstance(a, float) for a in flat):
         return True
-    if node.op == "call_method" and node.target in ("t", "contiguous", "clone", "detach"):
+    if node.op == "call_method":
+        if node.target in _EXACT_NAMES:
+            return False
+    elif node.target in (getattr, len) or (getattr(node.target, "__name__", None) in _EXACT_NAMES
+                                            and getattr(torch, node.target.__name__, None) is node.target):
         return False
     rule = registry.rule_for(node.target)
     if rule is None:  # a value that does not depend on the input keeps the user's spelling
@@ -95,6 +109,9 @@ def _what(node: fx.Node) -> str:
     if info(node).spelling:
         return info(node).spelling
     if node.op == "call_module":
+        owner, found, attr = str(node.target).partition(".parametrizations.")
+        if found:  # a parametrized weight read in forward
+            return f"the torch.nn.utils.parametrize parametrization of '{owner}.{attr}'"
         return f"module {node.target!r}"
     return f"Tensor.{node.target}" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
@@ -126,6 +143,7 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
     sound = None
     has_ball: dict = {}  # canonical perturbed node -> whether its Bound carries a radius
     folded_convs = set(analysis.folds.values())
+    derived = set()  # nodes computed without the input: parameters, buffers and what forward makes of them
 
     for node in gm.graph.nodes:
         rec = info(node)
@@ -166,13 +184,16 @@ def lower(gm: fx.GraphModule, analysis, *, method: str, norm: float, domain_boun
             continue
         if node.op == "get_attr":
             center[node] = graph.get_attr(f"model.{node.target}")
+            derived.add(node)
             if _parametrized(model, node.target):
                 lowered.weight_rounding.append(f"'{node.target}' (computed by its torch.nn.utils.parametrize "
                                                "parametrization at every access)")
             continue
         if not rec.perturbed:
-            if _computed_from_tensors(node):
+            if _rounds_in_forward(node, derived):
                 lowered.weight_rounding.append(f"'{rec.origin}' ({_what(node)}) at {where(node)}")
+            if rec.is_tensor or any(n in derived for n in node.all_input_nodes):
+                derived.add(node)  # a tensor, or a tuple / scalar computed from one (not x.size(0))
             new = graph.node_copy(node, lambda n: center[n])
             if node.op in ("call_module", "get_attr"):
                 new.target = f"model.{node.target}"

@@ -353,3 +353,36 @@ def test_an_overflow_that_meets_a_zero_weight_is_not_certified():
     cert.model_rounding = True
     assert not cert.certify(x, y, 40.0).any()
     assert cert.certify(x, y, 1.0).all()  # no overflow inside the smaller balls
+
+
+def _out_layer():
+    out = nn.Linear(1, 3)
+    with torch.no_grad():
+        out.weight.copy_(torch.tensor([[1.0], [-1.0], [0.0]]))
+        out.bias.copy_(torch.tensor([0.0, 0.0, -10.0]))
+    return out
+
+
+def test_a_weights_tuple_valued_op_and_a_comparison_with_a_float_are_refused_under_model_rounding():
+    """A sixth review's false certificates: the smallest eigenvalue of a weight (torch.linalg.eigh
+    returns a tuple, which the first check did not look at: 0.099945 in float32, 0.099976 in the
+    copy) and a weight compared with 0.1 (the model compares with float32's 0.1, the copy with
+    0.1): each moved a decision boundary by more than the certificate's slack. Both are refused;
+    exact tuple-valued selections of a weight (its sorted values, a chunk) are accepted."""
+    w = torch.tensor([[1000.0, 999.9], [999.9, 1000.0]])
+    assert abs(float(torch.linalg.eigh(w)[0][0]) - float(torch.linalg.eigh(w.double())[0][0])) > 1e-5
+    eig = _Lambda(lambda s, h: s.out(h - torch.linalg.eigh(s.w)[0][0]), w=nn.Parameter(w), out=_out_layer())
+    gate = _Lambda(lambda s, h: s.out(h + torch.where(s.w > 0.1, s.k, s.z)), w=nn.Parameter(torch.tensor([0.1])),
+                   k=nn.Parameter(torch.tensor([1e-4])), z=nn.Parameter(torch.tensor([0.0])), out=_out_layer())
+    x = torch.tensor([[0.05], [0.2]])
+    for model, named in ((eig, "'linalg_eigh'"), (gate, "'gt'")):
+        cert = bcpc.compile(model.eval(), example_input=x, input_domain=None)
+        cert.model_rounding = True
+        with pytest.raises(bcpc.errors.ConfigError, match=named):
+            cert.certify(x, model(x).argmax(1), 1e-3)
+    for fn in (lambda s, h: h * torch.sort(s.v)[0], lambda s, h: h * s.v.chunk(1)[0],
+               lambda s, h: h * torch.t(s.v[None])[:, 0] + torch.zeros_like(s.v)):
+        model = _Lambda(fn, v=nn.Parameter(torch.tensor([0.3]))).eval()
+        cert = bcpc.compile(model, example_input=x, input_domain=None)
+        cert.model_rounding = True
+        assert cert.certify(x, model(x).argmax(1), 0.0).shape == (2,)
