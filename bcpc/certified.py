@@ -263,8 +263,9 @@ class CertifiedModule(nn.Module):
             if self._lowered.weight_rounding:
                 raise ConfigError(
                     "model_rounding bounds the rounding of the float32 model's operations on the input, but the model "
-                    "also computes values from its weights alone in forward, which the float64 certification copy "
-                    "computes in float64 and whose float32 rounding is not bounded: "
+                    "also computes values in forward without the input (from its weights alone, or from tensors it "
+                    "makes there), which the float64 certification copy computes in float64 and whose float32 "
+                    "rounding is not bounded: "
                     + self._lowered.weight_rounding[0]
                     + (f" (and {len(self._lowered.weight_rounding) - 1} more)" if len(self._lowered.weight_rounding) > 1 else "")
                     + ". Compute such weights once, outside forward (assign them to a plain layer's parameter, or "

@@ -84,11 +84,23 @@ def _rounds_in_forward(node: fx.Node, derived: set) -> bool:
     rounding is counted where they are used."""
     if node.op == "call_module":
         return True
-    if not any(n in derived for n in node.all_input_nodes):
-        return False
+    rec = info(node)
+    floating = rec.is_tensor and rec.dtype is not None and rec.dtype.is_floating_point
     flat = []
     fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
+    if floating and (node.target in (torch.linspace, torch.logspace)
+                     or (node.target is torch.arange and any(isinstance(a, float) for a in flat))):
+        return True  # computed in the model's dtype by float arithmetic: not the rounding of the copy's values
+    inputs = [n for n in node.all_input_nodes if n in derived]
+    if not inputs:
+        return False
     if any(isinstance(a, float) for a in flat):
+        return True
+    if rec.is_tensor and rec.dtype is not None and not rec.dtype.is_floating_point and any(
+            info(n).dtype is not None and getattr(info(n).dtype, "is_floating_point", False) for n in inputs):
+        # a cast to int or bool (or a comparison) of a value the copy holds in float64 and the model in
+        # float32: full_like(x, 3 - 1e-9).long() is 2 in the copy, 3 in the model, and no longer a float
+        # whose difference bcpc.rounding counts where it is used
         return True
     if node.op == "call_method":
         if node.target in _EXACT_NAMES:

@@ -386,3 +386,25 @@ def test_a_weights_tuple_valued_op_and_a_comparison_with_a_float_are_refused_und
         cert = bcpc.compile(model, example_input=x, input_domain=None)
         cert.model_rounding = True
         assert cert.certify(x, model(x).argmax(1), 0.0).shape == (2,)
+
+
+def test_tensors_made_in_forward_then_cast_or_computed_in_float32_are_refused_under_model_rounding():
+    """A seventh review's false certificates: a tensor made in forward in the input's dtype is
+    float32 in the model and float64 in the copy; cast to int (3 - 1e-9 is 3 in float32, 2 after
+    truncation in the copy) or to bool (1e-46 underflows to 0 in float32), or computed by float32
+    arithmetic (linspace), its difference is not the rounding bcpc.rounding counts where it is used."""
+    x = torch.tensor([[3.5], [0.5]])
+    cases = [(lambda h: torch.full_like(h, 3 - 1e-9).to(torch.int64), "'to'"),
+             (lambda h: torch.full_like(h, 1e-46).to(torch.bool).to(h.dtype), "'to'"),
+             (lambda h: torch.linspace(0, 1000, 7777, dtype=h.dtype)[3795], "'linspace'")]
+    for make, named in cases:
+        model = _Lambda(lambda s, h, make=make: s.out(torch.relu(h - make(h))), out=_out_layer()).eval()
+        cert = bcpc.compile(model, example_input=x, input_domain=None)
+        cert.model_rounding = True
+        with pytest.raises(bcpc.errors.ConfigError, match=named):
+            cert.certify(x, model(x).argmax(1), 1e-3)
+    # a float tensor made in forward and used as a float is counted where it is used, not refused
+    kept = _Lambda(lambda s, h: s.out(h - torch.full_like(h, 0.1)), out=_out_layer()).eval()
+    cert = bcpc.compile(kept, example_input=x, input_domain=None)
+    cert.model_rounding = True
+    assert cert.certify(x, kept(x).argmax(1), 1e-3).shape == (2,)
