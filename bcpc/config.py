@@ -58,7 +58,7 @@ class TrainConfig:
     eps_schedule: str = "linear"  # linear | log (geometric, from eps_start * eps to eps) | gloro (GloRo's "log": log of a linear ramp of exp(eps); fast at first)
     eps_start: float = 0.01  # log and gloro ramps: the first certified step's eps, as a fraction of eps
     hinge_margin: float = 1.0  # hinge: the margin kappa each certified margin is pushed above
-    loss_temperature: float = 1.0  # every loss: the logits and margins are scaled by this before the loss (how soft it is at a given radius)
+    loss_temperature: float = 1.0  # every loss: the logits and margins are scaled by this before the loss (as if the last layer were scaled by it)
     cll_slack: float = 0.1  # cll: the slack p in (0, 1); the calibrated logistic rises from p/2 at radius 0 to 1 - p/2 at twice the training eps
     lr_schedule: str = "step"  # step (x lr_decay_factor at lr_decay_epochs) | exp (geometric lr -> lr_final)
     lr_final: float = 1e-6  # exp: the learning rate of the last epoch

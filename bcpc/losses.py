@@ -36,9 +36,11 @@ term by ``lam``:
   radius does not): nothing in it rewards a small Lipschitz constant for its own sake.
 
 ``lam == 0`` is plain cross-entropy for every loss. ``temperature`` T scales the logits and the
-margins (both in logit units) before any loss, ``CE(T z, y)`` and so on: the network could scale
-its last layer itself, but that scales its Lipschitz bound too, so T sets how soft the loss is at a
-given certified radius (GloRo's and the paper's losses use T = 1).
+margins (both in logit units) before any loss, ``CE(T z, y)`` and so on. Logits, margins and the
+certified bounds all scale with the last layer, so T is the same as that layer's weights and bias
+scaled by T: it reaches no other function, and changes only the starting point and the optimiser's
+steps (Adam's step is a fraction of the learning rate, whatever the weight's scale). GloRo's and
+the paper's losses use T = 1.
 """
 from __future__ import annotations
 
