@@ -74,12 +74,18 @@ def test_exponential_lr_decay_over_the_second_half():
     assert [lr_at(late, e) for e in (6, 7, 8, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
-def test_losses_match_their_formulas():
-    torch.manual_seed(0)
+def _random_margins(seed: int):
+    """Logits, labels and margin bounds of a batch of 6 with 4 classes (+inf at the label)."""
+    torch.manual_seed(seed)
     logits = torch.randn(6, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     m = torch.rand(6, 4, dtype=torch.float64) * 2 - 0.5
     m[torch.arange(6), y] = math.inf
+    return logits, y, m
+
+
+def test_losses_match_their_formulas():
+    logits, y, m = _random_margins(0)
     zw = margins.worst_logits(logits, m, y)
     ce = F.cross_entropy(logits, y)
     bcp = losses.certified_loss("bcp", logits, m, y, 0.3)
@@ -342,11 +348,7 @@ def test_bfloat16_precision_trains_the_step_under_autocast_and_validates_soundly
 
 
 def test_loss_temperature_scales_logits_and_margins_before_every_loss():
-    torch.manual_seed(2)
-    logits = torch.randn(6, 4, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 3, 0, 1])
-    m = torch.rand(6, 4, dtype=torch.float64) * 2 - 0.5
-    m[torch.arange(6), y] = math.inf
+    logits, y, m = _random_margins(2)
     for kind in losses.LOSSES:
         hot = losses.certified_loss(kind, logits, m, y, 0.7, temperature=3.0)
         assert hot == pytest.approx(float(losses.certified_loss(kind, 3.0 * logits, 3.0 * m, y, 0.7)))
