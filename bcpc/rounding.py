@@ -67,6 +67,9 @@ _TARGETS: dict = {}
 
 #: ulps of |input| + |output| + 1 allowed to an elementary function (an assumption, above)
 LIBRARY_ULPS = 16
+#: how far below float32's largest value an elementary function's float32 kernel may overflow inside
+#: its own arithmetic, as a factor of its input's and output's magnitude (hardswish: 6)
+LIBRARY_OVERFLOW = 16.0
 
 
 def unit(dtype: torch.dtype) -> float:
@@ -148,24 +151,30 @@ def widen(b: Bound, delta: Tensor) -> Bound:
     return Bound(b.center, radius, lower, upper)
 
 
-def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[Tensor] = None, *args) -> Tensor:
+def _affine_delta(u: float, name: str, x: Bound, weight: Tensor, bias: Optional[Tensor] = None, *args,
+                  relative: float = 0.0) -> Tensor:
+    """The rounding of the model's dot products, Higham's ``gamma(n + 1) (|W| |x| + |b|)``, and the
+    difference ``relative (|W| |x| + |b|)`` of a weight or bias the model holds rounded to float32
+    (a tensor made in forward in the input's dtype; ``relative`` is the largest elementwise relative
+    difference, which subnormal entries make far more than u): counted on the sum of the terms'
+    magnitudes, not on the output's, which cancellation can make 0 while each term is not."""
     m = magnitude(x)
     w, b = weight.abs(), (None if bias is None else bias.abs())
     if name == "linear":
         n = weight.shape[1] + 1
         total = F.linear(m, w, b)
-        return _overflow(total, gamma(n, u) * total + (n + 1) * eta(u))
+        return _overflow(total, (gamma(n, u) * (1 + relative) + relative) * total + (n + 1) * eta(u))
     nd = weight.dim() - 2
     kernel = math.prod(weight.shape[2:])
     if name.startswith("conv_transpose"):
         stride, padding, output_padding, groups, dilation = args
         terms = (weight.shape[0] // groups) * kernel + 1
         total = getattr(F, f"conv_transpose{nd}d")(m, w, b, stride, padding, output_padding, groups, dilation)
-        return _overflow(total, gamma(terms, u) * total + (terms + 1) * eta(u))
+        return _overflow(total, (gamma(terms, u) * (1 + relative) + relative) * total + (terms + 1) * eta(u))
     stride, padding, dilation, groups = args
     terms = weight.shape[1] * kernel + 1
     total = getattr(F, f"conv{nd}d")(m, w, b, stride, padding, dilation, groups)
-    return _overflow(total, gamma(terms, u) * total + (terms + 1) * eta(u))
+    return _overflow(total, (gamma(terms, u) * (1 + relative) + relative) * total + (terms + 1) * eta(u))
 
 
 def _bn_scales(running_var: Tensor, eps: float, weight) -> tuple:
@@ -191,7 +200,8 @@ def _batch_norm_delta(u: float, x: Bound, weight, bias, running_mean, running_va
     total = own_abs.reshape(view) * centred
     if bias is not None:
         total = total + bias.abs().reshape(view)
-    return spread * centred + gamma(8, u) * total + 8 * eta(u)
+    delta = spread * centred + gamma(8, u) * total + 8 * eta(u)
+    return _overflow(torch.maximum(total, centred), delta)  # x - mean, and its product by the scale
 
 
 def _overflow(magnitude_bound: Tensor, delta: Tensor) -> Tensor:
@@ -256,7 +266,8 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     if name in EXACT:
         return widen(out, const + torch.zeros_like(out.center[:1])) if (absolute or relative) else out
     if name in AFFINE:
-        return widen(out, _overflow(magnitude(out), _affine_delta(u, name, *args) + const))
+        # a rounded weight's difference is counted on |W| |x| (inside), not on |output|
+        return widen(out, _overflow(magnitude(out), _affine_delta(u, name, *args, relative=relative) + absolute))
     if name in BATCH_NORM:
         x, weight, bias, running_mean, running_var, _, _, _, eps = args
         return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps) + const)
@@ -284,10 +295,13 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
         # per sample: the largest |input| of the sample, plus |output| elementwise, plus 1
         inputs = [a for a in args if is_bound(a)]
         per = torch.stack([magnitude(a).flatten(1).amax(1) for a in inputs]).amax(0)
-        delta = LIBRARY_ULPS * 2 * u * (magnitude(out) + expand_radius(per, out.center) + 1.0) + const
+        scale = magnitude(out) + expand_radius(per, out.center)
+        delta = LIBRARY_ULPS * 2 * u * (scale + 1.0) + const
         if name == "softplus":
             delta = delta + _softplus_switch(u, *args)
-        return widen(out, delta)
+        # torch's float32 kernels overflow inside their own arithmetic below float32's largest value
+        # (hardswish computes 6x before dividing; gelu at 3e38): a margin of LIBRARY_OVERFLOW
+        return widen(out, _overflow(LIBRARY_OVERFLOW * scale, delta))
     raise NotImplementedError(f"bcpc.rounding has no rounding bound for rule {name!r}: classify it in bcpc/rounding.py")
 
 

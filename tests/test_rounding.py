@@ -408,3 +408,59 @@ def test_tensors_made_in_forward_then_cast_or_computed_in_float32_are_refused_un
     cert = bcpc.compile(kept, example_input=x, input_domain=None)
     cert.model_rounding = True
     assert cert.certify(x, kept(x).argmax(1), 1e-3).shape == (2,)
+
+
+class _Activated(nn.Module):
+    """relu(x - 3) scaled by 1e38, through an activation, scaled back: the float32 kernel of hardswish
+    computes 6x first and gives inf from 6e37 on, where the copy's value is finite."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.l0, self.l1, self.a, self.b = (nn.Linear(1, 1) for _ in range(4))
+        with torch.no_grad():
+            for layer, w, b in ((self.l0, 1.0, -3.0), (self.l1, 1e38, 0.0), (self.a, 1e-38, 0.0), (self.b, 0.0, 10.0)):
+                layer.weight.fill_(w)
+                layer.bias.fill_(b)
+
+    def forward(self, x):
+        r = torch.relu(self.l0(x))
+        return torch.cat([self.a(self.act(self.l1(r))), self.b(r)], 1)
+
+
+class _SubnormalWeight(nn.Module):
+    """A weight made in forward in the input's dtype with subnormal entries that float32 rounds by
+    far more than u (1e-40 to 9.99994610e-41), applied to two equal values of 1e38: the float32
+    product is exactly 0, the copy's 5.4e-8, and the output's magnitude is no measure of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.head = nn.Linear(1, 2), nn.Linear(2, 2)
+        with torch.no_grad():
+            self.l1.weight.fill_(1.0)
+            self.l1.bias.fill_(1e38)
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0], [2e7, 2.0]]))
+            self.head.bias.copy_(torch.tensor([1e5, 1e5 - 1.5]))
+
+    def forward(self, x):
+        w = torch.tensor([[1e-40, -9.99994610e-41]], dtype=x.dtype)
+        return self.head(torch.cat([F.linear(self.l1(x), w), x], 1))
+
+
+def test_an_eighth_reviews_cases_are_not_certified():
+    """An activation's float32 kernel overflowing below float32's largest value (hardswish: inf at
+    x = 3.59, inside the ball of 3.0 at eps 1, where the float64 function is class 1), and a rounded
+    weight whose difference cancels in the output but not term by term (the model is class 0 at
+    x = 0.74, inside the ball of 1.0 at eps 0.5)."""
+    x, y = torch.tensor([[3.0]]), torch.tensor([1])
+    model = _Activated(F.hardswish).eval()
+    assert model(torch.tensor([[3.59]])).argmax(1).item() == 0
+    cert = _not_certified_where_the_float32_model_is_wrong(model, x, y, 1.0)
+    assert not bool(cert.certify(x, y, 1.0)[0])
+    x2 = torch.tensor([[1.0]])
+    model = _SubnormalWeight().eval()
+    assert model(torch.tensor([[0.74]])).argmax(1).item() == 0
+    cert = bcpc.compile(model, example_input=x2, input_domain=None)
+    assert bool(cert.certify(x2, y, 0.5)[0])  # the float64 function
+    cert.model_rounding = True
+    assert not bool(cert.certify(x2, y, 0.5)[0])
