@@ -226,8 +226,9 @@ def _window(name: str, x: Bound, out: Bound, rest) -> int:
 
 def _constants(args, kwargs) -> tuple[float, float]:
     """``(absolute, relative)``: the largest difference between a constant argument and the float32
-    value the model computes with (Python floats, and tensors that are no Bound: a float64 tensor
-    attribute, ``full_like(x, 0.1)``), and the largest such difference relative to the constant.
+    value the model computes with (Python floats and ints above 2^24, and tensors that are no Bound:
+    a float64 tensor attribute, ``full_like(x, 0.1)``, an integer buffer, which the model's arithmetic
+    promotes to float32), and the largest such difference relative to the constant.
     The model rounds them to float32 (a subnormal one by far more than ``u`` relative), the copy
     does not; an added constant moves the result by the first, a factor by the second times the
     result. Parameters, float32 already, differ by nothing."""
@@ -241,10 +242,15 @@ def _constants(args, kwargs) -> tuple[float, float]:
             continue
         t = torch.as_tensor(float(a) if isinstance(a, int) else a, dtype=torch.float64) \
             if isinstance(a, (int, float)) else a
-        if not t.is_floating_point() or t.numel() == 0:
+        if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
             continue
+        # an integer tensor is promoted to float32 by the model's arithmetic (16777217 becomes 16777216);
+        # above 2^53 its float64 value is itself rounded, by at most 2^-53 relative
+        integer = isinstance(a, int) or not t.is_floating_point()
         t = t.detach().to(torch.float64)
         err = (t - t.float().to(torch.float64)).abs()
+        if integer:
+            err = err + torch.where(t.abs() >= 2.0 ** 53, t.abs() * 2.0 ** -52, torch.zeros_like(t))
         if not bool((err > 0).any()):
             continue
         absolute = max(absolute, float(err.max()))

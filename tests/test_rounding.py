@@ -464,3 +464,27 @@ def test_an_eighth_reviews_cases_are_not_certified():
     assert bool(cert.certify(x2, y, 0.5)[0])  # the float64 function
     cert.model_rounding = True
     assert not bool(cert.certify(x2, y, 0.5)[0])
+
+
+def test_an_integer_buffer_above_2_24_is_rounded_by_the_float32_model():
+    """A ninth review: an int64 buffer 16777217 added to a float32 value is promoted to float32
+    (16777216) by the model and kept exact by the copy; the model is class 1 at distance 0.44."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k", torch.tensor([16777217], dtype=torch.long))
+            self.head = nn.Linear(1, 2)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.tensor([[0.0], [10.0]]))
+                self.head.bias.copy_(torch.tensor([1.0, 0.0]))
+
+        def forward(self, x):
+            return self.head(torch.relu(x[:, 1:2] - (x[:, 0:1] + self.k)))
+
+    model = Net().eval()
+    x, y = torch.tensor([[-16777216.0, 0.0]]), torch.tensor([0])
+    assert model(torch.tensor([[-16777216.0, 0.44]])).argmax(1).item() == 1
+    cert = bcpc.compile(model, example_input=x, input_domain=None)
+    assert bool(cert.certify(x, y, 0.45)[0])  # the float64 function
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, y, 0.45)[0])
