@@ -259,7 +259,9 @@ class CertifiedModule(nn.Module):
                     "misclassified under set_float32_matmul_precision('medium')). Set torch's float32 precision to "
                     "IEEE for the certification and the deployment (torch.set_float32_matmul_precision('highest'); "
                     "on CUDA also torch.backends.cudnn.conv.fp32_precision = 'ieee' and "
-                    "torch.backends.cuda.matmul.fp32_precision = 'ieee'), or certify without model_rounding.")
+                    "torch.backends.cuda.matmul.fp32_precision = 'ieee'; on CPU ONEDNN_DEFAULT_FPMATH_MODE unset or "
+                    "STRICT in the environment of the process, and torch.set_flush_denormal(False)), or certify "
+                    "without model_rounding.")
             if self._lowered.weight_rounding:
                 raise ConfigError(
                     "model_rounding bounds the rounding of the float32 model's operations on the input, but the model "

@@ -35,6 +35,7 @@ float32 by the model; that difference is not bounded here (docs/soundness.md, kn
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -111,6 +112,18 @@ def reduced_precision(device_type: str) -> str:
             continue
         if isinstance(value, str) and value not in ("none", "ieee"):
             found.append(f"in {value} (torch.{path})")
+    if device_type == "cpu":
+        # oneDNN reads its math mode from the environment: BF16, F16, TF32 or ANY let it compute float32
+        # convolutions with bfloat16 operands on CPUs that have them (a review: 1e4 times the bound)
+        for var in ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE"):
+            mode = os.environ.get(var, "").strip()
+            if mode and mode.lower() != "strict":
+                found.append(f"in {mode} ({var}={mode} in the environment)")
+        # flush-to-zero (torch.set_flush_denormal(True)): results below 2^-126 become 0, not the gradual
+        # underflow the bound's 2^-150 per operation assumes; torch has no getter, so it is measured
+        tiny = torch.tensor(2.0 ** -140, dtype=torch.float32)
+        if float(tiny * torch.tensor(1.0, dtype=torch.float32)) == 0.0:
+            found.append("with subnormal results flushed to zero (torch.set_flush_denormal(True))")
     return ", ".join(dict.fromkeys(found))
 
 

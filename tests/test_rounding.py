@@ -303,6 +303,30 @@ def test_reduced_float32_precision_is_refused_under_model_rounding():
         torch.set_float32_matmul_precision(before)
 
 
+def test_onednn_math_modes_and_flushed_subnormals_are_refused_under_model_rounding(monkeypatch):
+    """A tenth review: ONEDNN_DEFAULT_FPMATH_MODE=BF16 makes oneDNN compute float32 convolutions with
+    bfloat16 operands (1e4 times the bound; torch's settings do not show it), and flush-to-zero
+    gives 0 where the bound assumes gradual underflow. Both were certified; both are refused."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 4)
+    cert = bcpc.compile(model, example_input=x[:1])
+    cert.model_rounding = True
+    y = model(x).argmax(1)
+    for var in ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE"):
+        monkeypatch.setenv(var, "BF16")
+        with pytest.raises(bcpc.errors.ConfigError, match=var):
+            cert.certify(x, y, 0.1)
+        monkeypatch.setenv(var, "strict")
+        cert.certify(x, y, 0.1)
+    torch.set_flush_denormal(True)
+    try:
+        with pytest.raises(bcpc.errors.ConfigError, match="set_flush_denormal"):
+            cert.certify(x, y, 0.1)
+    finally:
+        torch.set_flush_denormal(False)
+    cert.certify(x, y, 0.1)
+
+
 def test_weights_computed_in_forward_are_refused_under_model_rounding():
     """The copy computes a weight normalised in forward (by the user's code or a torch.nn.utils
     parametrization) in float64 and the model in float32; bcpc.rounding does not bound that
