@@ -336,7 +336,12 @@ def _softplus_switch(u: float, x: Bound, beta, threshold) -> Tensor:
     x0 = threshold / beta
     lower = x.lower if x.lower is not None else x.center - expand_radius(x.radius, x.center)
     upper = x.upper if x.upper is not None else x.center + expand_radius(x.radius, x.center)
-    slack = 8 * u * (abs(x0) + torch.maximum(lower.abs(), upper.abs())) + 8 * eta(u)
+    # in x: the relative rounding of the product and the switch point, plus the absolute rounding of an
+    # underflowing product x * beta (2^-150) and of a subnormal threshold, both divided by beta (a
+    # review: beta 1e-30 takes the other piece for every x below 7e-16)
+    thr_error = abs(float(threshold) - float(torch.tensor(float(threshold), dtype=torch.float32)))
+    slack = 8 * u * (abs(x0) + torch.maximum(lower.abs(), upper.abs())) + (8 * eta(u) + thr_error) / abs(beta) \
+        + 8 * eta(u)
     near = (lower <= x0 + slack) & (upper >= x0 - slack)
     return jump * near.to(x.center.dtype)
 

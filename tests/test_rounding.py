@@ -512,3 +512,19 @@ def test_an_integer_buffer_above_2_24_is_rounded_by_the_float32_model():
     assert bool(cert.certify(x, y, 0.45)[0])  # the float64 function
     cert.model_rounding = True
     assert not bool(cert.certify(x, y, 0.45)[0])
+
+
+def test_softplus_takes_the_other_piece_where_its_product_underflows():
+    """An eleventh review: softplus(beta=1e-30, threshold=0) of x = 6e-16 is 6.9e29 in float32 (beta x
+    underflows to 0, the left piece), x in the copy; the switch's slack now counts the absolute
+    rounding of the product and of the threshold, divided by beta."""
+    model = nn.Sequential(nn.Softplus(beta=1e-30, threshold=0.0), nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[0.0], [1.0]]))
+        model[1].bias.copy_(torch.tensor([0.5, 0.0]))
+    x, y = torch.tensor([[2e-15]]), torch.tensor([0])
+    assert model(torch.tensor([[6e-16]])).argmax(1).item() == 1  # distance 1.4e-15
+    cert = bcpc.compile(model, example_input=x, input_domain=None)
+    assert bool(cert.certify(x, y, 1.5e-15)[0])  # the float64 function
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, y, 1.5e-15)[0])
