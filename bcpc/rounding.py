@@ -53,6 +53,8 @@ EXACT = frozenset({
     "minimum", "amax", "amin", "where", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d"})
 ONE = frozenset({"add", "sub", "mul", "div", "leaky_relu", "prelu"})
+#: the ONE ops whose constants are factors (a product, a quotient, a slope), not terms
+FACTORS = frozenset({"mul", "div", "leaky_relu", "prelu"})
 AFFINE = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                     "conv_transpose3d"})
 AVERAGE = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
@@ -291,6 +293,10 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
         x, weight, bias, running_mean, running_var, _, _, _, eps = args
         return widen(out, _batch_norm_delta(u, x, weight, bias, running_mean, running_var, eps) + const)
     if name in ONE:
+        if name in FACTORS and (absolute or relative):
+            # a constant factor's difference moves the product by its relative difference times the
+            # result (x * 1e38: 1e30 absolute, 2^-25 relative); only added constants move it absolutely
+            const = 2 * relative * magnitude(out)
         return widen(out, _overflow(magnitude(out), 3 * u * magnitude(out) + 3 * eta(u) + const))
     if name == "interpolate":
         # float32 computes the source coordinates in float32 and may take other neighbours (or a
