@@ -274,6 +274,27 @@ def _constants(args, kwargs) -> tuple[float, float]:
     return absolute, relative
 
 
+def _divisor_relative(d) -> float:
+    """How far ``x / d`` in float32 (``x / fl32(d)``) is from ``x / d``, relative to it: the largest
+    ``|d - fl32(d)| / |fl32(d)|``, infinite where a nonzero ``d`` is 0 in float32."""
+    if is_bound(d) or isinstance(d, bool) or not isinstance(d, (int, float, Tensor)):
+        return 0.0
+    t = torch.as_tensor(float(d), dtype=torch.float64) if isinstance(d, (int, float)) else d.detach().to(torch.float64)
+    own = t.float().to(torch.float64)
+    # a kernel may multiply by the float32 reciprocal (CUDA does for a Python scalar): it overflows
+    # below 2^-128 and is subnormal, rounded by more than u, above 2^126
+    odd = (own != 0) & ((own.abs() < 2.0 ** -126) | (own.abs() > 2.0 ** 126))
+    if bool(odd.any()):
+        return math.inf
+    err = (t - own).abs()
+    if not bool((err > 0).any()):
+        return 0.0
+    if bool(((own == 0) & (t != 0)).any()):
+        return math.inf
+    moved = err > 0
+    return float((err[moved] / own[moved].abs()).max())
+
+
 def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     """``out``, the Bound of a node of rule ``name`` computed from the (widened) input Bounds in
     ``args``, widened by the rounding of the model's own operation (unit roundoff ``u``)."""
@@ -295,8 +316,10 @@ def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:
     if name in ONE:
         if name in FACTORS and (absolute or relative):
             # a constant factor's difference moves the product by its relative difference times the
-            # result (x * 1e38: 1e30 absolute, 2^-25 relative); only added constants move it absolutely
-            const = 2 * relative * magnitude(out)
+            # result (x * 1e38: 1e30 absolute, 2^-25 relative); only added constants move it absolutely.
+            # A divisor by its difference relative to its float32 value: 1e-46 is 0 in float32
+            rel = _divisor_relative(args[1]) if name == "div" else relative
+            const = 2 * rel * magnitude(out) if rel < math.inf else torch.full_like(out.center, math.inf)
         return widen(out, _overflow(magnitude(out), 3 * u * magnitude(out) + 3 * eta(u) + const))
     if name == "interpolate":
         # float32 computes the source coordinates in float32 and may take other neighbours (or a

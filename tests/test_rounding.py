@@ -5,6 +5,8 @@ a twentieth-session review found float32 models misclassified inside certified b
 own rounding moves a margin across zero (a hidden value 3e7 + 0.9 that float32 rounds to 3e7; a
 random MLP at its certified radius). With ``model_rounding`` every Bound is widened by a
 worst-case bound on that rounding (bcpc.rounding) and neither is certified."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -528,3 +530,24 @@ def test_softplus_takes_the_other_piece_where_its_product_underflows():
     assert bool(cert.certify(x, y, 1.5e-15)[0])  # the float64 function
     cert.model_rounding = True
     assert not bool(cert.certify(x, y, 1.5e-15)[0])
+
+
+def test_a_divisor_that_float32_rounds_to_zero_is_not_certified():
+    """A twelfth review: x / 1e-46 is x / 0 in float32 (inf), while the copy's quotient is finite and
+    the constant's difference relative to 1e-46 is only 1; a divisor is now counted relative to its
+    float32 value, and one that is 0 there (or whose reciprocal leaves float32's normal range)
+    certifies nothing."""
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[-1e-3], [1e-3]]))
+        head.bias.copy_(torch.tensor([1.0, -1.0]))
+    model = _Lambda(lambda s, h: s.head(torch.clamp(torch.relu((2.0 ** -148 - torch.abs(h - 2.0 ** -149)) / 1e-46),
+                                                    max=2.0 ** 100)), head=head).eval()
+    x, y = torch.tensor([[-2.0 ** -148]]), torch.tensor([0])
+    assert model(torch.tensor([[2.0 ** -149]])).argmax(1).item() == 1  # 4.2e-45 from the centre
+    cert = bcpc.compile(model, example_input=torch.zeros(1, 1), input_domain=None)
+    assert bool(cert.certify(x, y, 5e-45)[0])  # the float64 function
+    cert.model_rounding = True
+    assert not bool(cert.certify(x, y, 5e-45)[0])
+    assert rounding._divisor_relative(2.0 ** -140) == math.inf  # exact, but its reciprocal overflows
+    assert rounding._divisor_relative(0.1) == pytest.approx(abs(0.1 - float(torch.tensor(0.1))) / float(torch.tensor(0.1)))
