@@ -28,9 +28,10 @@ with ``|d| <= u`` (``u = 2^-24`` for float32), for operations computed as sums o
   concatenation, selection, padding): no rounding.
 
 A float64 model is its own certification copy: its rounding is the copy's, which the safety
-threshold on the final margins covers, so the unit is 0 and nothing is widened. Values that do not
-depend on the input (a weight normalised in forward, say) are computed in float64 by the copy and in
-float32 by the model; that difference is not bounded here (docs/soundness.md, known limits).
+threshold on the final margins covers, so the unit is 0 and nothing is widened. Values computed in
+forward without the input (a weight normalised there, say) are computed in float64 by the copy and
+in float32 by the model; that difference is not bounded here, and such models are refused under
+``model_rounding`` (``_rounds_in_forward`` in passes/lower.py; docs/soundness.md).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ _TARGETS: dict = {}
 #: ulps of |input| + |output| + 1 allowed to an elementary function (an assumption, above)
 LIBRARY_ULPS = 16
 #: how far below float32's largest value an elementary function's float32 kernel may overflow inside
-#: its own arithmetic, as a factor of its input's and output's magnitude (hardswish: 6)
+#: its own arithmetic, as a factor of its input's and output's magnitude (hardswish: 6); an assumption,
+#: as LIBRARY_ULPS is, from the kernels measured (docs/soundness.md)
 LIBRARY_OVERFLOW = 16.0
 
 
@@ -239,35 +241,44 @@ def _window(name: str, x: Bound, out: Bound, rest) -> int:
     return math.prod(int(k) for k in kernel)
 
 
+def _float32_difference(a) -> Optional[tuple]:
+    """``(value, own, err)`` of a constant argument, all float64 tensors: its value in the copy, the
+    float32 value the model computes with, and an elementwise bound on their difference; None for
+    what the model does not round (Bounds, bools, sizes and ints float32 holds, non-numbers). An
+    integer tensor is promoted to float32 by the model's arithmetic (16777217 becomes 16777216), and
+    an integer above 2^53 is itself rounded in float64, by at most 2^-53 relative."""
+    if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)) or is_bound(a):
+        return None
+    if isinstance(a, int) and abs(a) <= 2 ** 24:  # sizes, dims, and every int float32 holds
+        return None
+    t = torch.as_tensor(float(a), dtype=torch.float64) if isinstance(a, (int, float)) else a
+    if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
+        return None
+    integer = isinstance(a, int) or not t.is_floating_point()
+    t = t.detach().to(torch.float64)
+    own = t.float().to(torch.float64)
+    err = (t - own).abs()
+    if integer:
+        err = err + torch.where(t.abs() >= 2.0 ** 53, t.abs() * 2.0 ** -52, torch.zeros_like(t))
+    return t, own, err
+
+
 def _constants(args, kwargs) -> tuple[float, float]:
     """``(absolute, relative)``: the largest difference between a constant argument and the float32
     value the model computes with (Python floats and ints above 2^24, and tensors that are no Bound:
-    a float64 tensor attribute, ``full_like(x, 0.1)``, an integer buffer, which the model's arithmetic
-    promotes to float32), and the largest such difference relative to the constant.
-    The model rounds them to float32 (a subnormal one by far more than ``u`` relative), the copy
-    does not; an added constant moves the result by the first, a factor by the second times the
-    result. Parameters, float32 already, differ by nothing."""
+    a float64 tensor attribute, ``full_like(x, 0.1)``, an integer buffer), and the largest such
+    difference relative to the constant (:func:`_float32_difference`). The model rounds them to
+    float32 (a subnormal one by far more than ``u`` relative), the copy does not; an added constant
+    moves the result by the first, a factor by the second times the result. Parameters, float32
+    already, differ by nothing."""
     flat = list(args) + list(kwargs.values())
     flat += [v for a in list(args) if isinstance(a, (tuple, list)) and not is_bound(a) for v in a]
     absolute = relative = 0.0
     for a in flat:
-        if isinstance(a, bool) or not isinstance(a, (int, float, Tensor)) or is_bound(a):
+        found = _float32_difference(a)
+        if found is None or not bool((found[2] > 0).any()):
             continue
-        if isinstance(a, int) and abs(a) <= 2 ** 24:  # sizes, dims, and every int float32 holds
-            continue
-        t = torch.as_tensor(float(a) if isinstance(a, int) else a, dtype=torch.float64) \
-            if isinstance(a, (int, float)) else a
-        if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
-            continue
-        # an integer tensor is promoted to float32 by the model's arithmetic (16777217 becomes 16777216);
-        # above 2^53 its float64 value is itself rounded, by at most 2^-53 relative
-        integer = isinstance(a, int) or not t.is_floating_point()
-        t = t.detach().to(torch.float64)
-        err = (t - t.float().to(torch.float64)).abs()
-        if integer:
-            err = err + torch.where(t.abs() >= 2.0 ** 53, t.abs() * 2.0 ** -52, torch.zeros_like(t))
-        if not bool((err > 0).any()):
-            continue
+        t, _, err = found
         absolute = max(absolute, float(err.max()))
         nonzero = t != 0
         relative = max(relative, float((err[nonzero] / t[nonzero].abs()).max()))
@@ -277,22 +288,17 @@ def _constants(args, kwargs) -> tuple[float, float]:
 def _divisor_relative(d) -> float:
     """How far ``x / d`` in float32 (``x / fl32(d)``) is from ``x / d``, relative to it: the largest
     ``|d - fl32(d)| / |fl32(d)|``, infinite where a nonzero ``d`` is 0 in float32."""
-    if is_bound(d) or isinstance(d, bool) or not isinstance(d, (int, float, Tensor)):
+    found = _float32_difference(d)
+    if found is None:
         return 0.0
-    t = torch.as_tensor(float(d), dtype=torch.float64) if isinstance(d, (int, float)) else d.detach().to(torch.float64)
-    own = t.float().to(torch.float64)
+    t, own, err = found
     # a kernel may multiply by the float32 reciprocal (CUDA does for a Python scalar): it overflows
     # below 2^-128 and is subnormal, rounded by more than u, above 2^126
     odd = (own != 0) & ((own.abs() < 2.0 ** -126) | (own.abs() > 2.0 ** 126))
-    if bool(odd.any()):
-        return math.inf
-    err = (t - own).abs()
-    if not bool((err > 0).any()):
-        return 0.0
-    if bool(((own == 0) & (t != 0)).any()):
+    if bool(odd.any()) or bool(((own == 0) & (t != 0)).any()):
         return math.inf
     moved = err > 0
-    return float((err[moved] / own[moved].abs()).max())
+    return float((err[moved] / own[moved].abs()).max()) if bool(moved.any()) else 0.0
 
 
 def node(out: Bound, u: float, name: str, *args, **kwargs) -> Bound:

@@ -42,9 +42,9 @@ class Lowered:
     rules: dict = field(default_factory=dict)
     #: origin node name -> (lip module name, weight's qualified name in the model or None)
     lipschitz: dict = field(default_factory=dict)
-    #: values the model computes from its weights alone by an op that rounds (a weight normalised
-    #: in forward): the copy computes them in float64, so ``model_rounding`` does not cover them;
-    #: "'origin' (op) at <source line>" descriptions
+    #: values the model computes in forward without the input by an op that may round (a weight
+    #: normalised there, a parametrized weight): the copy computes them in float64, so
+    #: ``model_rounding`` refuses the model; "'origin' (op) at <source line>" descriptions
     weight_rounding: list = field(default_factory=list)
 
 
@@ -52,12 +52,23 @@ def _call(graph: fx.Graph, target, args, kwargs=None, *, name: str) -> fx.Node:
     return graph.create_node("call_function", target, tuple(args), dict(kwargs or {}), name=name)
 
 
+def _flat_args(node: fx.Node) -> list:
+    """Every argument of the node, nested tuples and lists flattened."""
+    flat = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
+    return flat
+
+
+def _floating(node: fx.Node) -> bool:
+    rec = info(node)
+    return rec.is_tensor and rec.dtype is not None and getattr(rec.dtype, "is_floating_point", False)
+
+
 def _float_constants(node: fx.Node) -> bool:
     """Whether the node has constant arguments the model may hold in float32 where the float64 copy
     does not: Python floats (a clamp's bound, a pad value) or values that do not depend on the input
     (a tensor attribute, ``full_like(x, 0.1)``)."""
-    flat = []
-    fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
+    flat = _flat_args(node)
     return any(isinstance(a, float) or (isinstance(a, int) and not isinstance(a, bool) and abs(a) > 2 ** 24)
                or (isinstance(a, fx.Node) and not info(a).perturbed) for a in flat)
 
@@ -85,10 +96,8 @@ def _rounds_in_forward(node: fx.Node, derived: set) -> bool:
     if node.op == "call_module":
         return True
     rec = info(node)
-    floating = rec.is_tensor and rec.dtype is not None and rec.dtype.is_floating_point
-    flat = []
-    fx.node.map_aggregate((node.args, node.kwargs), lambda a: flat.append(a) or a)
-    if floating and (node.target in (torch.linspace, torch.logspace)
+    flat = _flat_args(node)
+    if _floating(node) and (node.target in (torch.linspace, torch.logspace)
                      or (node.target is torch.arange and any(isinstance(a, float) for a in flat))):
         return True  # computed in the model's dtype by float arithmetic: not the rounding of the copy's values
     inputs = [n for n in node.all_input_nodes if n in derived]
@@ -96,8 +105,7 @@ def _rounds_in_forward(node: fx.Node, derived: set) -> bool:
         return False
     if any(isinstance(a, float) for a in flat):
         return True
-    if rec.is_tensor and rec.dtype is not None and not rec.dtype.is_floating_point and any(
-            info(n).dtype is not None and getattr(info(n).dtype, "is_floating_point", False) for n in inputs):
+    if rec.is_tensor and not _floating(node) and any(_floating(n) for n in inputs):
         # a cast to int or bool (or a comparison) of a value the copy holds in float64 and the model in
         # float32: full_like(x, 3 - 1e-9).long() is 2 in the copy, 3 in the model, and no longer a float
         # whose difference bcpc.rounding counts where it is used
