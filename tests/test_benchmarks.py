@@ -190,3 +190,9 @@ def test_compile_watch_prints_the_watch_cost_ratio():
     assert len(row) == 1 and row[0].rstrip().endswith("x"), out
     watched, unwatched = (float(v) for v in row[0].split()[1:3])
     assert watched > 0 and unwatched > 0
+
+
+def test_batch_step_times_a_step_at_each_setting():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batch_step.py"), "--threads", "1", "--steps", "6",
+                          "--settings", "16:1:float32,16:1:bfloat16"], capture_output=True, text=True, check=True).stdout
+    assert out.count("ms per step") == 2, out
