@@ -94,8 +94,9 @@ _SKIP_ATTRIBUTES = frozenset(["training", "_parameters", "_buffers", "_modules",
 
 
 def _freeze(value, depth: int = 0):
-    """A comparable stand-in for an attribute value: primitives by value, containers item by item,
-    tensors by a copy of their values, plain objects (``SimpleNamespace``, dataclasses, argparse
+    """A comparable stand-in for an attribute value: primitives by value, containers (sets and
+    bytearrays too) item by item, tensors by a copy of their values, bound methods by their function
+    and object (a review changed ``clipper.cap`` behind ``self.post = clipper.apply``), plain objects (``SimpleNamespace``, dataclasses, argparse
     namespaces, config objects) by their attributes, anything else by identity."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
         return value
@@ -113,6 +114,12 @@ def _freeze(value, depth: int = 0):
                 _freeze(value.__kwdefaults__, depth + 1))
     if isinstance(value, (tuple, list)):
         return (type(value).__name__,) + tuple(_freeze(v, depth + 1) for v in value)
+    if isinstance(value, (set, frozenset)):  # by contents, in an order that does not depend on the set's
+        return ("set",) + tuple(sorted((_freeze(v, depth + 1) for v in value), key=repr))
+    if isinstance(value, bytearray):
+        return ("bytearray", bytes(value))
+    if isinstance(value, types.MethodType):  # a bound method: its function and the state of its object
+        return ("method", _freeze(value.__func__, depth + 1), _freeze(value.__self__, depth + 1))
     if isinstance(value, dict):
         return ("dict",) + tuple((k, _freeze(v, depth + 1)) for k, v in value.items())
     if _plain_object(value):
@@ -426,6 +433,12 @@ def _render(frozen) -> str:
         return f"a numpy array of shape {frozen[2]} (other values)"
     if isinstance(frozen, tuple) and frozen and frozen[0] == "function":
         return f"function {frozen[1]}"
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "set":
+        return "{" + ", ".join(_render(v) for v in frozen[1:]) + "}" if len(frozen) > 1 else "set()"
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "bytearray":
+        return repr(bytearray(frozen[1]))
+    if isinstance(frozen, tuple) and frozen and frozen[0] == "method":
+        return f"bound method {frozen[1][1]} of {_render(frozen[2])}"
     if isinstance(frozen, tuple) and frozen and frozen[0] == "partial":
         return f"functools.partial({_render(frozen[1])}, ...)"
     if isinstance(frozen, tuple) and frozen and frozen[0] == "object":

@@ -15,6 +15,7 @@ networkx is a read-only view here; the fx graph stays the source of truth.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -228,6 +229,7 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     dag = to_networkx(gm)
     if not nx.is_directed_acyclic_graph(dag):  # cannot happen for fx graphs; guard the view
         raise GraphStructureError("traced graph is not acyclic")
+    _refuse_batch_values(graph)
     merges = []
     for node in graph.nodes:
         rec = info(node)
@@ -266,6 +268,102 @@ _EXACT_IN_ANY_DTYPE = frozenset(["relu", "abs", "neg", "cat", "stack", "flatten"
                                  "amin", "group_sort", "maximum", "minimum", "expand", "flip", "getitem",
                                  "movedim", "narrow", "permute", "repeat", "roll", "select", "squeeze",
                                  "transpose", "unsqueeze"])
+
+
+#: ops whose arguments after the tensor (or all of them, for the factories) are a size: the batch
+#: size may go there (``h.view(x.size(0), -1)``, ``h.new_zeros(B, 3)``, ``c.expand(B, -1)``) and
+#: shapes a tensor without entering its values. ``new_full`` / ``full``: the size argument only.
+_SIZE_AFTER_TENSOR = frozenset(["reshape", "view", "expand", "broadcast_to", "new_zeros", "new_ones", "new_empty"])
+_SIZE_ONLY_FACTORIES = frozenset(["zeros", "ones", "empty"])
+
+
+def _op_name(node: fx.Node) -> Optional[str]:
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", None) if node.op == "call_function" else None
+
+
+def _size_arguments(node: fx.Node) -> Optional[list]:
+    """The arguments of ``node`` that give a size (None: the op takes no size)."""
+    name = _op_name(node)
+    if name in _SIZE_AFTER_TENSOR:
+        return list(node.args[1:]) + [node.kwargs.get("size"), node.kwargs.get("shape")]
+    if name in _SIZE_ONLY_FACTORIES and node.op == "call_function":
+        return list(node.args) + [node.kwargs.get("size")]
+    if name in ("new_full", "full"):
+        first = 1 if name == "new_full" else 0
+        return list(node.args[first:first + 1]) + [node.kwargs.get("size")]
+    if name == "unflatten":
+        return list(node.args[2:3]) + [node.kwargs.get("sizes")]
+    return None
+
+
+def _batch_size_read(node: fx.Node):
+    """Whether the node reads the batch size of a perturbed tensor: ``"scalar"`` (``x.size(0)``,
+    ``x.numel()``), a tuple of flags, one per entry, True where it is the batch size (``x.shape``,
+    ``x.size()``), or None."""
+    tensor = node.args[0] if node.args else None
+    shape = info(tensor).shape if isinstance(tensor, fx.Node) and info(tensor).perturbed else None
+    if not shape or shape[0] != 2:  # shapes are of a batch of 2: a tensor without the batch dim (x[0]) has none
+        return None
+    rank = len(shape)
+    name = _op_name(node)
+    if node.op == "call_function" and node.target is getattr and node.args[1:2] == ("shape",):
+        return (True,) + (False,) * (rank - 1)
+    if name == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is None:
+            return (True,) + (False,) * (rank - 1)
+        return "scalar" if isinstance(dim, int) and rank and dim % rank == 0 else None
+    if name in ("numel", "nelement") or (node.op == "call_function" and node.target is len):
+        return "scalar"
+    return None
+
+
+def _refuse_batch_values(graph: fx.Graph) -> None:
+    """Refuse a value computed from the batch size (``h * x.size(0)``, ``h / x.numel()``,
+    ``torch.arange(B)``) that reaches the model's values: the output for one input then depends on
+    how many inputs share its batch, and a certificate computed in one batch does not hold for the
+    input alone (a new-user review's false certificate: ``cap = 3.3 * x.shape[0]``). The batch size
+    may shape tensors (the size arguments of view, reshape, expand, new_zeros, ...)."""
+    batch: dict = {}  # node -> "scalar" (a value computed from the batch size) or a tuple of flags
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        read = _batch_size_read(node)
+        if read is not None:
+            batch[node] = read
+            continue
+        found = [a for a in node.all_input_nodes if a in batch]
+        if not found:
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in batch \
+                and isinstance(batch[node.args[0]], tuple):
+            flags, index = batch[node.args[0]], node.args[1]
+            if isinstance(index, int) and -len(flags) <= index < len(flags):
+                if flags[index]:
+                    batch[node] = "scalar"
+                continue
+            if isinstance(index, slice) and not any(isinstance(v, fx.Node) for v in (index.start, index.stop, index.step)):
+                picked = flags[index]
+                if any(picked):
+                    batch[node] = picked
+                continue
+        sizes = _size_arguments(node)
+        if sizes is not None:
+            in_sizes = []
+            fx.node.map_arg(sizes, in_sizes.append)
+            if not any(a in batch for a in set(node.all_input_nodes) - set(in_sizes)):
+                continue  # the batch size shapes a tensor, no value
+        if node.op == "output" or info(node).perturbed:
+            source = found[0]
+            raise UnsupportedOpError(
+                f"node '{node.name}' (at {where(node)}) computes with the batch size (node '{source.name}', from "
+                "x.size(0), x.shape[0] or x.numel()): the model's output for an input then depends on how many "
+                "inputs share its batch, so a certificate computed in one batch does not hold for the same input "
+                "in another. Use the batch size only to shape tensors (h.view(x.size(0), -1), h.new_zeros(B, n)); "
+                "for the size of one sample, read x.shape[1:] or x[0].numel().")
+        batch[node] = "scalar"
 
 
 def _refuse_narrow_arithmetic(graph: fx.Graph) -> None:

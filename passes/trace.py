@@ -87,9 +87,16 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+        # buffers read in forward become graph nodes (get_attr), as parameters do: otherwise fx computes
+        # what forward makes of them (torch.sqrt(self.var + 1e-5), self.flag.item()) once, at trace time,
+        # and the graph keeps that value after the buffer changes (load_state_dict): found by a new-user
+        # review (a false certificate)
+        self.proxy_buffer_attributes = True
         #: id -> (tensor, its version counter) of every real tensor the graph holds as a constant,
         #: at the moment the graph first used it
         self.captured: dict = {}
+        #: where forward used a tensor computed from a parameter outside the graph
+        self.from_parameters: list = []
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -100,6 +107,12 @@ class _Tracer(fx.Tracer):
             # a NumPy scalar (self.scale = np.sqrt(d)) as the Python number it holds: fx would write
             # it into the graph's code as np.float64(...), a name that code does not import
             return self.create_arg(a.item())
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.grad_fn is not None:
+            # computed for real from a parameter that fx did not follow (next(self.parameters()).abs(),
+            # dict(self.named_parameters())["w"] * 2, self._parameters["w"]): the graph would keep the
+            # value of compile time while training changes the parameter (a new-user review's false
+            # certificate)
+            self.from_parameters.append(_user_line())
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) not in self.captured:
             # the values too: a write through .data (c.data.mul_(2)) does not move c's version counter
             self.captured[id(a)] = (a, a._version, a.detach().clone())
@@ -111,6 +124,18 @@ class _Tracer(fx.Tracer):
             # convolution without padding, two ops with rules
             return False
         return super().is_leaf_module(m, module_qualified_name) or _builtin_with_new_constructor(type(m))
+
+
+def _user_line() -> str:
+    """``file:line`` of the innermost frame outside torch and bcpc (the model's code being traced)."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if not (path.startswith(_LIBRARY_DIRS) or path.startswith(_STDLIB_DIR) or frame.filename.startswith("<")):
+            return f"{frame.filename}:{frame.lineno}"
+    return "<source unknown>"
+
 
 
 def _failing_module(exc: BaseException) -> str:
@@ -135,12 +160,16 @@ _ADVICE = (
      "(int(x.shape[1]), float(x.sum())) has no value at trace time. Sizes: use numbers the module "
      "knows (set in __init__), or pass the shape on without int() (h.flatten(1), h.view(h.shape[0], -1)); "
      "a Python number computed from the input's values (float(x.sum()), x.item()) cannot be certified: "
-     "keep it a tensor op."),
+     "keep it a tensor op. Buffers are traced too (a later change of a buffer changes the model, so the graph "
+     "reads it at every call): a number kept in a buffer for int() / float() / .item() belongs in a plain "
+     "attribute set in __init__ (self.k = 3), or keep the computation a tensor op."),
     (("cannot be used as inputs to control flow",),
      "An if / while on a tensor value branches on the input, which one graph cannot hold. Write the "
      "choice as tensor ops: torch.where(cond, a, b), h.clamp(...), torch.maximum(a, b). torch.fx also traces "
      "the input's sizes (if x.shape[0] > 1, if x.size(1) == 3) and every extra argument of forward without a "
-     "default symbolically: branch on a number the module knows (set in __init__) instead, or wrap the model "
+     "default symbolically, and so are buffers (if self.flag: with a bool buffer; the graph reads buffers at "
+     "every call, so that a later change is seen): branch on a number the module knows (a plain attribute set "
+     "in __init__) instead, or wrap the model "
      "so that forward takes only x and passes the others as constants (arguments with a default are traced at "
      "their default, as model(x) runs them)."),
     (("cannot be iterated",),
@@ -264,9 +293,8 @@ def _same(t: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 def _refuse_changed_buffers(model: nn.Module, before: dict) -> None:
-    """fx runs a buffer's own code for real while tracing (it is a tensor, not a Proxy), so a
-    forward that reassigns a buffer or writes into it (``self.prev = -self.prev``,
-    ``self.prev.data.mul_(-1)``) changes the model at every call, and a certificate for its state
+    """A forward that reassigns a buffer or writes into it (``self.prev = -self.prev``,
+    ``self.prev.data.mul_(-1)``, which fx runs for real while tracing) changes the model at every call, and a certificate for its state
     at one call says nothing of the next (found by a new-user review: certified, then the next
     ``model(x)`` misclassified the certified input). Refused."""
     now = dict(model.named_buffers(remove_duplicate=False))
@@ -538,6 +566,29 @@ _TRACING_CHECKS = frozenset(f.__code__ for k, f in vars(fx._symbolic_trace).item
                             if k.startswith("is_fx") and inspect.isfunction(f))
 
 
+def _state_queries() -> tuple:
+    """What forward may ask of the process rather than compute from its input: grad and inference
+    mode, autocast, thread counts, determinism, the environment. Asked while fx
+    traces, the answer is fixed in the graph; inference (``torch.no_grad()``, ``inference_mode``) or
+    a later setting gives the model another answer, so the graph is not the model (a new-user review
+    built a false certificate from ``if not torch.is_grad_enabled(): ...``). ``(C functions by id,
+    Python code objects)``."""
+    c_functions = [getattr(torch, name, None) for name in (
+        "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "get_autocast_dtype",
+        "get_autocast_gpu_dtype", "get_autocast_cpu_dtype", "is_autocast_cpu_enabled", "get_num_threads",
+        "get_num_interop_threads")]
+    c_functions += [getattr(torch._C, name, None) for name in (
+        "_get_deterministic_algorithms", "_is_inference_mode_enabled", "is_grad_enabled")]
+    python = [getattr(torch, name, None) for name in ("are_deterministic_algorithms_enabled",
+                                                      "is_deterministic_algorithms_warn_only_enabled")]
+    python += [os.getenv, type(os.environ).__getitem__]  # `in os.environ` and .get reach __getitem__ too
+    codes = frozenset(f.__code__ for f in python if inspect.isfunction(f))
+    return frozenset(id(f) for f in c_functions if f is not None and not inspect.isfunction(f)), codes
+
+
+_QUERY_IDS, _QUERY_CODES = _state_queries()
+
+
 #: exceptions a value of the wrong kind raises (a NumPy or Python call given a traced value, fx's
 #: refusals): caught in the model's code, they mean a fallback path. Lookups (KeyError, a missing
 #: attribute), the end of an iteration and optional imports say nothing about the traced values.
@@ -589,7 +640,7 @@ class _PathWatch:
     random value fixed once in the graph."""
 
     def __init__(self, model: nn.Module):
-        self.caught, self.asked, self.drawn, self._user = [], [], [], {}
+        self.caught, self.asked, self.drawn, self.queried, self._user = [], [], [], [], {}
         # the model's code: every file of the packages (or single modules) its classes come from,
         # wherever they are installed, and any code outside installed packages
         self._model_roots = set()
@@ -621,6 +672,11 @@ class _PathWatch:
             if back is not None and self._is_user(back.f_code.co_filename):
                 self.asked.append(f"{back.f_code.co_filename}:{back.f_lineno}")
             return None
+        if code in _QUERY_CODES:
+            caller = self._user_caller(frame.f_back)
+            if caller is not None:
+                self.queried.append(f"{code.co_name} at {caller}")
+            return None
         if event != "call" or not self._is_user(code.co_filename):
             return None
         frame.f_trace_lines = False
@@ -633,6 +689,17 @@ class _PathWatch:
                 self.caught.append(
                     f"{type(exc).__name__} ({str(exc)[:120]}) at {frame.f_code.co_filename}:{frame.f_lineno}")
         return self._local
+
+    def _user_caller(self, frame):
+        """``file:line`` of the model's code that made this call, directly or through the standard
+        library's own wrappers (``os.environ.get`` reaches ``__getitem__`` through ``Mapping.get``),
+        or None for a call from library code (torch's MultiheadAttention asks for grad mode to choose
+        its fused path, which computes the same function)."""
+        while frame is not None and frame.f_code.co_filename.startswith((_STDLIB_DIR, "<frozen")):
+            frame = frame.f_back
+        if frame is not None and self._is_user(frame.f_code.co_filename):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        return None
 
     def _called_by_model(self, frame) -> bool:
         """``frame`` is the model's code, or library code the model's code called
@@ -653,6 +720,10 @@ class _PathWatch:
             op = frame.f_locals.get("self")
             if _seeded(op) and self._called_by_model(frame.f_back):
                 self.drawn.append(f"{op} at {frame.f_back.f_code.co_filename}:{frame.f_back.f_lineno}")
+            return
+        if event == "c_call" and id(arg) in _QUERY_IDS and self._is_user(frame.f_code.co_filename):
+            name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", repr(arg))
+            self.queried.append(f"torch.{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
             return
         if event == "c_call" and _is_random_source(arg) and self._called_by_model(frame):
             name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", repr(arg))
@@ -681,6 +752,14 @@ class _PathWatch:
                 f"code called by forward asks whether torch.fx is tracing it (is_fx_tracing(), called at "
                 f"{self.asked[0]}): the trace takes one branch and the model, run by you, the other, so the graph "
                 "bcpc would certify is not the model. Remove the check, or make both branches compute the same.")
+        if self.queried:
+            raise TraceError(
+                f"forward asks the process for a setting while torch.fx traces it ({self.queried[0]}): grad or "
+                "inference mode, autocast, the thread count, determinism or an environment "
+                "variable. The graph keeps the answer given at compile time, while the model answers anew at every "
+                "call (certify and inference run under torch.no_grad(), training does not), so the graph bcpc "
+                "would certify may not be the model. Decide it in __init__ and keep it as an attribute "
+                "(self.fast = ...), or compute the same in every setting.")
         if self.caught:
             raise TraceError(
                 f"the model's code raised and caught an exception while torch.fx traced it: {self.caught[0]}. bcpc "
@@ -751,7 +830,18 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "put the extra computation in a module after it.", UserWarning, stacklevel=3)
     written = _undo_assignments(model, before)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    for (name, key), value in written.items():
+        if key in ("_buffers", "_parameters"):  # forward assigned a buffer a traced value (self.prev = -self.prev)
+            changed = sorted(k for k, v in value.items() if _holds_proxy(v))
+            _refuse_changed_buffers(model, {f"{name}.{k}" if name else k: (None, None) for k in changed})
     _refuse_changed_buffers(model, buffers)
+    if tracer.from_parameters:
+        raise UnsupportedOpError(
+            f"forward computes a tensor from a parameter that torch.fx does not see as one (at "
+            f"{tracer.from_parameters[0]}): a parameter reached through self.parameters(), named_parameters(), "
+            "_parameters[...] or a container torch.fx does not follow. fx computes such a value once, at compile "
+            "time, and the graph would keep it after the parameter changes (training, load_state_dict). Read "
+            "the parameter as an attribute (self.aux.weight), which the graph follows.")
     _refuse_mutated_constants(tracer, graph)
     for (name, key), value in written.items():
         old = before[name].get(key)

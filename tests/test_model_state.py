@@ -1,0 +1,216 @@
+"""State a model's forward reads besides its input, each found by the twenty-second session's new-user
+review as a false certificate (``certify`` True at eps 0.5, the float64 model in the other class at a
+point 0.5 away): values computed from buffers, parameters reached outside attributes, the process's
+settings (grad mode, threads, environment), the batch size, and Python containers the change check
+compared by identity. Each is now followed by the graph, refused at compile time, or seen as a
+change after compile."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bcpc
+from bcpc.errors import BcpcError, GraphMismatchError, TraceError, UnsupportedOpError
+
+X = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+Y = torch.tensor([0])
+XP = torch.tensor([[3.5, 0.0, 0.0, 0.0]])  # ||XP - X|| = 0.5
+
+
+class _Kinked(nn.Module):
+    """z0 = h - 100 relu(h - cap(...)) against z1 = 2, with h = x0: class 0 at X (h = 3), class 1
+    at XP when the kink at ``cap`` is below 3.5; ``cap`` is what each test makes of the model's state."""
+
+    def __init__(self, cap):
+        super().__init__()
+        self.l = nn.Linear(4, 1)
+        with torch.no_grad():
+            self.l.weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+            self.l.bias.zero_()
+        self.cap = cap
+
+    def forward(self, x):
+        h = self.l(x)
+        h = h - 100 * F.relu(h - self.cap(self, x))
+        return torch.cat([h, torch.full_like(h, 2.0)], 1)
+
+
+def _misclassifies_xp(model) -> bool:
+    with torch.no_grad():
+        return bool(model.double()(XP.double()).argmax(1).item() != 0)
+
+
+def test_a_value_forward_computes_from_buffers_follows_the_buffers():
+    """``(h - mean) / sqrt(var + eps)`` of buffers: fx used to compute the divisor once, at trace time,
+    and keep it after ``load_state_dict`` changed ``var``."""
+
+    class Standardize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(2))
+            self.register_buffer("var", torch.ones(2))
+
+        def forward(self, h):
+            return (h - self.mean) / torch.sqrt(self.var + 1e-5)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.norm = nn.Linear(4, 2), Standardize()
+            with torch.no_grad():
+                self.l.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
+                self.l.bias.copy_(torch.tensor([0.0, -3.2]))
+
+        def forward(self, x):
+            h = F.relu(self.norm(self.l(x)))  # unit 1 is 0 at X and active near XP
+            z0 = h[:, :1] - h[:, 1:]
+            return torch.cat([z0, torch.full_like(z0, 2.0)], 1)
+
+    model = M().eval()
+    cert = bcpc.compile(model, example_input=X)
+    assert cert.certify(X, Y, 0.5).tolist() == [True]
+    model.load_state_dict({**model.state_dict(), "norm.var": torch.tensor([1.0, 1e-4])})
+    assert cert.certify(X, Y, 0.5).tolist() == [False]
+    assert _misclassifies_xp(model)
+
+
+def test_a_branch_on_a_buffer_is_refused_with_advice():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("use_aux", torch.tensor(False))
+
+        def forward(self, x):
+            return x[:, :2] * 2 if self.use_aux else x[:, :2]
+
+    with pytest.raises(TraceError, match="buffers"):
+        bcpc.compile(M().eval(), example_input=X)
+
+
+def test_a_buffer_item_is_read_at_every_call():
+    class M(_Kinked):
+        def __init__(self):
+            super().__init__(lambda s, x: s.limit.item())
+            self.register_buffer("limit", torch.tensor(5.0))
+
+    model = M().eval()
+    cert = bcpc.compile(model, example_input=X)
+    assert cert.certify(X, Y, 0.5).tolist() == [True]
+    model.limit.fill_(3.3)
+    assert _misclassifies_xp(model.float()) and cert.certify(X, Y, 0.5).tolist() == [False]
+
+
+@pytest.mark.parametrize("reach", [lambda m: next(m.aux.parameters()), lambda m: dict(m.aux.named_parameters())["w"],
+                                   lambda m: m.aux._parameters["w"]])
+def test_a_parameter_reached_outside_its_attribute_is_refused(reach):
+    """fx follows ``self.aux.w``, not ``next(self.aux.parameters())``: what forward computed from the
+    latter was kept as a constant of compile time while training changed the parameter."""
+    aux = nn.Module()
+    aux.w = nn.Parameter(torch.tensor(5.0))
+    model = _Kinked(lambda s, x: reach(s).abs())
+    model.aux = aux
+    with pytest.raises(UnsupportedOpError, match="parameters()"):
+        bcpc.compile(model.eval(), example_input=X)
+
+
+@pytest.mark.parametrize("query", [
+    lambda: not torch.is_grad_enabled(),
+    lambda: torch.is_inference_mode_enabled(),
+    lambda: torch.get_num_threads() > 64,
+    lambda: torch.are_deterministic_algorithms_enabled(),
+    lambda: os.environ.get("BCPC_TEST_KINK") == "1",
+    lambda: "BCPC_TEST_KINK" in os.environ,
+    lambda: os.getenv("BCPC_TEST_KINK") == "1",
+], ids=["no_grad", "inference_mode", "threads", "deterministic", "environ_get", "environ_in", "getenv"])
+def test_forward_asking_the_process_for_a_setting_is_refused(query):
+    """``if not torch.is_grad_enabled(): kink`` traced with gradients on certified a graph without
+    the kink that ``model(x)`` under ``torch.no_grad()`` has."""
+    model = _Kinked(lambda s, x: 3.3 if query() else 5.0).eval()
+    with pytest.raises(TraceError, match="asks the process for a setting"):
+        bcpc.compile(model, example_input=X)
+
+
+def test_library_code_asking_for_grad_mode_still_compiles():
+    """nn.MultiheadAttention asks for grad mode to choose its fused path, which computes the same."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            q = x.unsqueeze(1)
+            return self.fc(self.attn(q, q, q, need_weights=False)[0][:, 0])
+
+    with pytest.raises(UnsupportedOpError, match="product"):  # refused for what it computes, not for asking
+        bcpc.compile(M().eval(), example_input=X)
+
+
+@pytest.mark.parametrize("cap", [lambda s, x: 3.3 * x.size(0), lambda s, x: 3.3 * x.shape[0],
+                                 lambda s, x: 0.825 * x.numel(), lambda s, x: 3.3 * x.size()[0],
+                                 lambda s, x: x.new_full((1, 1), x.size(0)) * 3.3,
+                                 lambda s, x: torch.arange(x.size(0)).view(-1, 1) + 3.3],
+                         ids=["size0", "shape0", "numel", "size_tuple", "new_full_value", "arange"])
+def test_a_value_computed_from_the_batch_size_is_refused(cap):
+    """With ``cap = 3.3 * x.shape[0]`` the input X was certified in a batch of two and misclassified
+    at XP alone."""
+    with pytest.raises(UnsupportedOpError, match="batch size"):
+        bcpc.compile(_Kinked(cap).eval(), example_input=X)
+
+
+def test_the_batch_size_may_shape_tensors():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 6)
+            self.token = nn.Parameter(torch.randn(1, 2))
+
+        def forward(self, x):
+            b, c = x.shape
+            h = self.l(x).view(x.size(0), -1).reshape(b, 2, 3).flatten(1)
+            extra = h.new_zeros(b, 2) + self.token.expand(x.shape[0], -1) + h.new_full((b, 1), 2.0)
+            return torch.cat([h, extra], 1) / x.shape[-1]
+
+    torch.manual_seed(0)
+    model = M().double().eval()
+    cert = bcpc.compile(model, example_input=X.double())
+    xs = torch.randn(5, 4, dtype=torch.float64)
+    ys = model(xs).argmax(1)
+    together = cert.certified_radius(xs, ys)
+    alone = torch.cat([cert.certified_radius(xs[i:i + 1], ys[i:i + 1]) for i in range(5)])
+    assert torch.equal(together, alone) and (together > 0).all()
+
+
+class _Clipper:
+    def __init__(self, cap):
+        self.cap = cap
+
+    def apply(self, s, x):
+        return self.cap
+
+
+@pytest.mark.parametrize("setup", ["set", "bytearray", "bound_method"])
+def test_sets_bytearrays_and_bound_methods_are_compared_by_contents(setup):
+    """The change check compared these by identity: a set or bytearray edited in place, or the
+    object behind a bound method changed, left the old graph certified."""
+    if setup == "bound_method":
+        clipper = _Clipper(5.0)
+        model = _Kinked(clipper.apply)
+        change = lambda: setattr(clipper, "cap", 3.3)  # noqa: E731
+    else:
+        flags = set() if setup == "set" else bytearray(b"\x00")
+        model = _Kinked(lambda s, x: 3.3 if (1 in s.flags if setup == "set" else s.flags[0]) else 5.0)
+        model.flags = flags
+        change = (lambda: flags.add(1)) if setup == "set" else (lambda: flags.__setitem__(0, 1))
+    model.eval()
+    cert = bcpc.compile(model, example_input=X)
+    assert cert.certify(X, Y, 0.5).tolist() == [True]
+    change()
+    assert _misclassifies_xp(model)
+    model.float()
+    with pytest.raises(GraphMismatchError, match="changed after bcpc.compile"):
+        cert.certify(X, Y, 0.5)
+    assert isinstance(GraphMismatchError("x"), BcpcError)
