@@ -31,7 +31,7 @@ from bcpc.meta import info
 #: values: ``(op kind, target)``. Their other arguments still taint them (``x.new_full(s, h)``).
 SHAPE_ONLY = frozenset(
     [("call_method", m) for m in ("size", "dim", "ndimension", "numel", "nelement", "get_device",
-                                   "new_zeros", "new_ones", "new_empty", "new_full", "type")]
+                                   "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "type")]
     + [("call_function", f) for f in (torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like,
                                       torch.full_like, len)]
 )

@@ -214,3 +214,40 @@ def test_sets_bytearrays_and_bound_methods_are_compared_by_contents(setup):
     with pytest.raises(GraphMismatchError, match="changed after bcpc.compile"):
         cert.certify(X, Y, 0.5)
     assert isinstance(GraphMismatchError("x"), BcpcError)
+
+
+def test_attention_without_dropout_is_refused_for_its_product_not_as_random():
+    """``F.scaled_dot_product_attention(..., dropout_p=0.0)`` draws nothing; the review's message
+    said it did."""
+
+    class M(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            q = x.view(x.size(0), 1, 2, 2)
+            return F.scaled_dot_product_attention(q, q, q, dropout_p=self.p).flatten(1)
+
+    with pytest.raises(UnsupportedOpError, match="product of two values"):
+        bcpc.compile(M(0.0).eval(), example_input=X)
+    with pytest.raises(UnsupportedOpError, match="draws random numbers"):
+        bcpc.compile(M(0.1).eval(), example_input=X)
+
+
+def test_new_tensor_of_the_input_is_a_constant():
+    """``x.new_tensor(0.5)`` reads x's dtype and device only (it was refused as an op without a rule)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.l(x) * x.new_tensor(0.5) + x.new_tensor([1.0, 2.0, 3.0])
+
+    torch.manual_seed(0)
+    model = M().double().eval()
+    xs = torch.randn(4, 4, dtype=torch.float64)
+    radius = bcpc.compile(model, example_input=xs).certified_radius(xs, model(xs).argmax(1))
+    assert (radius > 0).all()
