@@ -417,7 +417,10 @@ def structure(module: nn.Module, skip: frozenset = frozenset()) -> list:
                       if k not in _SKIP_ATTRIBUTES and (name, k) not in skip)
         functions = tuple(item for v in m.__dict__.values() if isinstance(v, types.FunctionType)
                           for item in _function_data(v))  # e.g. a lambda stored as an attribute
-        extra = _global_forward_hooks() if not out else ()  # on the root's record
+        # on the root's record: the global hooks, and the shapes of the parameters and buffers, which the
+        # graph holds as numbers where forward reads them (range(self.pe.shape[0]))
+        extra = (_global_forward_hooks() + (("shapes of the parameters and buffers", tuple(
+            (n, tuple(t.shape)) for n, t in named_state(module))),)) if not out else ()
         # the class's forward, torch's own included (nn.Linear.forward patched after compile changes model(x)
         # but not the graph, which lowers the layer itself: found by a new-user review)
         forward = (("forward of its class", _freeze(getattr(type(m), "forward", None))),)

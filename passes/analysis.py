@@ -275,6 +275,17 @@ _EXACT_IN_ANY_DTYPE = frozenset(["relu", "abs", "neg", "cat", "stack", "flatten"
 #: shapes a tensor without entering its values. ``new_full`` / ``full``: the size argument only.
 _SIZE_AFTER_TENSOR = frozenset(["reshape", "view", "expand", "broadcast_to", "new_zeros", "new_ones", "new_empty"])
 _SIZE_ONLY_FACTORIES = frozenset(["zeros", "ones", "empty"])
+#: ``repeat`` / ``tile`` / ``repeat_interleave``: a size where they copy one row (a constant of leading size 1)
+_REPEATS = frozenset(["repeat", "tile", "repeat_interleave"])
+#: tensors shaped like the input, every row the same: ``torch.zeros_like(x)``, ``x.new_zeros(B, 3)``
+_LIKE = frozenset(["zeros_like", "ones_like", "empty_like", "full_like"])
+#: ops that compute each entry from the entries at the same place (and Python numbers): on tensors
+#: whose rows are all the same, rows that are all the same
+_ELEMENTWISE = frozenset([
+    "add", "sub", "mul", "truediv", "div", "neg", "abs", "clamp", "clip", "where", "maximum", "minimum", "to",
+    "type", "float", "double", "half", "bfloat16", "contiguous", "clone", "detach", "pow", "exp", "log", "sqrt",
+    "rsqrt", "relu", "sigmoid", "tanh", "sign", "eq", "ne", "lt", "gt", "le", "ge", "logical_and", "logical_or",
+    "logical_not", "bool", "long", "int", "masked_fill", "mod", "floordiv", "floor_divide", "reciprocal", "cast"])
 
 
 def _op_name(node: fx.Node) -> Optional[str]:
@@ -295,15 +306,22 @@ def _size_arguments(node: fx.Node) -> Optional[list]:
         return list(node.args[first:first + 1]) + [node.kwargs.get("size")]
     if name == "unflatten":
         return list(node.args[2:3]) + [node.kwargs.get("sizes")]
+    if name in _REPEATS and node.args and isinstance(node.args[0], fx.Node) and not info(node.args[0]).perturbed:
+        shape = info(node.args[0]).shape or ()
+        if len(shape) == 0 or shape[0] == 1 or (name != "repeat_interleave" and len(node.args) - 1 > len(shape)):
+            return list(node.args[1:]) + [node.kwargs.get("repeats"), node.kwargs.get("dims")]
     return None
 
 
-def _batch_size_read(node: fx.Node):
-    """Whether the node reads the batch size of a perturbed tensor: ``"scalar"`` (``x.size(0)``,
+def _batch_size_read(node: fx.Node, batch: dict):
+    """Whether the node reads the batch size of a tensor that has one (the input and what is computed
+    from it, and constants shaped with it: ``torch.zeros_like(x)``): ``"scalar"`` (``x.size(0)``,
     ``x.numel()``), a tuple of flags, one per entry, True where it is the batch size (``x.shape``,
     ``x.size()``), or None."""
     tensor = node.args[0] if node.args else None
-    shape = info(tensor).shape if isinstance(tensor, fx.Node) and info(tensor).perturbed else None
+    if not isinstance(tensor, fx.Node) or not (info(tensor).perturbed or batch.get(tensor) == "rows"):
+        return None
+    shape = info(tensor).shape
     if not shape or shape[0] != 2:  # shapes are of a batch of 2: a tensor without the batch dim (x[0]) has none
         return None
     rank = len(shape)
@@ -322,17 +340,25 @@ def _batch_size_read(node: fx.Node):
 
 def _refuse_batch_values(graph: fx.Graph) -> None:
     """Refuse a value computed from the batch size (``h * x.size(0)``, ``h / x.numel()``,
-    ``torch.arange(B)``) that reaches the model's values: the output for one input then depends on
-    how many inputs share its batch, and a certificate computed in one batch does not hold for the
-    input alone (a new-user review's false certificate: ``cap = 3.3 * x.shape[0]``). The batch size
-    may shape tensors (the size arguments of view, reshape, expand, new_zeros, ...)."""
-    batch: dict = {}  # node -> "scalar" (a value computed from the batch size) or a tuple of flags
+    ``torch.arange(B)``, ``torch.ones_like(x).sum()``) that reaches the model's values: the output
+    for one input then depends on how many inputs share its batch, and a certificate computed in one
+    batch does not hold for the input alone (two new-user reviews' false certificates, from
+    ``cap = 3.3 * x.shape[0]`` to ``x.new_zeros(B, 4).shape[0]``). The batch size may shape tensors
+    (the size arguments of view, reshape, expand, new_zeros, ...), whose rows are then all the same
+    (``"rows"``): elementwise arithmetic keeps them so, and the input's values may meet them; any
+    other op on them (a sum, a scan, a read of their shape) gives a batch value."""
+    batch: dict = {}  # node -> "scalar" (a value computed from the batch size), "rows" or a tuple of flags
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             continue
-        read = _batch_size_read(node)
+        read = _batch_size_read(node, batch)
         if read is not None:
             batch[node] = read
+            continue
+        name = _op_name(node)
+        if name in _LIKE and node.args and isinstance(node.args[0], fx.Node) and info(node.args[0]).perturbed \
+                and (info(node.args[0]).shape or (0,))[0] == 2 and not any(a in batch for a in node.all_input_nodes):
+            batch[node] = "rows"
             continue
         found = [a for a in node.all_input_nodes if a in batch]
         if not found:
@@ -350,19 +376,29 @@ def _refuse_batch_values(graph: fx.Graph) -> None:
                     batch[node] = picked
                 continue
         sizes = _size_arguments(node)
+        values = found
         if sizes is not None:
             in_sizes = []
             fx.node.map_arg(sizes, in_sizes.append)
-            if not any(a in batch for a in set(node.all_input_nodes) - set(in_sizes)):
-                continue  # the batch size shapes a tensor, no value
+            values = [a for a in found if a not in in_sizes]
+            if not values:  # the batch size shapes a tensor, no value
+                if not info(node).perturbed and info(node).is_tensor:
+                    batch[node] = "rows"
+                continue
+        if node.op != "output" and all(batch[a] == "rows" for a in values):
+            if info(node).perturbed:
+                continue  # the input's values meet a tensor whose rows are all the same
+            if name in _ELEMENTWISE:
+                batch[node] = "rows"
+                continue
         if node.op == "output" or info(node).perturbed:
-            source = found[0]
+            source = values[0]
             raise UnsupportedOpError(
                 f"node '{node.name}' (at {where(node)}) computes with the batch size (node '{source.name}', from "
-                "x.size(0), x.shape[0] or x.numel()): the model's output for an input then depends on how many "
-                "inputs share its batch, so a certificate computed in one batch does not hold for the same input "
-                "in another. Use the batch size only to shape tensors (h.view(x.size(0), -1), h.new_zeros(B, n)); "
-                "for the size of one sample, read x.shape[1:] or x[0].numel().")
+                "x.size(0), x.shape[0], x.numel() or a tensor shaped with them): the model's output for an input "
+                "then depends on how many inputs share its batch, so a certificate computed in one batch does not "
+                "hold for the same input in another. Use the batch size only to shape tensors (h.view(x.size(0), "
+                "-1), h.new_zeros(B, n)); for the size of one sample, read x.shape[1:] (x.shape[1:].numel()).")
         batch[node] = "scalar"
 
 

@@ -19,6 +19,8 @@ import sysconfig
 import types
 import warnings
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -83,6 +85,32 @@ for _name, _op in _AUGMENTED.items():
     setattr(_Proxy, _name, _augmented(_op))
 
 
+class _StateProxy(_Proxy):
+    """A parameter or buffer read in forward: its values are traced (the graph reads them at every
+    call), its metadata are the tensor's own (``range(self.pe.shape[0])``, ``len(self.pe)``,
+    ``self.mean.dim()``, ``for row in self.table``), as Python code needs them at trace time. A later
+    change of a shape is a change of the model (``bcpc.state.structure``)."""
+
+    #: its dtype and device stay graph values: the dtypes pass resolves a cast to them against the model
+    #: (``h.to(self.conv.weight.dtype)`` casts to the model's own dtype, not to float32)
+    _METADATA = frozenset(["shape", "ndim", "size", "dim", "ndimension", "numel", "nelement"])
+
+    def __init__(self, node: fx.Node, tracer, value: torch.Tensor):
+        super().__init__(node, tracer)
+        self._value = value
+
+    def __getattr__(self, k):
+        if k in _StateProxy._METADATA:
+            return getattr(self._value, k)
+        return super().__getattr__(k)
+
+    def __len__(self):
+        return len(self._value)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self._value)))
+
+
 class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
@@ -95,10 +123,18 @@ class _Tracer(fx.Tracer):
         #: id -> (tensor, its version counter) of every real tensor the graph holds as a constant,
         #: at the moment the graph first used it
         self.captured: dict = {}
-        #: where forward used a tensor computed from a parameter outside the graph
+        #: where forward used a tensor computed from a parameter or buffer outside the graph
         self.from_parameters: list = []
+        self.state_taint: Optional["_StateTaint"] = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "get_attr":
+            if getattr(self, "_state_of", None) is not self.root:
+                self._state = {**dict(self.root.named_parameters()), **dict(self.root.named_buffers())}
+                self._state_of = self.root
+            value = self._state.get(node.target)
+            if value is not None:
+                return _StateProxy(node, self, value)
         return _Proxy(node, self)
 
     def create_arg(self, a):
@@ -107,11 +143,12 @@ class _Tracer(fx.Tracer):
             # a NumPy scalar (self.scale = np.sqrt(d)) as the Python number it holds: fx would write
             # it into the graph's code as np.float64(...), a name that code does not import
             return self.create_arg(a.item())
-        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.grad_fn is not None:
-            # computed for real from a parameter that fx did not follow (next(self.parameters()).abs(),
-            # dict(self.named_parameters())["w"] * 2, self._parameters["w"]): the graph would keep the
-            # value of compile time while training changes the parameter (a new-user review's false
-            # certificate)
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and (
+                a.grad_fn is not None or (self.state_taint is not None and self.state_taint.holds(a))):
+            # computed for real from a parameter or buffer that fx did not follow (next(self.parameters()).abs(),
+            # self._buffers["cap"] * 1, state_dict()["w"].detach(), under no_grad or not): the graph would
+            # keep the value of compile time while training or load_state_dict changes the state (two
+            # new-user reviews' false certificates)
             self.from_parameters.append(_user_line())
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) not in self.captured:
             # the values too: a write through .data (c.data.mul_(2)) does not move c's version counter
@@ -124,6 +161,38 @@ class _Tracer(fx.Tracer):
             # convolution without padding, two ops with rules
             return False
         return super().is_leaf_module(m, module_qualified_name) or _builtin_with_new_constructor(type(m))
+
+
+class _StateTaint(torch.overrides.TorchFunctionMode):
+    """While fx traces: the real tensors forward computes from the model's parameters and buffers
+    where fx does not see them as such (a parameter or buffer read as an attribute is a Proxy; one
+    reached through ``self.parameters()``, ``self._buffers[...]``, ``state_dict()`` is the tensor
+    itself). A tensor holds state when it shares storage with a parameter or buffer (``.data``,
+    ``.detach()``, ``state_dict()``'s entries) or a torch function computed it from one that does."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._storages = {_storage(t) for t in list(model.parameters()) + list(model.buffers())} - {None}
+        self._held: dict = {}  # id -> tensor (kept alive, so that the id is not reused)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return id(t) in self._held or _storage(t) in self._storages
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = []
+        fx.node.map_aggregate((args, kwargs), lambda a: inputs.append(a) or a)
+        if any(isinstance(a, torch.Tensor) and self.holds(a) for a in inputs):
+            fx.node.map_aggregate(out, lambda o: self._held.setdefault(id(o), o) if isinstance(o, torch.Tensor) else o)
+        return out
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):  # a tensor without storage
+        return None
 
 
 def _user_line() -> str:
@@ -568,25 +637,32 @@ _TRACING_CHECKS = frozenset(f.__code__ for k, f in vars(fx._symbolic_trace).item
 
 def _state_queries() -> tuple:
     """What forward may ask of the process rather than compute from its input: grad and inference
-    mode, autocast, thread counts, determinism, the environment. Asked while fx
-    traces, the answer is fixed in the graph; inference (``torch.no_grad()``, ``inference_mode``) or
-    a later setting gives the model another answer, so the graph is not the model (a new-user review
-    built a false certificate from ``if not torch.is_grad_enabled(): ...``). ``(C functions by id,
-    Python code objects)``."""
-    c_functions = [getattr(torch, name, None) for name in (
+    mode, autocast, thread counts, determinism, anomaly mode, matmul precision, the generators'
+    seeds and states, the environment. Asked while fx traces, the answer is fixed in the graph;
+    inference (``torch.no_grad()``, ``inference_mode``) or a later setting gives the model another
+    answer, so the graph is not the model (new-user reviews built false certificates from ``if not
+    torch.is_grad_enabled(): ...`` and ``if torch.initial_seed() == ...``). ``(ids of C functions,
+    Python code objects)``, made when tracing starts (NumPy may be imported late)."""
+    functions = [getattr(torch, name, None) for name in (
         "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "get_autocast_dtype",
         "get_autocast_gpu_dtype", "get_autocast_cpu_dtype", "is_autocast_cpu_enabled", "get_num_threads",
-        "get_num_interop_threads")]
-    c_functions += [getattr(torch._C, name, None) for name in (
+        "get_num_interop_threads", "is_anomaly_enabled", "is_anomaly_check_nan_enabled",
+        "get_float32_matmul_precision", "is_warn_always_enabled", "are_deterministic_algorithms_enabled",
+        "is_deterministic_algorithms_warn_only_enabled", "initial_seed", "get_rng_state")]
+    functions += [getattr(torch._C, name, None) for name in (
         "_get_deterministic_algorithms", "_is_inference_mode_enabled", "is_grad_enabled")]
-    python = [getattr(torch, name, None) for name in ("are_deterministic_algorithms_enabled",
-                                                      "is_deterministic_algorithms_warn_only_enabled")]
-    python += [os.getenv, type(os.environ).__getitem__]  # `in os.environ` and .get reach __getitem__ too
-    codes = frozenset(f.__code__ for f in python if inspect.isfunction(f))
-    return frozenset(id(f) for f in c_functions if f is not None and not inspect.isfunction(f)), codes
+    np = sys.modules.get("numpy")
+    if np is not None:  # the global generator's state (its draws are watched as draws)
+        functions += [getattr(np.random, "get_state", None), getattr(np.random, "get_bit_generator", None)]
+    # `in os.environ` and .get reach __getitem__, list(os.environ) and .keys() __iter__
+    functions += [os.getenv, type(os.environ).__getitem__, type(os.environ).__iter__, type(os.environ).__len__,
+                  type(os.environ).__repr__]
+    functions = [f for f in functions if f is not None]
+    return (frozenset(id(f) for f in functions if not inspect.isfunction(f)),
+            frozenset(f.__code__ for f in functions if inspect.isfunction(f)))
 
 
-_QUERY_IDS, _QUERY_CODES = _state_queries()
+
 
 
 #: exceptions a value of the wrong kind raises (a NumPy or Python call given a traced value, fx's
@@ -641,6 +717,7 @@ class _PathWatch:
 
     def __init__(self, model: nn.Module):
         self.caught, self.asked, self.drawn, self.queried, self._user = [], [], [], [], {}
+        self._query_ids, self._query_codes = _state_queries()
         # the model's code: every file of the packages (or single modules) its classes come from,
         # wherever they are installed, and any code outside installed packages
         self._model_roots = set()
@@ -672,7 +749,7 @@ class _PathWatch:
             if back is not None and self._is_user(back.f_code.co_filename):
                 self.asked.append(f"{back.f_code.co_filename}:{back.f_lineno}")
             return None
-        if code in _QUERY_CODES:
+        if code in self._query_codes:
             caller = self._user_caller(frame.f_back)
             if caller is not None:
                 self.queried.append(f"{code.co_name} at {caller}")
@@ -721,7 +798,10 @@ class _PathWatch:
             if _seeded(op) and self._called_by_model(frame.f_back):
                 self.drawn.append(f"{op} at {frame.f_back.f_code.co_filename}:{frame.f_back.f_lineno}")
             return
-        if event == "c_call" and id(arg) in _QUERY_IDS and self._is_user(frame.f_code.co_filename):
+        if event == "c_call" and (id(arg) in self._query_ids or (
+                getattr(arg, "__name__", None) == "is_inference" and isinstance(getattr(arg, "__self__", None),
+                                                                             torch.Tensor))) \
+                and self._is_user(frame.f_code.co_filename):  # a query, or t.is_inference()
             name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", repr(arg))
             self.queried.append(f"torch.{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
             return
@@ -802,7 +882,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
                if not name.endswith("num_batches_tracked")}
     rng = _rng_states()
     try:
-        with _PathWatch(model) as watch:
+        tracer.state_taint = _StateTaint(model)
+        with _PathWatch(model) as watch, tracer.state_taint:
             graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         _restore_dim_checks(unchecked)
@@ -837,11 +918,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
     _refuse_changed_buffers(model, buffers)
     if tracer.from_parameters:
         raise UnsupportedOpError(
-            f"forward computes a tensor from a parameter that torch.fx does not see as one (at "
-            f"{tracer.from_parameters[0]}): a parameter reached through self.parameters(), named_parameters(), "
-            "_parameters[...] or a container torch.fx does not follow. fx computes such a value once, at compile "
-            "time, and the graph would keep it after the parameter changes (training, load_state_dict). Read "
-            "the parameter as an attribute (self.aux.weight), which the graph follows.")
+            f"forward computes a tensor from a parameter or buffer that torch.fx does not see as one (at "
+            f"{tracer.from_parameters[0]}): one reached through self.parameters(), named_parameters(), buffers(), "
+            "_parameters[...], _buffers[...], state_dict() or a container torch.fx does not follow. fx computes "
+            "such a value once, at compile time, and the graph would keep it after the state changes (training, "
+            "load_state_dict). Read the parameter or buffer as an attribute (self.aux.weight), which the graph "
+            "follows.")
     _refuse_mutated_constants(tracer, graph)
     for (name, key), value in written.items():
         old = before[name].get(key)

@@ -102,17 +102,52 @@ def test_a_buffer_item_is_read_at_every_call():
     assert _misclassifies_xp(model.float()) and cert.certify(X, Y, 0.5).tolist() == [False]
 
 
-@pytest.mark.parametrize("reach", [lambda m: next(m.aux.parameters()), lambda m: dict(m.aux.named_parameters())["w"],
-                                   lambda m: m.aux._parameters["w"]])
-def test_a_parameter_reached_outside_its_attribute_is_refused(reach):
-    """fx follows ``self.aux.w``, not ``next(self.aux.parameters())``: what forward computed from the
-    latter was kept as a constant of compile time while training changed the parameter."""
+@pytest.mark.parametrize("reach", [
+    lambda m: next(m.aux.parameters()).abs(), lambda m: dict(m.aux.named_parameters())["w"] * 1,
+    lambda m: m.aux._parameters["w"].detach() * 1, lambda m: next(m.aux.parameters()).data * 1,
+    lambda m: m.aux._buffers["b"] * 1, lambda m: dict(m.aux.named_buffers())["b"] + 0,
+    lambda m: m.aux.state_dict()["w"] * 1,
+], ids=["parameters", "named_parameters", "_parameters_detach", "data", "_buffers", "named_buffers", "state_dict"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_state_reached_outside_its_attribute_is_refused(reach, grad):
+    """fx follows ``self.aux.w``, not ``next(self.aux.parameters())`` or ``self._buffers["b"]``:
+    what forward computed from the latter was kept as a constant of compile time while training or
+    ``load_state_dict`` changed the state (with or without an autograd history: compiled under
+    ``torch.no_grad()`` too)."""
     aux = nn.Module()
     aux.w = nn.Parameter(torch.tensor(5.0))
-    model = _Kinked(lambda s, x: reach(s).abs())
+    aux.register_buffer("b", torch.tensor(5.0))
+    model = _Kinked(lambda s, x: reach(s))
     model.aux = aux
-    with pytest.raises(UnsupportedOpError, match="parameters()"):
+    with torch.set_grad_enabled(grad), pytest.raises(UnsupportedOpError, match="parameter or buffer"):
         bcpc.compile(model.eval(), example_input=X)
+
+
+def test_a_buffer_shape_is_a_number_at_trace_time_and_watched_after():
+    """Buffers are traced as values, their shapes are the tensor's: ``range(self.pe.shape[0])``,
+    ``len(self.pe)``, ``for row in self.pe``, ``self.pe.dim()`` compile (they were refused while the
+    buffer was a Proxy); a buffer of another shape after compile is a change of the model."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("pe", torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.25, 0.0, 0.0]]))
+
+        def forward(self, x):
+            h = x
+            for i in range(self.pe.shape[0]):
+                h = h + self.pe[i]
+            for row in self.pe:
+                h = h - row * (len(self.pe) if self.pe.dim() == 2 else 0)
+            return F.pad(h, (0, self.pe.shape[0] - 2))
+
+    model = M().double().eval()
+    cert = bcpc.compile(model, example_input=X.double())
+    xs = torch.randn(3, 4, dtype=torch.float64)
+    assert (cert.certified_radius(xs, model(xs).argmax(1)) > 0).all()
+    model.pe = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(GraphMismatchError, match="shapes of the parameters and buffers"):
+        cert.certify(xs, model(xs).argmax(1), 0.1)
 
 
 @pytest.mark.parametrize("query", [
@@ -123,7 +158,12 @@ def test_a_parameter_reached_outside_its_attribute_is_refused(reach):
     lambda: os.environ.get("BCPC_TEST_KINK") == "1",
     lambda: "BCPC_TEST_KINK" in os.environ,
     lambda: os.getenv("BCPC_TEST_KINK") == "1",
-], ids=["no_grad", "inference_mode", "threads", "deterministic", "environ_get", "environ_in", "getenv"])
+    lambda: "BCPC_TEST_KINK" in list(os.environ),
+    lambda: torch.initial_seed() == 1234,
+    lambda: torch.zeros(1).is_inference(),
+    lambda: torch.is_anomaly_enabled(),
+], ids=["no_grad", "inference_mode", "threads", "deterministic", "environ_get", "environ_in", "getenv",
+        "environ_list", "initial_seed", "is_inference", "anomaly"])
 def test_forward_asking_the_process_for_a_setting_is_refused(query):
     """``if not torch.is_grad_enabled(): kink`` traced with gradients on certified a graph without
     the kink that ``model(x)`` under ``torch.no_grad()`` has."""
@@ -152,8 +192,14 @@ def test_library_code_asking_for_grad_mode_still_compiles():
 @pytest.mark.parametrize("cap", [lambda s, x: 3.3 * x.size(0), lambda s, x: 3.3 * x.shape[0],
                                  lambda s, x: 0.825 * x.numel(), lambda s, x: 3.3 * x.size()[0],
                                  lambda s, x: x.new_full((1, 1), x.size(0)) * 3.3,
-                                 lambda s, x: torch.arange(x.size(0)).view(-1, 1) + 3.3],
-                         ids=["size0", "shape0", "numel", "size_tuple", "new_full_value", "arange"])
+                                 lambda s, x: torch.arange(x.size(0)).view(-1, 1) + 3.3,
+                                 lambda s, x: 96.8 * x.new_zeros(x.shape[0], 4).shape[0] - 93.6,
+                                 lambda s, x: torch.zeros_like(x).size(0) * 3.3,
+                                 lambda s, x: torch.ones_like(x)[:, :1].sum() * 3.3,
+                                 lambda s, x: x.new_ones(x.size(0), 1).cumsum(0) * 3.3,
+                                 lambda s, x: (torch.full_like(x, 1.0) * 2).sum() * 0.4125],
+                         ids=["size0", "shape0", "numel", "size_tuple", "new_full_value", "arange", "new_zeros_shape",
+                              "zeros_like_size", "ones_like_sum", "new_ones_cumsum", "full_like_times_sum"])
 def test_a_value_computed_from_the_batch_size_is_refused(cap):
     """With ``cap = 3.3 * x.shape[0]`` the input X was certified in a batch of two and misclassified
     at XP alone."""
@@ -172,7 +218,8 @@ def test_the_batch_size_may_shape_tensors():
             b, c = x.shape
             h = self.l(x).view(x.size(0), -1).reshape(b, 2, 3).flatten(1)
             extra = h.new_zeros(b, 2) + self.token.expand(x.shape[0], -1) + h.new_full((b, 1), 2.0)
-            return torch.cat([h, extra], 1) / x.shape[-1]
+            extra = extra + self.token.repeat(b, 1) + self.token.tile((b, 1)) + torch.ones_like(h[:, :2]) * 0.5
+            return torch.cat([h, extra], 1) / x.shape[-1] * x.shape[1:].numel()
 
     torch.manual_seed(0)
     model = M().double().eval()
