@@ -120,6 +120,11 @@ def _freeze(value, depth: int = 0):
         return ("bytearray", bytes(value))
     if isinstance(value, types.MethodType):  # a bound method: its function and the state of its object
         return ("method", _freeze(value.__func__, depth + 1), _freeze(value.__self__, depth + 1))
+    owner = getattr(value, "__self__", None)
+    if isinstance(value, (types.BuiltinMethodType, types.MethodWrapperType)) and owner is not None \
+            and not isinstance(owner, (types.ModuleType, type, nn.Module, torch.Tensor)):
+        # a built-in object's method (self.lookup = table.get): the object's contents
+        return ("method", ("function", f"{type(owner).__name__}.{value.__name__}"), _freeze(owner, depth + 1))
     if isinstance(value, dict):
         return ("dict",) + tuple((k, _freeze(v, depth + 1)) for k, v in value.items())
     if _plain_object(value):

@@ -239,7 +239,7 @@ class _Clipper:
         return self.cap
 
 
-@pytest.mark.parametrize("setup", ["set", "bytearray", "bound_method"])
+@pytest.mark.parametrize("setup", ["set", "bytearray", "bound_method", "builtin_bound_method"])
 def test_sets_bytearrays_and_bound_methods_are_compared_by_contents(setup):
     """The change check compared these by identity: a set or bytearray edited in place, or the
     object behind a bound method changed, left the old graph certified."""
@@ -247,6 +247,11 @@ def test_sets_bytearrays_and_bound_methods_are_compared_by_contents(setup):
         clipper = _Clipper(5.0)
         model = _Kinked(clipper.apply)
         change = lambda: setattr(clipper, "cap", 3.3)  # noqa: E731
+    elif setup == "builtin_bound_method":
+        table = {"cap": 5.0}
+        model = _Kinked(lambda s, x: s.lookup("cap"))
+        model.lookup = table.get
+        change = lambda: table.__setitem__("cap", 3.3)  # noqa: E731
     else:
         flags = set() if setup == "set" else bytearray(b"\x00")
         model = _Kinked(lambda s, x: 3.3 if (1 in s.flags if setup == "set" else s.flags[0]) else 5.0)
