@@ -42,6 +42,7 @@ class TrainConfig:
     lr_decay_factor: float = 0.1  # step: the factor of each decay
     weight_decay: float = 0.0  # Adam weight decay
     grad_clip: Optional[float] = None  # clip the gradient norm to this (null: no clipping)
+    collapse_rollback: Optional[float] = None  # a validation whose clean accuracy falls below this fraction of the best so far (a collapse: one class for every input) takes the run back to the last healthy validation's checkpoint with the learning rate halved for the rest of the run (null: off)
     lipschitz_iters: int = 1  # power-iteration steps per training step (Lipschitz cache)
     seed: int = 0  # initialisation and data order
     train_subset: Optional[int] = None  # use the first N training images (demo / tests)
@@ -217,6 +218,9 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: loss_temperature must be positive and finite, got {cfg.loss_temperature}")
     if not 0 < cfg.cll_slack < 1:
         raise ConfigError(f"{source}: cll_slack must be in (0, 1), got {cfg.cll_slack}")
+    if cfg.collapse_rollback is not None and not 0 < cfg.collapse_rollback < 1:
+        raise ConfigError(f"{source}: collapse_rollback must be in (0, 1) (a fraction of the best clean accuracy) or "
+                          f"null, got {cfg.collapse_rollback}")
     if cfg.lr_schedule == "exp" and not 0 < cfg.lr_final <= cfg.lr:
         raise ConfigError(f"{source}: lr_final must be in (0, lr] for lr_schedule exp, got {cfg.lr_final}")
     for key in ("epochs", "batch_size", "checkpoint_every", "lipschitz_iters", "val_every"):

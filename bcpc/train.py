@@ -306,8 +306,10 @@ class FitResult:
     seconds: float = 0.0  # wall time of the whole run, over all its sessions (resumes included)
 
 
-def _state(cfg, model, lip_owner, opt, step, epoch, best, history, elapsed_s: float = 0.0) -> dict:
+def _state(cfg, model, lip_owner, opt, step, epoch, best, history, elapsed_s: float = 0.0,
+           lr_scale: float = 1.0) -> dict:
     return {
+        "lr_scale": lr_scale,  # halved by each collapse rollback (collapse_rollback)
         "elapsed_s": elapsed_s,  # wall time of the run so far, over all its sessions
         "format": FORMAT,
         "model_state": model.state_dict(),
@@ -334,6 +336,26 @@ def check_compatible(ckpt: dict, cfg: TrainConfig, source: str) -> None:
                                                                 "eval_method")]
         raise CheckpointError(f"{source} was written by a different run configuration: {'; '.join(diff) or 'unknown'}."
                               " Resume with the config it was trained with, or start a new run (another name)")
+    # collapse_rollback acts only at a collapse: a run may take it up (or change it) later, from a checkpoint
+    # whose history has no validation it would have acted on, as if it had been set from the start
+    if cfg.collapse_rollback is not None:
+        for i, row in enumerate(ckpt.get("history", [])):
+            if not row.get("rolled_back") and _collapsed(row, ckpt["history"][:i], cfg.collapse_rollback):
+                raise CheckpointError(
+                    f"{source}: collapse_rollback {cfg.collapse_rollback} would have acted on the validation of "
+                    f"epoch {row['epoch']} (clean accuracy {row['val_clean_acc']:.3f}), which this run went past: "
+                    "resume from a checkpoint written before it, or start a new run")
+
+
+def _collapsed(row: dict, before: list, fraction: Optional[float]) -> bool:
+    """A validation whose clean accuracy fell below ``fraction`` of the best before it (the model
+    collapsed to a constant answer: 10.7% on MNIST, every input in one class)."""
+    healthy = [r["val_clean_acc"] for r in before if not r.get("rolled_back")]
+    return bool(fraction) and bool(healthy) and row["val_clean_acc"] < fraction * max(healthy)
+
+
+#: collapse rollbacks (collapse_rollback) after which training stops with an error
+MAX_ROLLBACKS = 4
 
 
 #: consecutive non-finite steps (each skipped) after which training stops with an error
@@ -433,19 +455,24 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
     spe = len(x_train) // cfg.batch_size
     if spe == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
-    step, best, history = 0, {}, []
-    last = run_dir / "last.pt"
-    if resume and last.exists():
-        ckpt = checkpoint.load(last, map_location=ctx.device)
-        check_compatible(ckpt, cfg, str(last))
+    step, best, history, lr_scale = 0, {}, [], 1.0
+    last, good = run_dir / "last.pt", run_dir / "good.pt"
+
+    def restore(ckpt):
         checkpoint.load_model_state(model, ckpt["model_state"], str(last))
         lip_owner.propagation.lip.load_state_dict(ckpt["lip_state"])
         opt.load_state_dict(ckpt["optimizer"])
-        step, best, history = int(ckpt["step"]), dict(ckpt["best"]), list(ckpt["history"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        return (int(ckpt["step"]), dict(ckpt["best"]), list(ckpt["history"]),
+                float(ckpt.get("lr_scale", 1.0)))
+
+    if resume and last.exists():
+        ckpt = checkpoint.load(last, map_location=ctx.device)
+        check_compatible(ckpt, cfg, str(last))
+        step, best, history, lr_scale = restore(ckpt)
         # the log's elapsed_s counts the whole run's wall time, across resumes (older checkpoints
         # carry no total: their last validation's figure, which misses the time after it)
         t0 -= float(ckpt.get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0))
-        torch.set_rng_state(ckpt["rng"].cpu())
         log(f"resumed {last} at step {step} (epoch {step / spe:.2f}) with {ctx.world} process(es)")
     elif not resume and last.exists():
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another run name")
@@ -473,7 +500,27 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
         if ctx.main:
             with interrupts.deferred(reraise):
                 checkpoint.save(_state(cfg, model, lip_owner, opt, step, epoch, best, history,
-                                       round(time.time() - t0, 1)), last)
+                                       round(time.time() - t0, 1), lr_scale), last)
+
+    def _roll_back(row):
+        """Back to ``good.pt`` with the learning rate halved; the collapsed validation is logged and
+        kept in the history (marked), so that the log says what happened."""
+        if not good.exists():
+            raise NonFiniteTrainingError(f"training collapsed at epoch {row['epoch']} (clean accuracy "
+                                         f"{row['val_clean_acc']:.3f}) and {good} is missing: lower lr")
+        ckpt = checkpoint.load(good, map_location=ctx.device)
+        restored = restore(ckpt)
+        rolled = sum(1 for r in restored[2] if r.get("rolled_back")) + 1
+        if rolled > MAX_ROLLBACKS:
+            raise NonFiniteTrainingError(f"training collapsed {rolled} times (the last at epoch {row['epoch']}, "
+                                         f"clean accuracy {row['val_clean_acc']:.3f}); lower lr or the training eps")
+        row = dict(row, rolled_back=True, lr_scale=restored[3] * 0.5)
+        if ctx.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        log(f"epoch {row['epoch']}: clean accuracy {row['val_clean_acc']:.4f} is below {cfg.collapse_rollback} of the "
+            f"best so far (a collapse): back to step {restored[0]} ({good}) with the learning rate x{row['lr_scale']:g}")
+        return restored[0], restored[1], restored[2] + [row], row["lr_scale"]
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()
@@ -486,7 +533,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
             epoch = step // spe
             order = epoch_order(cfg, epoch, len(x_train), ctx.rank, ctx.world)
             for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, epoch)
+                g["lr"] = lr_at(cfg, epoch) * lr_scale
             method = method_at(cfg, epoch)
             run_loss, run_n = 0.0, 0
             while step < stop_at and step // spe == epoch:
@@ -538,6 +585,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                        "val_clean_acc": metrics["clean_acc"], "val_verified_acc": metrics["verified_acc"],
                        "skipped_steps": skipped,
                        "elapsed_s": round(time.time() - t0, 1)}
+                if _collapsed(row, history, cfg.collapse_rollback):
+                    step, best, history, lr_scale = _roll_back(row)
+                    bar.n = step
+                    bar.refresh()
+                    continue
                 history.append(row)
                 val_note = {"val": f"{100 * row['val_clean_acc']:.1f}/{100 * row['val_verified_acc']:.1f}%"}
                 key = (row["val_verified_acc"], row["val_clean_acc"])
@@ -556,6 +608,10 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, max_steps
                 log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} eps {eps:.3f} lam {lam:.2f} | "
                     f"val clean {row['val_clean_acc']:.4f} verified@{cfg.target_eps_eval} {row['val_verified_acc']:.4f}")
                 save_last(epoch + 1)
+                if cfg.collapse_rollback and ctx.main:  # the healthy state a collapse goes back to
+                    with interrupts.deferred():
+                        checkpoint.save(_state(cfg, model, lip_owner, opt, step, epoch + 1, best, history,
+                                               round(time.time() - t0, 1), lr_scale), good)
             else:
                 save_last(epoch)
     except KeyboardInterrupt:

@@ -120,6 +120,44 @@ def test_resume_refuses_another_config(tmp_path):
         fit(small_cfg(tmp_path, lr=1e-2), resume=True, progress=False, log=lambda *_: None)
 
 
+def test_a_collapse_rolls_back_to_the_last_healthy_validation_with_half_the_learning_rate(tmp_path, monkeypatch):
+    """collapse_rollback: a validation whose clean accuracy falls below the fraction of the best so far
+    (the sixth long run of issue 15 collapsed to one class at epoch 100 of 400) takes the run back to
+    the previous validation's state, halves the learning rate, logs the collapsed row, and goes on."""
+    import json
+
+    import bcpc.train as train
+
+    tiny_mnist(tmp_path / "d")
+    seen = []
+
+    def fake_accuracy(cert, x, y, eps, ctx=None):  # the third validation collapses, once
+        seen.append(1)
+        clean = 0.1 if len(seen) == 3 else 0.9
+        return {"clean_acc": clean, "verified_acc": clean / 2}
+
+    monkeypatch.setattr(train, "accuracy", fake_accuracy)
+    cfg = small_cfg(tmp_path, epochs=4, val_every=1, collapse_rollback=0.5)
+    res = fit(cfg, progress=False, log=lambda *_: None)
+    assert res.step == 4 * 10 and len(seen) == 5  # epochs 1, 2, 3 (collapsed), 3 again, 4
+    rows = [json.loads(line) for line in (res.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r.get("rolled_back", False)) for r in rows] == [(1, False), (2, False), (3, True), (3, False),
+                                                                        (4, False)]
+    assert rows[2]["lr_scale"] == 0.5
+    state = checkpoint.load(res.run_dir / "last.pt")
+    assert state["lr_scale"] == 0.5 and state["history"][2]["rolled_back"]
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5 * train.lr_at(cfg, 3))
+    # a run that went past a collapse without the rollback cannot take it up later
+    plain = small_cfg(tmp_path, name="plain", epochs=4, val_every=1)
+    seen.clear()
+    fit(plain, progress=False, log=lambda *_: None)
+    later = small_cfg(tmp_path, name="plain", epochs=4, val_every=1, collapse_rollback=0.5)
+    with pytest.raises(CheckpointError, match="would have acted on the validation of epoch 3"):
+        fit(later, resume=True, progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="collapse_rollback must be in"):
+        small_cfg(tmp_path, collapse_rollback=1.5)
+
+
 def test_init_from_fine_tunes_another_runs_weights(tmp_path):
     """init_from starts from another run's weights (and Lipschitz cache) with a fresh optimizer and
     schedule; the file's hash is part of the fingerprint; a missing file or another architecture is
