@@ -288,12 +288,6 @@ _ELEMENTWISE = frozenset([
     "logical_not", "bool", "long", "int", "masked_fill", "mod", "floordiv", "floor_divide", "reciprocal", "cast"])
 
 
-def _op_name(node: fx.Node) -> Optional[str]:
-    if node.op == "call_method":
-        return node.target
-    return getattr(node.target, "__name__", None) if node.op == "call_function" else None
-
-
 def _size_arguments(node: fx.Node) -> Optional[list]:
     """The arguments of ``node`` that give a size (None: the op takes no size)."""
     name = _op_name(node)
