@@ -20,6 +20,7 @@ class NodeInfo:
     spelling: str = ""  # how the user wrote the op (e.g. "torch.nn.Conv2d"), "" if unchanged
     perturbed: bool = False  # a floating tensor that depends on the perturbed input
     shape: Optional[tuple] = None  # output shape on the example batch (batch size 2)
+    shape_at_three: Optional[tuple] = None  # output shape on a batch of 3 (passes/shapes.py compares the two)
     dtype: Optional[object] = None
     is_tensor: bool = False
     residual_merge: bool = False  # add/sub/cat of two perturbed values

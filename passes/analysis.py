@@ -28,6 +28,7 @@ from bcpc import ops, registry
 from bcpc.errors import GraphStructureError, UnsupportedOpError
 from bcpc.meta import info, where
 from bcpc.passes.patterns import einsum_broadcast_letter, einsum_subscripts
+from bcpc.passes.shapes import batch_first, refuse_batch_dependent_shapes
 from bcpc.rules._util import check_same_shape_as_perturbed, unsupported
 
 
@@ -229,7 +230,6 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     dag = to_networkx(gm)
     if not nx.is_directed_acyclic_graph(dag):  # cannot happen for fx graphs; guard the view
         raise GraphStructureError("traced graph is not acyclic")
-    _refuse_batch_values(graph)
     merges = []
     for node in graph.nodes:
         rec = info(node)
@@ -246,6 +246,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             rec.residual_merge = True
             merges.append(node)
 
+    refuse_batch_dependent_shapes(graph)
+    _refuse_batch_values(graph)
     _refuse_narrow_arithmetic(graph)
     last = None
     folds = {n: n.args[0] for n in graph.nodes if _folds_into(n)}
@@ -286,6 +288,12 @@ _ELEMENTWISE = frozenset([
     "type", "float", "double", "half", "bfloat16", "contiguous", "clone", "detach", "pow", "exp", "log", "sqrt",
     "rsqrt", "relu", "sigmoid", "tanh", "sign", "eq", "ne", "lt", "gt", "le", "ge", "logical_and", "logical_or",
     "logical_not", "bool", "long", "int", "masked_fill", "mod", "floordiv", "floor_divide", "reciprocal", "cast"])
+
+
+#: re-layouts that move no entry across the first dimension when their result is (batch, ...) at both
+#: batch sizes the shapes were run at (``passes.shapes.batch_first``): rows stay rows
+_ROW_LAYOUT = frozenset(["cat", "stack", "unsqueeze", "squeeze", "view", "reshape", "flatten", "unflatten", "expand",
+                         "broadcast_to", "getitem", "transpose", "permute", "movedim", "narrow", "split", "chunk"])
 
 
 def _size_arguments(node: fx.Node) -> Optional[list]:
@@ -351,7 +359,7 @@ def _refuse_batch_values(graph: fx.Graph) -> None:
             continue
         name = _op_name(node)
         if name in _LIKE and node.args and isinstance(node.args[0], fx.Node) and info(node.args[0]).perturbed \
-                and (info(node.args[0]).shape or (0,))[0] == 2 and not any(a in batch for a in node.all_input_nodes):
+                and batch_first(node) and not any(a in batch for a in node.all_input_nodes):
             batch[node] = "rows"
             continue
         found = [a for a in node.all_input_nodes if a in batch]
@@ -377,12 +385,13 @@ def _refuse_batch_values(graph: fx.Graph) -> None:
             values = [a for a in found if a not in in_sizes]
             if not values:  # the batch size shapes a tensor, no value
                 if not info(node).perturbed and info(node).is_tensor:
-                    batch[node] = "rows"
+                    # (batch, ...) with equal rows; the batch size elsewhere in the shape (x.new_ones(B, B)) is a value
+                    batch[node] = "rows" if batch_first(node) else "scalar"
                 continue
         if node.op != "output" and all(batch[a] == "rows" for a in values):
             if info(node).perturbed:
                 continue  # the input's values meet a tensor whose rows are all the same
-            if name in _ELEMENTWISE:
+            if name in _ELEMENTWISE or (name in _ROW_LAYOUT and batch_first(node)):
                 batch[node] = "rows"
                 continue
         if node.op == "output" or info(node).perturbed:

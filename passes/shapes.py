@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from bcpc.errors import GraphStructureError
-from bcpc.meta import info
+from bcpc.meta import info, where
 
 
 #: Ops whose result depends on their tensor argument's shape, dtype or device only, never on its
@@ -72,7 +72,65 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
         raise GraphStructureError(
             f"the model's forward takes {len(placeholders)} inputs ({names}); bcpc certifies models with exactly "
             "one tensor input. Wrap the model so that forward(x) takes the perturbed input only.")
-    example = torch.cat([example_input[:1], example_input[:1]], dim=0)
+    # first a batch of three, whose shapes are kept aside: a node whose shape depends on the batch size
+    # other than in its first dimension (x.reshape(2, -1), x.new_ones(B, B)) is refused below
+    # (a model that fails at three is refused after the analysis's own checks, which say more where
+    # they apply: an einsum that indexes a constant by the batch letter)
+    try:
+        _run(gm, example_input, 3)
+        at_three = {node: _tensor_outputs(node) for node in gm.graph.nodes}
+        gm.meta.pop("bcpc_batch_of_three", None)
+    except GraphStructureError as exc:
+        at_three, gm.meta["bcpc_batch_of_three"] = {}, exc
+    _run(gm, example_input, 2)
+    for node in gm.graph.nodes:
+        rec = info(node)
+        tm = _tensor_outputs(node)
+        rec.is_tensor = tm is not None
+        if tm is not None:
+            rec.shape, rec.dtype = tuple(tm.shape), tm.dtype
+            three = at_three.get(node)
+            rec.shape_at_three = tuple(three.shape) if three is not None else None
+        if node.op == "placeholder":
+            rec.perturbed = True
+        elif node.op in ("call_function", "call_method", "call_module"):
+            deps = node.all_input_nodes
+            rec.perturbed = any(info(d).perturbed for d in deps) and not _shape_only(node)
+    return gm
+
+
+def refuse_batch_dependent_shapes(graph: fx.Graph) -> None:
+    """Refuse a perturbed node whose shape is not (batch, ...) with the rest the same at both batch
+    sizes: at batch 2 alone ``x.reshape(2, -1).flip(1).reshape(-1, 2)`` looks like a re-layout of each
+    sample, at batch 4 it mixes pairs of samples (a new-user review's false certificate). Run by the
+    analysis after the rules' own checks, which say more where they apply (``x[0]``)."""
+    failed = graph.owning_module.meta.get("bcpc_batch_of_three") if graph.owning_module is not None else None
+    if failed is not None:
+        raise failed
+    for node in graph.nodes:
+        rec = info(node)
+        if rec.perturbed and rec.is_tensor and not batch_first(node):
+            raise GraphStructureError(
+                f"node '{node.name}' (at {where(node)}) has shape {rec.shape} for a batch of two inputs and "
+                f"{rec.shape_at_three} for a batch of three: its shape depends on the batch size other than in its "
+                "first dimension (a reshape or view with a literal batch size, x.reshape(2, -1), or with the batch "
+                "size in another place, x.view(-1, x.size(0)), a constant shaped (B, B)), so it mixes the samples "
+                "of a batch, and no per-input certificate covers that. Keep the batch first and whole: "
+                "x.view(x.size(0), -1), x.flatten(1).")
+
+
+def batch_first(node: fx.Node) -> bool:
+    """Whether the node's shape is (batch, ...) with the rest independent of the batch size, at the
+    two batch sizes the shapes were run at."""
+    rec = info(node)
+    three = getattr(rec, "shape_at_three", None)
+    return (rec.shape is not None and three is not None and len(rec.shape) == len(three) >= 1
+            and rec.shape[0] == 2 and three[0] == 3 and rec.shape[1:] == three[1:])
+
+
+def _run(gm: fx.GraphModule, example_input: torch.Tensor, batch: int) -> None:
+    """Run the graph with ShapeProp on ``batch`` copies of the example input's first sample."""
+    example = torch.cat([example_input[:1]] * batch, dim=0)
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     try:
         # ShapeProp prints the model's traceback itself before re-raising: keep it for the
@@ -86,7 +144,8 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
             cause = cause.__cause__
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise GraphStructureError(
-            f"running the model on a batch of two copies of the example input's first sample (shape "
+            f"running the model on a batch of {'two' if batch == 2 else 'three'} copies of the example input's "
+            "first sample (shape "
             f"{tuple(example_input.shape[1:])} per sample) failed: {type(cause).__name__}: {first}. Pass an "
             "example_input / input_shape the model accepts; a model that runs at one batch size only mixes the "
             "samples of a batch (a reshape or a product across the batch), which no per-input certificate covers."
@@ -98,15 +157,3 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
                 # constant that is an expanded view (self.c.expand(8)) cannot be written into
                 if k in saved and not torch.equal(v, saved[k]):
                     v.copy_(saved[k])
-    for node in gm.graph.nodes:
-        rec = info(node)
-        tm = _tensor_outputs(node)
-        rec.is_tensor = tm is not None
-        if tm is not None:
-            rec.shape, rec.dtype = tuple(tm.shape), tm.dtype
-        if node.op == "placeholder":
-            rec.perturbed = True
-        elif node.op in ("call_function", "call_method", "call_module"):
-            deps = node.all_input_nodes
-            rec.perturbed = any(info(d).perturbed for d in deps) and not _shape_only(node)
-    return gm

@@ -170,20 +170,29 @@ class _StateTaint(torch.overrides.TorchFunctionMode):
     itself). A tensor holds state when it shares storage with a parameter or buffer (``.data``,
     ``.detach()``, ``state_dict()``'s entries) or a torch function computed it from one that does."""
 
+    def holds(self, t: torch.Tensor) -> bool:
+        return id(t) in self._held or _storage(t) in self._storages
+
+    #: what reads a tensor's values out as Python (a number, a list, an array, a string): fx keeps the
+    #: value read at compile time in the graph
+    _READS = frozenset(["item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__complex__",
+                        "__format__", "__repr__", "__str__", "__array__", "__reduce_ex__", "__getstate__"])
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self._storages = {_storage(t) for t in list(model.parameters()) + list(model.buffers())} - {None}
         self._held: dict = {}  # id -> tensor (kept alive, so that the id is not reused)
-
-    def holds(self, t: torch.Tensor) -> bool:
-        return id(t) in self._held or _storage(t) in self._storages
+        self.read: list = []  # where forward read the state's values out as Python
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         inputs = []
         fx.node.map_aggregate((args, kwargs), lambda a: inputs.append(a) or a)
-        if any(isinstance(a, torch.Tensor) and self.holds(a) for a in inputs):
+        held = any(isinstance(a, torch.Tensor) and self.holds(a) for a in inputs)
+        if held and getattr(func, "__name__", None) in self._READS:
+            self.read.append(_user_line())
+        out = func(*args, **kwargs)
+        if held:
             fx.node.map_aggregate(out, lambda o: self._held.setdefault(id(o), o) if isinstance(o, torch.Tensor) else o)
         return out
 
@@ -916,11 +925,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
             changed = sorted(k for k, v in value.items() if _holds_proxy(v))
             _refuse_changed_buffers(model, {f"{name}.{k}" if name else k: (None, None) for k in changed})
     _refuse_changed_buffers(model, buffers)
+    if tracer.state_taint.read:
+        tracer.from_parameters.append(tracer.state_taint.read[0])
     if tracer.from_parameters:
         raise UnsupportedOpError(
-            f"forward computes a tensor from a parameter or buffer that torch.fx does not see as one (at "
-            f"{tracer.from_parameters[0]}): one reached through self.parameters(), named_parameters(), buffers(), "
-            "_parameters[...], _buffers[...], state_dict() or a container torch.fx does not follow. fx computes "
+            f"forward computes a tensor (or reads a number, .item(), .tolist()) from a parameter or buffer that "
+            f"torch.fx does not see as one (at {tracer.from_parameters[0]}): one reached through self.parameters(), "
+            "named_parameters(), buffers(), _parameters[...], _buffers[...], state_dict(), a view of one kept as a "
+            "plain attribute (self.wt = self.fc.weight.T) or a container torch.fx does not follow. fx computes "
             "such a value once, at compile time, and the graph would keep it after the state changes (training, "
             "load_state_dict). Read the parameter or buffer as an attribute (self.aux.weight), which the graph "
             "follows.")

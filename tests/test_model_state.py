@@ -303,3 +303,55 @@ def test_new_tensor_of_the_input_is_a_constant():
     xs = torch.randn(4, 4, dtype=torch.float64)
     radius = bcpc.compile(model, example_input=xs).certified_radius(xs, model(xs).argmax(1))
     assert (radius > 0).all()
+
+
+@pytest.mark.parametrize("mix", [
+    lambda x: torch.cat([x, x.new_ones(x.size(0), x.size(0))], 1)[:, :4],
+    lambda x: F.linear(x, x.new_ones(x.size(0), 4)),
+    lambda x: x.reshape(2, -1).flip(1).reshape(-1, 4),
+    lambda x: x.view(-1, x.size(0)).flip(1).reshape(x.size(0), -1),
+], ids=["cat_BxB", "linear_Bx4", "literal_2", "view_minus1_B"])
+def test_a_shape_that_depends_on_the_batch_beyond_its_first_dimension_is_refused(mix):
+    """At a batch of two these look like per-sample re-layouts; at four they mix samples (the third
+    review certified inputs in a batch of four that each misclassified alone). Shapes are now run at
+    two batch sizes."""
+
+    class M(nn.Module):
+        def forward(self, x):
+            return mix(x)[:, :2]
+
+    with pytest.raises(BcpcError, match="batch"):
+        bcpc.compile(M().eval(), example_input=torch.rand(1, 4))
+
+
+def test_masks_built_from_ones_like_are_rows_and_compile():
+    """Re-layouts of a tensor with equal rows keep its rows equal (the review's false refusals)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(12, 3)
+
+        def forward(self, x):
+            mask = torch.cat([torch.ones_like(x[:, :6]), torch.zeros_like(x[:, 6:])], dim=1)
+            h = x * mask * torch.ones_like(x[:, 0]).unsqueeze(1) + torch.ones_like(x).view(x.size(0), 3, 4).flatten(1)
+            return self.l(h * torch.ones_like(x)[:, :])
+
+    torch.manual_seed(0)
+    model = M().double().eval()
+    xs = torch.randn(4, 12, dtype=torch.float64)
+    ys = model(xs).argmax(1)
+    cert = bcpc.compile(model, example_input=xs[:1])
+    together = cert.certified_radius(xs, ys)
+    alone = torch.cat([cert.certified_radius(xs[i:i + 1], ys[i:i + 1]) for i in range(4)])
+    assert torch.equal(together, alone) and (together > 0).all()
+
+
+@pytest.mark.parametrize("read", [lambda s: list(s.parameters())[1].item(), lambda s: s._buffers["b"].view(1).tolist()[0],
+                                  lambda s: float(s.state_dict()["b"])], ids=["item", "tolist", "float"])
+def test_a_number_read_from_state_outside_attributes_is_refused(read):
+    """``next(self.parameters()).item()`` is a Python number fx keeps from compile time."""
+    model = _Kinked(lambda s, x: read(s))
+    model.register_buffer("b", torch.tensor(5.0))
+    with pytest.raises(UnsupportedOpError, match="parameter or buffer"):
+        bcpc.compile(model.eval(), example_input=X)
