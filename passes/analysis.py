@@ -317,8 +317,8 @@ def _size_arguments(node: fx.Node) -> Optional[list]:
 
 def _batch_size_read(node: fx.Node, batch: dict):
     """Whether the node reads the batch size of a tensor that has one (the input and what is computed
-    from it, and constants shaped with it: ``torch.zeros_like(x)``): ``"scalar"`` (``x.size(0)``,
-    ``x.numel()``), a tuple of flags, one per entry, True where it is the batch size (``x.shape``,
+    from it, and constants shaped with it: ``torch.zeros_like(x)``): ``"size"`` (``x.size(0)``: the
+    batch size itself), ``"scalar"`` (``x.numel()``), a tuple of flags, one per entry, True where it is the batch size (``x.shape``,
     ``x.size()``), or None."""
     tensor = node.args[0] if node.args else None
     if not isinstance(tensor, fx.Node) or not (info(tensor).perturbed or batch.get(tensor) == "rows"):
@@ -334,7 +334,7 @@ def _batch_size_read(node: fx.Node, batch: dict):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if dim is None:
             return (True,) + (False,) * (rank - 1)
-        return "scalar" if isinstance(dim, int) and rank and dim % rank == 0 else None
+        return "size" if isinstance(dim, int) and rank and dim % rank == 0 else None
     if name in ("numel", "nelement") or (node.op == "call_function" and node.target is len):
         return "scalar"
     return None
@@ -349,7 +349,8 @@ def _refuse_batch_values(graph: fx.Graph) -> None:
     (the size arguments of view, reshape, expand, new_zeros, ...), whose rows are then all the same
     (``"rows"``): elementwise arithmetic keeps them so, and the input's values may meet them; any
     other op on them (a sum, a scan, a read of their shape) gives a batch value."""
-    batch: dict = {}  # node -> "scalar" (a value computed from the batch size), "rows" or a tuple of flags
+    # node -> "size" (the batch size itself), "scalar" (a value computed from it), "rows" or a tuple of flags
+    batch: dict = {}
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             continue
@@ -370,7 +371,7 @@ def _refuse_batch_values(graph: fx.Graph) -> None:
             flags, index = batch[node.args[0]], node.args[1]
             if isinstance(index, int) and -len(flags) <= index < len(flags):
                 if flags[index]:
-                    batch[node] = "scalar"
+                    batch[node] = "size"
                 continue
             if isinstance(index, slice) and not any(isinstance(v, fx.Node) for v in (index.start, index.stop, index.step)):
                 picked = flags[index]
@@ -382,13 +383,16 @@ def _refuse_batch_values(graph: fx.Graph) -> None:
         if sizes is not None:
             in_sizes = []
             fx.node.map_arg(sizes, in_sizes.append)
-            values = [a for a in found if a not in in_sizes]
+            # the batch size itself, or a shape holding it, may size a tensor; a value computed from it may
+            # not: B - 2 * (B // 4) is B at 2 and 3, where the shapes are run, and 2 at 4 (a review's false
+            # certificate through reshapes of a tensor with equal rows)
+            values = [a for a in found if a not in in_sizes or not (batch[a] == "size" or isinstance(batch[a], tuple))]
             if not values:  # the batch size shapes a tensor, no value
                 if not info(node).perturbed and info(node).is_tensor:
                     # (batch, ...) with equal rows; the batch size elsewhere in the shape (x.new_ones(B, B)) is a value
                     batch[node] = "rows" if batch_first(node) else "scalar"
                 continue
-        if node.op != "output" and all(batch[a] == "rows" for a in values):
+        if node.op != "output" and values and all(batch[a] == "rows" for a in values):
             if info(node).perturbed:
                 continue  # the input's values meet a tensor whose rows are all the same
             if name in _ELEMENTWISE or (name in _ROW_LAYOUT and batch_first(node)):

@@ -357,3 +357,25 @@ def test_a_number_read_from_state_outside_attributes_is_refused(read):
     model.register_buffer("b", torch.tensor(5.0))
     with pytest.raises(UnsupportedOpError, match="parameter or buffer"):
         bcpc.compile(model.eval(), example_input=X)
+
+
+def test_a_size_computed_from_the_batch_size_is_a_value():
+    """``B - 2 * (B // 4)`` is B at the batch sizes the shapes are run at (2, 3) and 2 at 4: used as a
+    size in reshapes of a tensor with equal rows, it interleaved rows at batch 4 (a fourth review's
+    false certificate). Only the batch size itself (or a shape holding it) may size a tensor."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("r", torch.tensor([0.0, 3.2, 0.0, 100.0, 0.0, 0.0]))
+
+        def forward(self, x):
+            b = x.size(0)
+            f = b - 2 * (b // 4)
+            t = (x.new_zeros(b, 6) + self.r).reshape(f, -1)
+            t = t.view(f, -1, 6).transpose(1, 2).reshape(f, -1).reshape(b, -1)
+            h = x[:, :1]
+            return torch.cat([h - 100 * F.relu(h - t[:, 3:4]), 0 * h + 2], 1)
+
+    with pytest.raises(UnsupportedOpError, match="batch size"):
+        bcpc.compile(M().eval(), example_input=X)
