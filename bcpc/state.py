@@ -96,8 +96,9 @@ _SKIP_ATTRIBUTES = frozenset(["training", "_parameters", "_buffers", "_modules",
 def _freeze(value, depth: int = 0):
     """A comparable stand-in for an attribute value: primitives by value, containers (sets and
     bytearrays too) item by item, tensors by a copy of their values, bound methods by their function
-    and object (a review changed ``clipper.cap`` behind ``self.post = clipper.apply``), plain objects (``SimpleNamespace``, dataclasses, argparse
-    namespaces, config objects) by their attributes, anything else by identity."""
+    and object (a review changed ``clipper.cap`` behind ``self.post = clipper.apply``), plain objects
+    (``SimpleNamespace``, dataclasses, argparse namespaces, config objects) by their attributes,
+    anything else by identity."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
         return value
     if isinstance(value, torch.Tensor):

@@ -123,7 +123,7 @@ def batch_first(node: fx.Node) -> bool:
     """Whether the node's shape is (batch, ...) with the rest independent of the batch size, at the
     two batch sizes the shapes were run at."""
     rec = info(node)
-    three = getattr(rec, "shape_at_three", None)
+    three = rec.shape_at_three
     return (rec.shape is not None and three is not None and len(rec.shape) == len(three) >= 1
             and rec.shape[0] == 2 and three[0] == 3 and rec.shape[1:] == three[1:])
 

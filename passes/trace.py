@@ -18,7 +18,6 @@ import sys
 import sysconfig
 import types
 import warnings
-
 from typing import Optional
 
 import torch
@@ -126,12 +125,12 @@ class _Tracer(fx.Tracer):
         #: where forward used a tensor computed from a parameter or buffer outside the graph
         self.from_parameters: list = []
         self.state_taint: Optional["_StateTaint"] = None
+        self._state: Optional[dict] = None  # qualified name -> parameter or buffer of the root being traced
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         if node.op == "get_attr":
-            if getattr(self, "_state_of", None) is not self.root:
+            if self._state is None:  # one tracer traces one model
                 self._state = {**dict(self.root.named_parameters()), **dict(self.root.named_buffers())}
-                self._state_of = self.root
             value = self._state.get(node.target)
             if value is not None:
                 return _StateProxy(node, self, value)
@@ -168,21 +167,22 @@ class _StateTaint(torch.overrides.TorchFunctionMode):
     where fx does not see them as such (a parameter or buffer read as an attribute is a Proxy; one
     reached through ``self.parameters()``, ``self._buffers[...]``, ``state_dict()`` is the tensor
     itself). A tensor holds state when it shares storage with a parameter or buffer (``.data``,
-    ``.detach()``, ``state_dict()``'s entries) or a torch function computed it from one that does."""
-
-    def holds(self, t: torch.Tensor) -> bool:
-        return id(t) in self._held or _storage(t) in self._storages
+    ``.detach()``, ``state_dict()``'s entries) or a torch function computed it from one that does.
+    Where forward reads such a tensor's values out as Python goes to ``read``."""
 
     #: what reads a tensor's values out as Python (a number, a list, an array, a string): fx keeps the
     #: value read at compile time in the graph
     _READS = frozenset(["item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__complex__",
                         "__format__", "__repr__", "__str__", "__array__", "__reduce_ex__", "__getstate__"])
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, read: list):
         super().__init__()
         self._storages = {_storage(t) for t in list(model.parameters()) + list(model.buffers())} - {None}
         self._held: dict = {}  # id -> tensor (kept alive, so that the id is not reused)
-        self.read: list = []  # where forward read the state's values out as Python
+        self.read = read
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return id(t) in self._held or _storage(t) in self._storages
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -213,7 +213,6 @@ def _user_line() -> str:
         if not (path.startswith(_LIBRARY_DIRS) or path.startswith(_STDLIB_DIR) or frame.filename.startswith("<")):
             return f"{frame.filename}:{frame.lineno}"
     return "<source unknown>"
-
 
 
 def _failing_module(exc: BaseException) -> str:
@@ -372,8 +371,8 @@ def _same(t: torch.Tensor, values: torch.Tensor) -> bool:
 
 def _refuse_changed_buffers(model: nn.Module, before: dict) -> None:
     """A forward that reassigns a buffer or writes into it (``self.prev = -self.prev``,
-    ``self.prev.data.mul_(-1)``, which fx runs for real while tracing) changes the model at every call, and a certificate for its state
-    at one call says nothing of the next (found by a new-user review: certified, then the next
+    ``self.prev.data.mul_(-1)``, which fx runs for real while tracing) changes the model at every
+    call, and a certificate for its state at one call says nothing of the next (found by a new-user review: certified, then the next
     ``model(x)`` misclassified the certified input). Refused."""
     now = dict(model.named_buffers(remove_duplicate=False))
     for name, (t, values) in before.items():
@@ -646,12 +645,12 @@ _TRACING_CHECKS = frozenset(f.__code__ for k, f in vars(fx._symbolic_trace).item
 
 def _state_queries() -> tuple:
     """What forward may ask of the process rather than compute from its input: grad and inference
-    mode, autocast, thread counts, determinism, anomaly mode, matmul precision, the generators'
-    seeds and states, the environment. Asked while fx traces, the answer is fixed in the graph;
+    mode, autocast, thread counts, determinism, anomaly mode, matmul precision, torch's seed and
+    generator state, the environment. Asked while fx traces, the answer is fixed in the graph;
     inference (``torch.no_grad()``, ``inference_mode``) or a later setting gives the model another
     answer, so the graph is not the model (new-user reviews built false certificates from ``if not
     torch.is_grad_enabled(): ...`` and ``if torch.initial_seed() == ...``). ``(ids of C functions,
-    Python code objects)``, made when tracing starts (NumPy may be imported late)."""
+    Python code objects)``."""
     functions = [getattr(torch, name, None) for name in (
         "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "get_autocast_dtype",
         "get_autocast_gpu_dtype", "get_autocast_cpu_dtype", "is_autocast_cpu_enabled", "get_num_threads",
@@ -660,9 +659,6 @@ def _state_queries() -> tuple:
         "is_deterministic_algorithms_warn_only_enabled", "initial_seed", "get_rng_state")]
     functions += [getattr(torch._C, name, None) for name in (
         "_get_deterministic_algorithms", "_is_inference_mode_enabled", "is_grad_enabled")]
-    np = sys.modules.get("numpy")
-    if np is not None:  # the global generator's state (its draws are watched as draws)
-        functions += [getattr(np.random, "get_state", None), getattr(np.random, "get_bit_generator", None)]
     # `in os.environ` and .get reach __getitem__, list(os.environ) and .keys() __iter__
     functions += [os.getenv, type(os.environ).__getitem__, type(os.environ).__iter__, type(os.environ).__len__,
                   type(os.environ).__repr__]
@@ -671,7 +667,7 @@ def _state_queries() -> tuple:
             frozenset(f.__code__ for f in functions if inspect.isfunction(f)))
 
 
-
+_QUERY_IDS, _QUERY_CODES = _state_queries()
 
 
 #: exceptions a value of the wrong kind raises (a NumPy or Python call given a traced value, fx's
@@ -726,7 +722,6 @@ class _PathWatch:
 
     def __init__(self, model: nn.Module):
         self.caught, self.asked, self.drawn, self.queried, self._user = [], [], [], [], {}
-        self._query_ids, self._query_codes = _state_queries()
         # the model's code: every file of the packages (or single modules) its classes come from,
         # wherever they are installed, and any code outside installed packages
         self._model_roots = set()
@@ -758,7 +753,7 @@ class _PathWatch:
             if back is not None and self._is_user(back.f_code.co_filename):
                 self.asked.append(f"{back.f_code.co_filename}:{back.f_lineno}")
             return None
-        if code in self._query_codes:
+        if code in _QUERY_CODES:
             caller = self._user_caller(frame.f_back)
             if caller is not None:
                 self.queried.append(f"{code.co_name} at {caller}")
@@ -807,7 +802,7 @@ class _PathWatch:
             if _seeded(op) and self._called_by_model(frame.f_back):
                 self.drawn.append(f"{op} at {frame.f_back.f_code.co_filename}:{frame.f_back.f_lineno}")
             return
-        if event == "c_call" and (id(arg) in self._query_ids or (
+        if event == "c_call" and (id(arg) in _QUERY_IDS or (
                 getattr(arg, "__name__", None) == "is_inference" and isinstance(getattr(arg, "__self__", None),
                                                                              torch.Tensor))) \
                 and self._is_user(frame.f_code.co_filename):  # a query, or t.is_inference()
@@ -891,7 +886,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
                if not name.endswith("num_batches_tracked")}
     rng = _rng_states()
     try:
-        tracer.state_taint = _StateTaint(model)
+        tracer.state_taint = _StateTaint(model, tracer.from_parameters)
         with _PathWatch(model) as watch, tracer.state_taint:
             graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
@@ -925,8 +920,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
             changed = sorted(k for k, v in value.items() if _holds_proxy(v))
             _refuse_changed_buffers(model, {f"{name}.{k}" if name else k: (None, None) for k in changed})
     _refuse_changed_buffers(model, buffers)
-    if tracer.state_taint.read:
-        tracer.from_parameters.append(tracer.state_taint.read[0])
     if tracer.from_parameters:
         raise UnsupportedOpError(
             f"forward computes a tensor (or reads a number, .item(), .tolist()) from a parameter or buffer that "
